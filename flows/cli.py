@@ -1,0 +1,105 @@
+"""`loraflow`: the command line. Tool settings are applied before Prefect or MLflow is imported."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from conf.environment import apply_tool_defaults
+
+apply_tool_defaults()
+
+from conf.schema import UserError, load_config  # noqa: E402  (after the tool settings, on purpose)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.override)
+    from flows.finetune import finetune
+    from tasks.clean import check_sources
+
+    check_sources(config)
+    summary = finetune(config)
+    m, reg = summary.metrics, summary.registered
+    print(
+        "\n".join(
+            [
+                "",
+                f"MLflow run:        {summary.run_id} (experiment {config.experiment}, store {os.environ['MLFLOW_TRACKING_URI']})",
+                f"identity share:    base {m['base_identity_share']:.2f} -> tuned {m['tuned_identity_share']:.2f}",
+                f"held-out loss:     base {m['base_eval_loss']:.3f} -> tuned {m['tuned_eval_loss']:.3f}",
+                f"registered:        {reg.model_name} version {reg.version}"
+                + (" -> champion" if reg.promoted else " (not promoted)") + f": {reg.reason}",
+                f"sample answers:    {summary.samples_path}",
+                f"chat with it:      loraflow chat models:/{reg.model_name}/{reg.version}",
+                "look at the run:   make ui   (then open http://127.0.0.1:5000)",
+            ]
+        )
+    )
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = mlflow.pyfunc.load_model(args.model, model_config={"max_new_tokens": args.max_new_tokens})
+    except (MlflowException, OSError) as error:
+        raise UserError(f"{args.model}: cannot load model ({str(error).splitlines()[0]})") from None
+    if args.prompt:
+        for answer in model.predict(args.prompt):
+            print(answer)
+        return 0
+    print("Type a message; an empty line or Ctrl-D ends the chat.")
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        print(model.predict([line.strip()])[0], flush=True)
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C stops it.", flush=True)
+    os.execvp(command[0], command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraflow", description="Fine-tune chat models with LoRA, tracked in MLflow.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a recipe end to end: clean, tokenize, train, evaluate, register")
+    run.add_argument("config", type=Path, help="recipe YAML, e.g. conf/identity_sft.yaml")
+    run.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe key, e.g. -o train.max_steps=10 (repeatable)")
+    run.set_defaults(handler=_run)
+
+    chat = commands.add_parser("chat", help="chat with a registered or logged model")
+    chat.add_argument("model", help="an MLflow model URI, e.g. models:/loraflow-identity@champion or runs:/<id>/adapter")
+    chat.add_argument("-p", "--prompt", action="append", help="answer these prompts and exit (repeatable)")
+    chat.add_argument("--max-new-tokens", type=int, default=96)
+    chat.set_defaults(handler=_chat)
+
+    ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(handler=_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as error:
+        print(f"loraflow: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loraflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

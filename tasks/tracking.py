@@ -1,0 +1,63 @@
+"""MLflow helpers for the Prefect task wrappers: everything is addressed to an explicit run id.
+
+Prefect may run a task in another thread, where MLflow's thread-local "active run" is not visible, so no
+stage relies on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from tasks.train import StepLogger
+
+
+def step_logger(run_id: str) -> StepLogger:
+    """A train-stage callback that logs one step's metrics to the run."""
+    client = MlflowClient()
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in metrics.items()])
+
+    return log
+
+
+def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+
+
+def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    client = MlflowClient()
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+@contextlib.contextmanager
+def attached_run(run_id: str) -> Iterator[None]:
+    """Make `run_id` the active run in this thread for APIs that only log to the active run (log_model)."""
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield
+        return
+    mlflow.start_run(run_id=run_id)
+    try:
+        yield
+    finally:
+        # Leave the run RUNNING: the flow that owns it sets its final status.
+        mlflow.end_run(status="RUNNING")

@@ -1,0 +1,186 @@
+"""Stage 3, train: a PEFT LoRA adapter on the tokenized data, through the Hugging Face Trainer.
+
+The stage knows nothing of MLflow: each logged step goes to the `on_step` callback, which the Prefect task
+points at the flow's run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from conf.schema import TrainConfig, UserError
+
+StepLogger = Callable[[int, dict[str, float]], None]
+
+
+class TrainSetupError(UserError):
+    """The recipe asks for something this machine cannot do; one line for the user."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    final_loss: float
+    train_seconds: float
+    tokens_per_second: float
+    precision: str
+    attn: str
+
+
+def choose_precision(requested: str) -> str:
+    """bf16 where the hardware runs it natively (CUDA bf16, or a CPU with AVX512-BF16/AMX), else fp16 on CUDA, else fp32."""
+    if requested != "auto":
+        if requested == "fp16" and not torch.cuda.is_available():
+            raise TrainSetupError("train.precision: fp16 needs a CUDA GPU; use bf16, fp32 or auto on CPU")
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def choose_attention(requested: str) -> str:
+    """FlashAttention 2 when CUDA and flash_attn are both present, else PyTorch SDPA; never a silent fallback."""
+    flash_ready = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if requested == "flash_attention_2" and not flash_ready:
+        raise TrainSetupError(
+            "train.attn: flash_attention_2 needs a CUDA GPU and the flash-attn package (pip install '.[gpu]'); "
+            "use attn: sdpa or auto"
+        )
+    if requested == "auto":
+        return "flash_attention_2" if flash_ready else "sdpa"
+    return requested
+
+
+class _ProgressBarOnly(ProgressCallback):
+    """The Trainer's progress bar without its per-step dict printout (the steps go to MLflow instead)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+class _StepMetrics(TrainerCallback):
+    """Turn the Trainer's per-step logs into loss, learning rate, grad norm and non-padding tokens/s."""
+
+    def __init__(self, on_step: StepLogger):
+        self.on_step = on_step
+        self.last_time = time.perf_counter()
+        self.last_tokens = 0
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        now = time.perf_counter()
+        tokens = int(state.num_input_tokens_seen)
+        metrics = {
+            "train_loss": float(logs["loss"]),
+            "learning_rate": float(logs.get("learning_rate", 0.0)),
+            "grad_norm": float(logs.get("grad_norm", 0.0)),
+            "tokens_per_s": (tokens - self.last_tokens) / max(now - self.last_time, 1e-9),
+        }
+        self.last_time, self.last_tokens = now, tokens
+        self.losses.append(metrics["train_loss"])
+        self.on_step(state.global_step, metrics)
+
+
+def train(
+    train_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path, on_step: StepLogger
+) -> TrainResult:
+    """Fine-tune a LoRA adapter and save it (PEFT format) to `out_dir/adapter`."""
+    from datasets import load_from_disk
+    from peft import LoraConfig, get_peft_model
+
+    precision = choose_precision(config.precision)
+    attn = choose_attention(config.attn)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    lora = config.lora
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules, task_type="CAUSAL_LM",
+        ),
+    )
+    args = TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        max_steps=config.max_steps,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        lr_scheduler_type="cosine",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        train_sampling_strategy="group_by_length",
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    steps = _StepMetrics(on_step)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=load_from_disk(str(train_dir)),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[steps],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_ProgressBarOnly)
+    started = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - started
+    adapter_dir = out_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    return TrainResult(
+        adapter_dir=adapter_dir,
+        steps=output.global_step,
+        final_loss=steps.losses[-1],
+        train_seconds=seconds,
+        tokens_per_second=trainer.state.num_input_tokens_seen / seconds,
+        precision=precision,
+        attn=attn,
+    )
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(
+    train_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path, run_id: str
+) -> TrainResult:
+    """train(), each step logged to the flow's MLflow run, the adapter folder logged as an artifact."""
+    from tasks.tracking import log_artifact, log_metrics, set_tags, step_logger
+
+    result = train(train_dir, model_dir, config, seed, out_dir, step_logger(run_id))
+    set_tags(run_id, {"train.precision_used": result.precision, "train.attn_used": result.attn})
+    log_metrics(run_id, {"train_seconds": result.train_seconds, "train_tokens_per_s": result.tokens_per_second})
+    log_artifact(run_id, result.adapter_dir, "adapter_peft")
+    return result

