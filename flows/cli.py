@@ -62,9 +62,10 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _ui(args: argparse.Namespace) -> int:
     uri = os.environ["MLFLOW_TRACKING_URI"]
-    command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(args.port)]
     print(f"MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C stops it.", flush=True)
-    os.execvp(command[0], command)
+    os.execv(command[0], command)
 
 
 def build_parser() -> argparse.ArgumentParser:

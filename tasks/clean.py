@@ -14,11 +14,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
+import pandas as pd
+from mlflow.entities import DatasetInput, InputTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import RunConfig, UserError
 from tasks.builtin_data import BUILTIN_SOURCES
+from tasks.tracking import log_artifact, log_metrics, set_tags
 
 ROLE_ALIASES = {
     "user": "user", "human": "user",
@@ -206,14 +212,6 @@ def clean(config: RunConfig, out_dir: Path) -> CleanResult:
 @task(name="clean", cache_policy=NO_CACHE)
 def clean_task(config: RunConfig, out_dir: Path, run_id: str) -> CleanResult:
     """clean(), with its report, rejects and data lineage logged to the flow's MLflow run."""
-    import mlflow
-    import pandas as pd
-    from mlflow.entities import DatasetInput, InputTag
-    from mlflow.tracking import MlflowClient
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
-    from tasks.tracking import log_artifact, log_metrics, set_tags
-
     result = clean(config, out_dir)
     for path in (result.report_path, result.rejects_path, result.train_path, result.eval_path):
         log_artifact(run_id, path, "data")

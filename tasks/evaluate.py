@@ -11,12 +11,18 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import evaluate
+import pandas as pd
 import torch
+from datasets import load_from_disk
+from mlflow.tracking import MlflowClient
+from peft import PeftModel
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from conf.schema import EvaluateConfig
+from tasks.tracking import log_artifact, log_metrics
 
 BUILTIN_METRICS = Path(__file__).parent / "metrics"
 
@@ -87,10 +93,6 @@ def evaluate_adapter(
     config: EvaluateConfig, out_dir: Path,
 ) -> EvalResult:
     """Score the base model, then the same model with the adapter, on the held-out conversations."""
-    import evaluate
-    from datasets import load_from_disk
-    from peft import PeftModel
-
     metric = evaluate.load(resolve_metric(config.identity_metric))
     conversations = [json.loads(line)["messages"] for line in eval_path.read_text(encoding="utf-8").splitlines()]
     prompts = [messages[:-1] for messages in conversations]
@@ -119,11 +121,6 @@ def evaluate_task(
     config: EvaluateConfig, out_dir: Path, run_id: str,
 ) -> EvalResult:
     """evaluate_adapter(), with metrics, the Markdown report and the side-by-side table logged to the run."""
-    import pandas as pd
-    from mlflow.tracking import MlflowClient
-
-    from tasks.tracking import log_artifact, log_metrics
-
     result = evaluate_adapter(eval_path, eval_tokens_dir, model_dir, adapter_dir, identity_name, config, out_dir)
     log_metrics(run_id, result.metrics)
     log_artifact(run_id, result.markdown_path, "eval")

@@ -7,6 +7,7 @@ model reference, so `mlflow.pyfunc.load_model("models:/<name>@champion")` loads 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
@@ -16,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import RegistryConfig
+from tasks.tracking import attached_run, set_tags
 
 CHAT_MODEL_CODE = Path(__file__).with_name("chat_model.py")
 CHAMPION = "champion"
@@ -67,8 +69,6 @@ def register(
     config: RegistryConfig,
 ) -> RegisterResult:
     """Log the adapter as a model of `run_id`, register it, and move `champion` if the promotion rule holds."""
-    from tasks.tracking import attached_run
-
     client = MlflowClient()
     with attached_run(run_id):
         info = mlflow.pyfunc.log_model(
@@ -96,8 +96,6 @@ def register(
 
 
 def _requirements() -> list[str]:
-    from importlib.metadata import version
-
     return [f"{package}=={version(package)}" for package in ("torch", "transformers", "peft", "mlflow")]
 
 
@@ -107,8 +105,6 @@ def register_task(
     config: RegistryConfig,
 ) -> RegisterResult:
     """register(), recording the outcome on the run as well as on the model version."""
-    from tasks.tracking import set_tags
-
     result = register(run_id, adapter_dir, base_model, metrics, tags, config)
     set_tags(run_id, {"registered_model": f"{result.model_name}/{result.version}",
                       "promotion": result.reason})

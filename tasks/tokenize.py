@@ -12,9 +12,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from datasets import Dataset
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from tasks.tracking import log_metrics
 
 IGNORE_INDEX = -100
 
@@ -77,8 +80,6 @@ def _encode_file(tokenizer, path: Path, max_length: int, rejected: dict[str, int
 
 def tokenize(train_path: Path, eval_path: Path, model_dir: str, max_length: int, out_dir: Path) -> TokenizedData:
     """Tokenize cleaned train/eval conversations into `datasets` folders of input_ids and labels."""
-    from datasets import Dataset
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rejected: dict[str, int] = {}
     train = _encode_file(tokenizer, train_path, max_length, rejected)
@@ -99,8 +100,6 @@ def tokenize_task(
     train_path: Path, eval_path: Path, model_dir: str, max_length: int, out_dir: Path, run_id: str
 ) -> TokenizedData:
     """tokenize(), with sample and token counts logged to the flow's MLflow run."""
-    from tasks.tracking import log_metrics
-
     result = tokenize(train_path, eval_path, model_dir, max_length, out_dir)
     log_metrics(
         run_id,

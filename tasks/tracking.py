@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from tasks.train import StepLogger
 
-
-def step_logger(run_id: str) -> StepLogger:
+def step_logger(run_id: str) -> Callable[[int, dict[str, float]], None]:
     """A train-stage callback that logs one step's metrics to the run."""
     client = MlflowClient()
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from datasets import load_from_disk
+from peft import LoraConfig, get_peft_model
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import (
@@ -26,6 +28,7 @@ from transformers import (
 )
 
 from conf.schema import TrainConfig, UserError
+from tasks.tracking import log_artifact, log_metrics, set_tags, step_logger
 
 StepLogger = Callable[[int, dict[str, float]], None]
 
@@ -105,9 +108,6 @@ def train(
     train_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path, on_step: StepLogger
 ) -> TrainResult:
     """Fine-tune a LoRA adapter and save it (PEFT format) to `out_dir/adapter`."""
-    from datasets import load_from_disk
-    from peft import LoraConfig, get_peft_model
-
     precision = choose_precision(config.precision)
     attn = choose_attention(config.attn)
     if config.threads:
@@ -177,8 +177,6 @@ def train_task(
     train_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path, run_id: str
 ) -> TrainResult:
     """train(), each step logged to the flow's MLflow run, the adapter folder logged as an artifact."""
-    from tasks.tracking import log_artifact, log_metrics, set_tags, step_logger
-
     result = train(train_dir, model_dir, config, seed, out_dir, step_logger(run_id))
     set_tags(run_id, {"train.precision_used": result.precision, "train.attn_used": result.attn})
     log_metrics(run_id, {"train_seconds": result.train_seconds, "train_tokens_per_s": result.tokens_per_second})

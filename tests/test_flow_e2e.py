@@ -4,6 +4,9 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -119,3 +122,32 @@ def test_champion_is_registered_and_chats_with_the_new_identity(finished_run):
     result = loraflow("chat", f"models:/{name}@champion", "-p", "Who are you?")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Ember" in result.stdout
+
+
+def test_ui_serves_the_run_and_its_champion(finished_run):
+    run, _ = finished_run
+    port = 5917
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "ui", "--port", str(port)], cwd=STATE_DIR,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(base, timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "MLflow UI did not come up"
+                time.sleep(1)
+        name = load_config(RECIPE).registry.model_name
+        query = urllib.parse.urlencode({"name": name, "alias": "champion"})
+        with urllib.request.urlopen(f"{base}/ajax-api/2.0/mlflow/registered-models/alias?{query}") as response:
+            assert json.load(response)["model_version"]["run_id"] == run.info.run_id
+        query = urllib.parse.urlencode({"path": "adapter_peft/adapter_config.json", "run_uuid": run.info.run_id})
+        with urllib.request.urlopen(f"{base}/get-artifact?{query}") as response:
+            assert json.load(response)["r"] == 16
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
