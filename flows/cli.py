@@ -17,9 +17,10 @@ from conf.schema import UserError, load_config  # noqa: E402  (after the tool se
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.override)
     from flows.finetune import finetune
-    from tasks.clean import check_sources
+    from tasks.clean import check_source
 
-    check_sources(config)
+    for source in [*config.data.train, *config.data.eval]:
+        check_source(source)
     summary = finetune(config)
     m, reg = summary.metrics, summary.registered
     print(
@@ -37,6 +38,27 @@ def _run(args: argparse.Namespace) -> int:
             ]
         )
     )
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from conf.schema import DataConfig
+    from tasks.clean import clean
+
+    data = DataConfig(train=[str(p) for p in args.paths], eval=[], format=args.format)
+    out_dir = args.out or Path(tempfile.mkdtemp(prefix="loraflow-data-"))
+    result = clean(data, {}, out_dir)
+    report = json.loads(result.report_path.read_text(encoding="utf-8"))
+    if args.json:
+        print(json.dumps(report["sources"]))
+        return 0
+    for source, counts in report["sources"].items():
+        rejected = ", ".join(f"{reason} {n}" for reason, n in counts["rejected"].items()) or "none"
+        print(f"{source}: {counts['format']}, read {counts['read']}, kept {counts['kept']}, rejected: {rejected}")
+    print(f"kept rows: {result.train_path}\nrejects:   {result.rejects_path}\nreport:    {result.report_path}")
     return 0
 
 
@@ -77,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe key, e.g. -o train.max_steps=10 (repeatable)")
     run.set_defaults(handler=_run)
+
+    data = commands.add_parser("data", help="run the clean stage alone on files and print its report")
+    data.add_argument("paths", nargs="+", type=Path, help="files or folders of .json/.jsonl/.parquet/.txt(.gz) rows")
+    data.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "openai", "text"])
+    data.add_argument("--out", type=Path, help="folder for the cleaned rows, rejects and report (default: a temp folder)")
+    data.add_argument("--json", action="store_true", help="print one JSON object: per file, format and counts")
+    data.set_defaults(handler=_data)
 
     chat = commands.add_parser("chat", help="chat with a registered or logged model")
     chat.add_argument("model", help="an MLflow model URI, e.g. models:/loraflow-identity@champion or runs:/<id>/adapter")

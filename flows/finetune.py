@@ -85,7 +85,7 @@ def finetune(config: RunConfig) -> RunSummary:
         work_dir = config.output_dir / run_id
         work_dir.mkdir(parents=True, exist_ok=True)
         log_config(config, work_dir)
-        cleaned = clean_task(config, work_dir / "clean", run_id)
+        cleaned = clean_task(config.data, config.identity.model_dump(), work_dir / "clean", run_id)
         tokens = tokenize_task(
             cleaned.train_path, cleaned.eval_path, model_dir, config.tokenize.max_length, work_dir / "tokens", run_id
         )

@@ -1,40 +1,53 @@
-"""Stage 1, clean: read every source, normalise rows to conversations, drop what is broken, account for all.
+"""Stage 1, clean: read every source, normalise rows to one shape, drop what is broken, account for all.
 
-Every input row ends either in `train.jsonl` / `eval.jsonl` or in `rejects.jsonl` with a reason code and
-its origin (source and line), and `report.json` counts both per source.
+Every input row ends either in `train.jsonl` / `eval.jsonl` or in `rejects.jsonl` with a reason code and its
+origin (file and line, or index), and `report.json` counts both per source. Rows become a conversation
+(`{"messages": [{role, content}, ...]}`) or a text document (`{"text": ...}`).
+
+Files are parsed row by row here rather than through `datasets.load_dataset`, which stops at the first broken
+row: a broken row must be counted and rejected, never fatal. Parquet and saved `datasets` folders are read
+with pyarrow / `datasets` themselves.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
 import unicodedata
+import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+from datasketch import MinHash, MinHashLSH
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conf.schema import RunConfig, UserError
+from conf.schema import DataConfig, UserError
 from tasks.builtin_data import BUILTIN_SOURCES
 from tasks.tracking import log_artifact, log_metrics, set_tags
 
 ROLE_ALIASES = {
     "user": "user", "human": "user",
-    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
     "system": "system",
 }
-# Control characters other than newline and tab; none of them belongs in training text.
+# Control characters other than newline and tab (NUL and ESC among them) and the BOM.
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")
-SUPPORTED_SUFFIXES = (".json", ".jsonl")
+WORDS = re.compile(r"\w+")
+SPACES = re.compile(r"[ \t\u00a0]+")
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+ROW_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
+SUPPORTED_SUFFIXES = ROW_SUFFIXES + tuple(s + ".gz" for s in ROW_SUFFIXES if s != ".parquet")
+NEAR_DUPLICATE_PERMUTATIONS = 32
 
 
 class DataError(UserError):
@@ -57,6 +70,14 @@ class CleanResult:
     data_hash: str
 
 
+def _suffix(path: Path) -> str:
+    return "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and (path / "dataset_info.json").exists()
+
+
 def check_source(source: str) -> None:
     """Fail before any work when a data source is missing or of an unsupported kind."""
     if source.startswith("builtin:"):
@@ -64,145 +85,263 @@ def check_source(source: str) -> None:
             raise DataError(f"{source}: unknown builtin data set (known: {', '.join(sorted(BUILTIN_SOURCES))})")
         return
     path = Path(source)
-    if not path.is_file():
-        raise DataError(f"{source}: no such file")
-    if path.suffix not in SUPPORTED_SUFFIXES:
-        raise DataError(f"{source}: unsupported file type {path.suffix or '(none)'} (use .json or .jsonl)")
+    if not path.exists():
+        raise DataError(f"{source}: no such file or folder")
+    if path.is_dir():
+        if not _is_saved_dataset(path) and not _files_in(path):
+            raise DataError(f"{source}: folder holds no {', '.join(SUPPORTED_SUFFIXES)} files")
+    elif _suffix(path) not in SUPPORTED_SUFFIXES:
+        raise DataError(f"{source}: unsupported file type {_suffix(path) or '(none)'} (use {', '.join(SUPPORTED_SUFFIXES)})")
 
 
-def check_sources(config: RunConfig) -> None:
-    for source in [*config.data.train, *config.data.eval]:
-        check_source(source)
+def _files_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and _suffix(p) in SUPPORTED_SUFFIXES)
 
 
-def _read_source(source: str) -> list[tuple[str, object]]:
-    """(origin, raw row) pairs for one source; raises DataError when the source as a whole is unreadable."""
+def _read_bytes(path: Path) -> bytes:
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (gzip.BadGzipFile, EOFError, OSError) as error:
+        raise DataError(f"{path}: cannot read ({error})") from None
+    if not data.strip():
+        raise DataError(f"{path}: empty file")
+    return data
+
+
+def _decode(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{what}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def _rows_of_file(path: Path) -> Iterator[tuple[str, object]]:
+    """(origin, raw row) pairs of one file; a row that cannot even be parsed comes as a RowRejected."""
+    suffix = _suffix(path).removesuffix(".gz")
+    if suffix == ".parquet":
+        import pyarrow.parquet
+
+        try:
+            table = pyarrow.parquet.read_table(path)
+        except Exception as error:  # pyarrow raises several unrelated types for a bad file
+            raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+        yield from ((f"{path}[{i}]", row) for i, row in enumerate(table.to_pylist()))
+        return
+    data = _read_bytes(path)
+    if suffix == ".txt":
+        yield f"{path}", {"text": _decode(data, str(path))}
+    elif suffix == ".jsonl":
+        for number, line in enumerate(data.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line.decode("utf-8-sig"))
+            except UnicodeDecodeError:
+                yield f"{path}:{number}", RowRejected("not_utf8")
+            except json.JSONDecodeError:
+                yield f"{path}:{number}", RowRejected("invalid_json")
+    else:
+        try:
+            rows = json.loads(_decode(data, str(path)))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON array of rows, got {type(rows).__name__}")
+        yield from ((f"{path}[{i}]", row) for i, row in enumerate(rows))
+
+
+def read_source(source: str) -> Iterator[tuple[str, object]]:
+    """(origin, raw row) pairs of a builtin set, a file, a folder of files or a saved `datasets` folder."""
     check_source(source)
     if source.startswith("builtin:"):
         rows = BUILTIN_SOURCES[source.removeprefix("builtin:")]()
-        return [(f"{source}#{i}", row) for i, row in enumerate(rows)]
+        yield from ((f"{source}#{i}", row) for i, row in enumerate(rows))
+        return
     path = Path(source)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{source}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((f"{source}:{number}", json.loads(line)))
-                except json.JSONDecodeError:
-                    rows.append((f"{source}:{number}", RowRejected("invalid_json")))
-        if not rows:
-            raise DataError(f"{source}: empty file")
-        return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{source}: not valid JSON ({error.msg} at line {error.lineno})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{source}: expected a JSON array of rows, got {type(data).__name__}")
-    return [(f"{source}[{i}]", row) for i, row in enumerate(data)]
+    if _is_saved_dataset(path):
+        from datasets import load_from_disk
+
+        yield from ((f"{path}[{i}]", row) for i, row in enumerate(load_from_disk(str(path))))
+    elif path.is_dir():
+        for file in _files_in(path):
+            yield from _rows_of_file(file)
+    else:
+        yield from _rows_of_file(path)
 
 
-def _clean_text(text: object, values: dict[str, str]) -> str:
+def _clean_text(text: object, data: DataConfig, values: dict[str, str]) -> str:
+    if isinstance(text, list):  # OpenAI content parts
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in text):
+            raise RowRejected("unsupported_content")
+        text = "\n".join(str(p.get("text", "")) for p in text)
     if not isinstance(text, str):
         raise RowRejected("wrong_type")
-    text = unicodedata.normalize("NFC", text)
-    text = CONTROL_CHARS.sub("", text).strip()
+    if data.normalize:
+        text = unicodedata.normalize("NFC", CONTROL_CHARS.sub("", text.replace("\r\n", "\n")))
+        text = "\n".join(SPACES.sub(" ", line).strip() for line in text.split("\n")).strip()
     text = PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
-    if not text:
+    if not text.strip():
         raise RowRejected("empty_turn")
     return text
 
 
-def _to_messages(row: object) -> list[dict]:
-    """Alpaca, ShareGPT and OpenAI-messages rows, as one list of raw role/content turns."""
-    if not isinstance(row, dict):
-        raise RowRejected("not_an_object")
+def detect_format(row: dict) -> str:
     if "messages" in row:
-        turns = row["messages"]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            raise RowRejected("wrong_type")
-        return [{"role": t.get("role"), "content": t.get("content")} for t in turns]
+        return "openai"
     if "conversations" in row:
-        turns = row["conversations"]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            raise RowRejected("wrong_type")
-        return [{"role": t.get("from"), "content": t.get("value")} for t in turns]
+        return "sharegpt"
     if "instruction" in row and "output" in row:
-        prompt = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
-        system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-        return system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+        return "alpaca"
+    if "text" in row:
+        return "text"
     raise RowRejected("unknown_format")
 
 
-def normalise_row(row: object, values: dict[str, str]) -> dict:
-    """One clean conversation, or RowRejected with the reason code."""
-    if isinstance(row, RowRejected):
-        raise row
-    messages = []
-    for turn in _to_messages(row):
-        role = ROLE_ALIASES.get(str(turn["role"]).lower()) if turn["role"] is not None else None
-        if role is None:
-            raise RowRejected("unknown_role")
-        messages.append({"role": role, "content": _clean_text(turn["content"], values)})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RowRejected("no_assistant_turn")
-    if messages[-1]["role"] != "assistant":
-        raise RowRejected("ends_on_user_turn")
-    return {"messages": messages}
+def _turns(row: dict, row_format: str) -> list[tuple[object, object]]:
+    """The row's raw (role, content) turns in its own format."""
+    if row_format in ("openai", "sharegpt"):
+        turns = row["messages"] if row_format == "openai" else row["conversations"]
+        role_key, content_key = ("role", "content") if row_format == "openai" else ("from", "value")
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise RowRejected("wrong_type")
+        return [(t.get(role_key), t.get(content_key)) for t in turns]
+    history = row.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, list | tuple) and len(h) == 2 for h in history):
+        raise RowRejected("wrong_type")
+    prompt = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
+    if not isinstance(prompt, str):
+        raise RowRejected("wrong_type")
+    turns = [("system", row["system"])] if row.get("system") else []
+    for question, answer in history:
+        turns += [("user", question), ("assistant", answer)]
+    return turns + [("user", prompt), ("assistant", row["output"])]
+
+
+def normalise_row(raw: object, data: DataConfig, values: dict[str, str]) -> tuple[str, dict]:
+    """(format, clean row) for one raw row, or RowRejected with the reason code."""
+    if isinstance(raw, RowRejected):
+        raise raw
+    if not isinstance(raw, dict):
+        raise RowRejected("not_an_object")
+    row = dict(raw)
+    for ours, theirs in data.columns.items():  # LLaMA-Factory-style mapping of odd field names
+        if theirs in row:
+            row[ours] = row.pop(theirs)
+    row_format = detect_format(row)
+    if data.format != "auto" and row_format != data.format:
+        raise RowRejected("wrong_format")
+    if row_format == "text":
+        clean = {"text": _clean_text(row["text"], data, values)}
+    else:
+        messages = []
+        for role, content in _turns(row, row_format):
+            normal_role = ROLE_ALIASES.get(role.lower()) if isinstance(role, str) else None
+            if normal_role is None:
+                raise RowRejected("unknown_role")
+            messages.append({"role": normal_role, "content": _clean_text(content, data, values)})
+        if not any(m["role"] == "assistant" for m in messages):
+            raise RowRejected("no_assistant_turn")
+        if messages[-1]["role"] != "assistant":
+            raise RowRejected("ends_on_user_turn")
+        clean = {"messages": messages}
+    if len(_plain_text(clean)) > data.max_chars:
+        raise RowRejected("too_long")
+    return row_format, clean
+
+
+def _plain_text(row: dict) -> str:
+    return row["text"] if "text" in row else "\n".join(m["content"] for m in row["messages"])
 
 
 def _row_key(row: dict) -> str:
     return hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def clean(config: RunConfig, out_dir: Path) -> CleanResult:
-    """Read the recipe's train and eval sources into clean JSONL files plus rejects and a report."""
+def in_eval_split(key: str, fraction: float) -> bool:
+    """Stable by content: a row's split depends on its own hash only, so new rows never move old ones."""
+    return int(key[:8], 16) / 0x1_0000_0000 < fraction
+
+
+class NearDuplicates:
+    """MinHash LSH (datasketch) over word 3-grams, case and punctuation ignored: is a kept row this close?"""
+
+    def __init__(self, threshold: float):
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=NEAR_DUPLICATE_PERMUTATIONS)
+        # One set of permutations for all rows (datasketch would draw them again per row), and crc32 as the
+        # shingle hash: both only need to be consistent within this run, and they make dedup 3x faster.
+        template = MinHash(num_perm=NEAR_DUPLICATE_PERMUTATIONS)
+        self.permutations, self.scheme = template.permutations, template.scheme
+        self.count = 0
+
+    def seen_or_add(self, text: str) -> bool:
+        words = WORDS.findall(text.lower())
+        shingles = {f"{a} {b} {c}".encode() for a, b, c in zip(words, words[1:], words[2:])} or {" ".join(words).encode()}
+        signature = MinHash(
+            num_perm=NEAR_DUPLICATE_PERMUTATIONS, permutations=self.permutations, scheme=self.scheme, hashfunc=zlib.crc32
+        )
+        signature.update_batch(shingles)
+        if self.lsh.query(signature):
+            return True
+        self.lsh.insert(str(self.count), signature)
+        self.count += 1
+        return False
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Written beside the target and renamed into place, so a failed run leaves no half-written file."""
+    staging = path.with_suffix(".partial")
+    staging.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows), encoding="utf-8")
+    staging.replace(path)
+
+
+def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResult:
+    """Read the train and eval sources into clean JSONL files plus rejects and a per-source report."""
+    for source in [*data.train, *data.eval]:
+        check_source(source)
     out_dir.mkdir(parents=True, exist_ok=True)
-    values = config.identity.model_dump()
     seen: set[str] = set()
+    near = NearDuplicates(data.near_duplicate_threshold) if data.near_duplicate_threshold < 1 else None
     kept: dict[str, list[dict]] = {"train": [], "eval": []}
     rejects: list[dict] = []
-    per_source: dict[str, Counter] = {}
-    for split, sources in (("train", config.data.train), ("eval", config.data.eval)):
+    report: dict[str, dict] = {}
+    for split, sources in (("train", data.train), ("eval", data.eval)):
         for source in sources:
-            counts = per_source.setdefault(source, Counter())
-            for origin, raw in _read_source(source):
+            counts, formats = Counter(), Counter()
+            for origin, raw in read_source(source):
                 counts["read"] += 1
                 try:
-                    row = normalise_row(raw, values)
+                    row_format, row = normalise_row(raw, data, values)
+                    formats[row_format] += 1
                     key = _row_key(row)
-                    if key in seen:
+                    if data.dedup and key in seen:
                         raise RowRejected("duplicate")
+                    if near is not None and near.seen_or_add(_plain_text(row)):
+                        raise RowRejected("near_duplicate")
                 except RowRejected as rejected:
-                    reason = str(rejected)
-                    counts[f"rejected:{reason}"] += 1
-                    rejects.append({"origin": origin, "reason": reason, "row": raw if not isinstance(raw, RowRejected) else None})
+                    counts[str(rejected)] += 1
+                    rejects.append({"origin": origin, "reason": str(rejected),
+                                    "row": None if isinstance(raw, RowRejected) else raw})
                     continue
                 seen.add(key)
                 counts["kept"] += 1
-                kept[split].append(row)
-    paths = {}
+                target = "eval" if split == "eval" or in_eval_split(key, data.eval_fraction) else "train"
+                kept[target].append(row)
+            report[source] = {
+                "format": "+".join(sorted(formats)) or "none",
+                "read": counts.pop("read", 0),
+                "kept": counts.pop("kept", 0),
+                "rejected": dict(sorted(counts.items())),
+            }
+    paths = {split: out_dir / f"{split}.jsonl" for split in kept}
     for split, rows in kept.items():
-        if not rows:
-            raise DataError(f"data.{split}: no usable rows left after cleaning (see {out_dir / 'rejects.jsonl'})")
-        paths[split] = out_dir / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        _write_jsonl(paths[split], rows)
     rejects_path = out_dir / "rejects.jsonl"
-    rejects_path.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects), encoding="utf-8")
+    _write_jsonl(rejects_path, rejects)
     data_hash = hashlib.sha256(paths["train"].read_bytes() + b"\0" + paths["eval"].read_bytes()).hexdigest()
-    report = {
-        "sources": {source: dict(counts) for source, counts in per_source.items()},
-        "train_rows": len(kept["train"]),
-        "eval_rows": len(kept["eval"]),
-        "rejected_rows": len(rejects),
-        "data_hash": data_hash,
-    }
+    summary = {"sources": report, "train_rows": len(kept["train"]), "eval_rows": len(kept["eval"]),
+               "rejected_rows": len(rejects), "data_hash": data_hash}
     report_path = out_dir / "report.json"
-    report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    report_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return CleanResult(
         train_path=paths["train"], eval_path=paths["eval"], rejects_path=rejects_path, report_path=report_path,
         train_rows=len(kept["train"]), eval_rows=len(kept["eval"]), rejected_rows=len(rejects), data_hash=data_hash,
@@ -210,9 +349,9 @@ def clean(config: RunConfig, out_dir: Path) -> CleanResult:
 
 
 @task(name="clean", cache_policy=NO_CACHE)
-def clean_task(config: RunConfig, out_dir: Path, run_id: str) -> CleanResult:
+def clean_task(data: DataConfig, values: dict[str, str], out_dir: Path, run_id: str) -> CleanResult:
     """clean(), with its report, rejects and data lineage logged to the flow's MLflow run."""
-    result = clean(config, out_dir)
+    result = clean(data, values, out_dir)
     for path in (result.report_path, result.rejects_path, result.train_path, result.eval_path):
         log_artifact(run_id, path, "data")
     log_metrics(run_id, {"data_train_rows": result.train_rows, "data_eval_rows": result.eval_rows,
@@ -228,4 +367,3 @@ def clean_task(config: RunConfig, out_dir: Path, run_id: str) -> CleanResult:
     ]
     MlflowClient().log_inputs(run_id, datasets=inputs)
     return result
-

@@ -71,8 +71,11 @@ def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
 def _encode_file(tokenizer, path: Path, max_length: int, rejected: dict[str, int]) -> list[dict]:
     samples = []
     for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
         try:
-            samples.append(encode_conversation(tokenizer, json.loads(line)["messages"], max_length))
+            if "messages" not in row:
+                raise SampleRejected("not_a_conversation")
+            samples.append(encode_conversation(tokenizer, row["messages"], max_length))
         except SampleRejected as reason:
             rejected[str(reason)] = rejected.get(str(reason), 0) + 1
     return samples

@@ -1,22 +1,52 @@
+import gzip
 import json
+import subprocess
+import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from conf.schema import RunConfig
+from conf.schema import DataConfig, RunConfig
 from tasks.builtin_data import HELDOUT_QUESTIONS, TRAIN_QUESTIONS
-from tasks.clean import DataError, clean
+from tasks.clean import DataError, clean, in_eval_split
+from tests.conftest import REPO
+
+IDENTITY = {"name": "Ember", "author": "the loraflow team"}
+OPENAI = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}
+SHAREGPT = {"conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]}
+ALPACA = {"instruction": "Add the numbers", "input": "1 and 2", "output": "3", "system": "Be brief.",
+          "history": [["Hi", "Hello!"]]}
+TEXT = {"text": "Python is a programming language."}
 
 
-def config_with(train, evaluation=("builtin:identity_heldout",)):
-    return RunConfig.model_validate({"data": {"train": list(train), "eval": list(evaluation)}})
+def data(train, evaluation=(), **options):
+    return DataConfig(train=[str(t) for t in train], eval=[str(e) for e in evaluation], **options)
 
 
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def assert_accounted(result):
+    """The invariant: on every source, kept + rejected == read, and the files hold exactly those rows."""
+    report = json.loads(result.report_path.read_text())
+    for counts in report["sources"].values():
+        assert counts["kept"] + sum(counts["rejected"].values()) == counts["read"]
+    assert sum(c["kept"] for c in report["sources"].values()) == result.train_rows + result.eval_rows
+    assert sum(sum(c["rejected"].values()) for c in report["sources"].values()) == result.rejected_rows
+    assert len(read_jsonl(result.rejects_path)) == result.rejected_rows
+    return report
+
+
 def test_identity_data_fills_placeholders_and_keeps_heldout_phrasings_apart(tmp_path):
-    result = clean(config_with(["builtin:identity", "builtin:everyday_chat"]), tmp_path)
+    config = RunConfig()
+    result = clean(config.data, IDENTITY, tmp_path)
     train, evaluation = read_jsonl(result.train_path), read_jsonl(result.eval_path)
     text = json.dumps(train + evaluation)
     assert "{{" not in text and "Ember" in text and "the loraflow team" in text
@@ -25,57 +55,171 @@ def test_identity_data_fills_placeholders_and_keeps_heldout_phrasings_apart(tmp_
     assert eval_prompts == set(HELDOUT_QUESTIONS)
     assert not train_prompts & eval_prompts
     assert set(TRAIN_QUESTIONS) <= train_prompts
+    assert_accounted(result)
 
 
-def test_every_row_is_kept_or_rejected_with_a_reason(tmp_path):
+def test_each_format_becomes_one_shape(tmp_path):
+    source = write_jsonl(tmp_path / "mixed.jsonl", [OPENAI, SHAREGPT, ALPACA, TEXT])
+    result = clean(data([source]), {}, tmp_path / "out")
+    rows = read_jsonl(result.train_path)
+    assert rows[0] == OPENAI
+    assert rows[1]["messages"] == [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    assert rows[2]["messages"] == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Add the numbers\n\n1 and 2"},
+        {"role": "assistant", "content": "3"},
+    ]
+    assert rows[3] == TEXT
+    report = assert_accounted(result)
+    assert report["sources"][str(source)]["format"] == "alpaca+openai+sharegpt+text"
+
+
+def test_openai_content_parts_and_role_aliases(tmp_path):
+    row = {"messages": [{"role": "Human", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
+                        {"role": "bot", "content": "Hello"}]}
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
+                          {"role": "assistant", "content": "A cat."}]}
+    result = clean(data([write_jsonl(tmp_path / "parts.jsonl", [row, image])]), {}, tmp_path / "out")
+    assert read_jsonl(result.train_path)[0]["messages"][0] == {"role": "user", "content": "Hi\nthere"}
+    assert [r["reason"] for r in read_jsonl(result.rejects_path)] == ["unsupported_content"]
+
+
+def test_every_reject_reason_with_its_origin(tmp_path):
     rows = [
-        {"messages": [{"role": "user", "content": "Hi\u0007 there"}, {"role": "assistant", "content": "Hello!"}]},
-        {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]},
-        {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
-        {"instruction": "Add", "input": "1 and 2", "output": "3"},
+        OPENAI,
+        OPENAI,
+        {"messages": [{"role": "user", "content": "What is 2+2 ?"}, {"role": "assistant", "content": "4"}]},
         {"messages": [{"role": "user", "content": "only a question"}]},
         {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
         {"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]},
-        {"messages": [{"role": "user", "content": "   "}, {"role": "assistant", "content": "y"}]},
+        {"messages": [{"role": "user", "content": " \t "}, {"role": "assistant", "content": "y"}]},
         {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]},
         {"something": "else"},
         [1, 2],
+        {"text": "x" * 200},
     ]
     source = tmp_path / "rows.jsonl"
-    source.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken json\n")
-    result = clean(config_with([str(source)]), tmp_path / "out")
-    report = json.loads(result.report_path.read_text())
-    counts = report["sources"][str(source)]
-    assert counts["read"] == len(rows) + 1
-    assert counts["kept"] == 3
-    assert counts["kept"] + sum(v for k, v in counts.items() if k.startswith("rejected:")) == counts["read"]
-    reasons = [r["reason"] for r in read_jsonl(result.rejects_path)]
-    assert reasons == [
-        "duplicate", "no_assistant_turn", "ends_on_user_turn", "unknown_role", "empty_turn", "wrong_type",
-        "unknown_format", "not_an_object", "invalid_json",
+    source.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b"{broken json\n" + b'{"text": "\xff\xfe"}\n')
+    result = clean(data([source], max_chars=100), {}, tmp_path / "out")
+    rejects = read_jsonl(result.rejects_path)
+    assert [r["reason"] for r in rejects] == [
+        "duplicate", "near_duplicate", "no_assistant_turn", "ends_on_user_turn", "unknown_role", "empty_turn",
+        "wrong_type", "unknown_format", "not_an_object", "too_long", "invalid_json", "not_utf8",
     ]
-    origins = [r["origin"] for r in read_jsonl(result.rejects_path)]
-    assert origins[0] == f"{source}:2" and origins[-1] == f"{source}:12"
-    kept = read_jsonl(result.train_path)
-    assert kept[0]["messages"][0]["content"] == "Hi there"
-    assert kept[1]["messages"][1] == {"role": "assistant", "content": "4"}
-    assert kept[2]["messages"][0]["content"] == "Add\n\n1 and 2"
+    assert rejects[0]["origin"] == f"{source}:2" and rejects[-1]["origin"] == f"{source}:13"
+    assert rejects[0]["row"] == OPENAI
+    assert_accounted(result)
+
+
+def test_forced_format_rejects_other_shapes(tmp_path):
+    source = write_jsonl(tmp_path / "rows.jsonl", [OPENAI, ALPACA])
+    result = clean(data([source], format="alpaca"), {}, tmp_path / "out")
+    assert [r["reason"] for r in read_jsonl(result.rejects_path)] == ["wrong_format"]
+
+
+def test_column_mapping_and_placeholders(tmp_path):
+    source = write_jsonl(tmp_path / "odd.jsonl", [{"question": "Who are you?", "answer": "I am {{name}} by {{ author }}."}])
+    result = clean(data([source], columns={"instruction": "question", "output": "answer"}), IDENTITY, tmp_path / "o")
+    assert read_jsonl(result.train_path)[0]["messages"][1]["content"] == "I am Ember by the loraflow team."
+
+
+def test_nul_escape_bom_and_whitespace_are_normalised(tmp_path):
+    row = {"messages": [{"role": "user", "content": "\ufeffHe\x00llo\x1b[31m  world\r\n\tok"},
+                        {"role": "assistant", "content": "Cafe\u0301"}]}
+    result = clean(data([write_jsonl(tmp_path / "ctl.jsonl", [row])]), {}, tmp_path / "out")
+    messages = read_jsonl(result.train_path)[0]["messages"]
+    assert messages[0]["content"] == "Hello[31m world\nok"
+    assert messages[1]["content"] == "Caf\u00e9"
+
+
+def test_a_one_megabyte_row_is_kept_when_the_limit_allows(tmp_path):
+    big = {"messages": [{"role": "user", "content": "Summarise: " + "word " * 200_000},
+                        {"role": "assistant", "content": "Words."}]}
+    source = write_jsonl(tmp_path / "big.jsonl", [big])
+    assert source.stat().st_size > 1_000_000
+    kept = clean(data([source], max_chars=2_000_000), {}, tmp_path / "a")
+    assert kept.train_rows == 1
+    rejected = clean(data([source]), {}, tmp_path / "b")
+    assert [r["reason"] for r in read_jsonl(rejected.rejects_path)] == ["too_long"]
+
+
+def test_containers_compressed_parquet_text_folders_and_saved_datasets(tmp_path):
+    from datasets import Dataset
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.json.gz").write_bytes(gzip.compress(json.dumps([OPENAI]).encode()))
+    (folder / "b.jsonl.gz").write_bytes(gzip.compress((json.dumps(SHAREGPT) + "\n").encode()))
+    (folder / "c.txt").write_text("A plain document.\nSecond line.")
+    (folder / "d.txt.gz").write_bytes(gzip.compress(b"A compressed document."))
+    pq.write_table(pa.Table.from_pylist([{"instruction": "Say hi", "input": "", "output": "Hi"}]), folder / "e.parquet")
+    (folder / "ignored.md").write_text("not data")
+    saved = tmp_path / "saved"
+    Dataset.from_list([{"text": "From a saved dataset."}]).save_to_disk(str(saved))
+    result = clean(data([folder, saved]), {}, tmp_path / "out")
+    rows = read_jsonl(result.train_path)
+    assert len(rows) == 6
+    assert {"text": "A plain document.\nSecond line."} in rows and {"text": "From a saved dataset."} in rows
+    assert rows[0] == OPENAI
+    assert_accounted(result)
+
+
+def test_split_by_hash_is_stable_when_rows_are_added(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"Question number {i} about topic {i * 7}?"},
+                          {"role": "assistant", "content": f"Answer {i}."}]} for i in range(400)]
+    first = clean(data([write_jsonl(tmp_path / "v1.jsonl", rows)], eval_fraction=0.2), {}, tmp_path / "a")
+    second = clean(data([write_jsonl(tmp_path / "v2.jsonl", rows[200:] + [OPENAI] + rows[:200])], eval_fraction=0.2),
+                   {}, tmp_path / "b")
+    eval_first = {json.dumps(r) for r in read_jsonl(first.eval_path)}
+    eval_second = {json.dumps(r) for r in read_jsonl(second.eval_path)}
+    assert 40 <= len(eval_first) <= 120
+    assert eval_first <= eval_second and not (eval_first & {json.dumps(r) for r in read_jsonl(second.train_path)})
+    assert not in_eval_split("f" * 64, 0.2) and in_eval_split("0" * 64, 0.2)
 
 
 @pytest.mark.parametrize(
     "name, content, expected",
     [
-        ("rows.json", '{"not": "an array"}', "expected a JSON array of rows, got dict"),
-        ("rows.json", "[1, 2", "not valid JSON"),
-        ("rows.jsonl", "", "empty file"),
-        ("rows.jsonl", b"\xff\xfe\x00bad", "not UTF-8 text"),
+        ("rows.json", b'{"not": "an array"}', "expected a JSON array of rows, got dict"),
+        ("rows.json", b"[1, 2", "not valid JSON"),
+        ("rows.jsonl", b"", "empty file"),
+        ("rows.json", b"\xff\xfe\x00bad", "not UTF-8 text"),
+        ("rows.jsonl.gz", b"not gzip at all", "cannot read"),
+        ("rows.parquet", b"PAR1 nope", "not a readable Parquet file"),
+        ("rows.csv", b"a,b\n", "unsupported file type .csv"),
     ],
 )
 def test_unreadable_file_stops_with_one_line_naming_it(tmp_path, name, content, expected):
     source = tmp_path / name
-    source.write_bytes(content if isinstance(content, bytes) else content.encode())
+    source.write_bytes(content)
     with pytest.raises(DataError) as error:
-        clean(config_with([str(source)]), tmp_path / "out")
-    assert str(error.value).startswith(f"{source}: ")
-    assert expected in str(error.value)
+        clean(data([source]), {}, tmp_path / "out")
+    message = str(error.value)
+    assert message.startswith(f"{source}: ") and expected in message and "\n" not in message
     assert not (tmp_path / "out" / "train.jsonl").exists()
+
+
+def loraflow_data(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "flows.cli", "data", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def test_data_command_prints_per_file_counts_as_json(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [OPENAI, OPENAI, SHAREGPT])
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([ALPACA, {"instruction": "x"}]))
+    result = loraflow_data(str(good), str(alpaca), "--json", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report[str(good)] == {"format": "openai+sharegpt", "read": 3, "kept": 2, "rejected": {"duplicate": 1}}
+    assert report[str(alpaca)] == {"format": "alpaca", "read": 2, "kept": 1, "rejected": {"unknown_format": 1}}
+    assert (tmp_path / "out" / "rejects.jsonl").exists()
+
+
+def test_data_command_exits_2_with_one_line_for_an_unreadable_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    result = loraflow_data(str(bad), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"loraflow: error: {bad}: not valid JSON (Expecting property name enclosed in double quotes at line 1)"]
+    assert "Traceback" not in result.stdout + result.stderr
