@@ -267,22 +267,19 @@ class NearDuplicates:
 
     def __init__(self, threshold: float):
         self.lsh = MinHashLSH(threshold=threshold, num_perm=NEAR_DUPLICATE_PERMUTATIONS)
-        # One set of permutations for all rows (datasketch would draw them again per row), and crc32 as the
-        # shingle hash: both only need to be consistent within this run, and they make dedup 3x faster.
-        template = MinHash(num_perm=NEAR_DUPLICATE_PERMUTATIONS)
-        self.permutations, self.scheme = template.permutations, template.scheme
+        # One MinHash reused for every row (cleared each time; the LSH keeps only band hashes), so the
+        # permutations are drawn once, and crc32 (deterministic, in C) as the shingle hash.
+        self.signature = MinHash(num_perm=NEAR_DUPLICATE_PERMUTATIONS, hashfunc=zlib.crc32)
         self.count = 0
 
     def seen_or_add(self, text: str) -> bool:
         words = WORDS.findall(text.lower())
         shingles = {f"{a} {b} {c}".encode() for a, b, c in zip(words, words[1:], words[2:])} or {" ".join(words).encode()}
-        signature = MinHash(
-            num_perm=NEAR_DUPLICATE_PERMUTATIONS, permutations=self.permutations, scheme=self.scheme, hashfunc=zlib.crc32
-        )
-        signature.update_batch(shingles)
-        if self.lsh.query(signature):
+        self.signature.clear()
+        self.signature.update_batch(shingles)
+        if self.lsh.query(self.signature):
             return True
-        self.lsh.insert(str(self.count), signature)
+        self.lsh.insert(self.count, self.signature, check_duplication=False)
         self.count += 1
         return False
 
