@@ -16,11 +16,9 @@ from conf.schema import UserError, load_config  # noqa: E402  (after the tool se
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.override)
-    from flows.finetune import finetune
-    from tasks.clean import check_source
+    from flows.finetune import finetune, preflight
 
-    for source in [*config.data.train, *config.data.eval]:
-        check_source(source)
+    preflight(config)
     summary = finetune(config)
     m, reg = summary.metrics, summary.registered
     print(

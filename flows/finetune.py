@@ -18,12 +18,12 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from prefect import flow
 
 from conf.schema import RunConfig, flatten
-from tasks.base_model import resolve_base_model
-from tasks.clean import clean_task
+from tasks.base_model import check_base_model, resolve_base_model
+from tasks.clean import check_readable, clean_task
 from tasks.evaluate import evaluate_task
 from tasks.register import RegisterResult, register_task
 from tasks.tokenize import tokenize_task
-from tasks.train import train_task
+from tasks.train import choose_attention, choose_precision, train_task
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "mlflow", "prefect")
 
@@ -72,6 +72,18 @@ def log_config(config: RunConfig, work_dir: Path) -> None:
     config_path = work_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
     mlflow.log_artifact(str(config_path))
+
+
+def preflight(config: RunConfig) -> None:
+    """Everything a user can get wrong that is cheap to check, checked before the flow starts any work.
+
+    A UserError raised inside the flow would still stop it, but Prefect logs it with a traceback; here it
+    is one line.
+    """
+    check_base_model(config.base_model)
+    check_readable([*config.data.train, *config.data.eval])
+    choose_precision(config.train.precision)
+    choose_attention(config.train.attn)
 
 
 @flow(name="finetune")

@@ -68,6 +68,19 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)  # another process finished the same conversion first
 
 
+def _local_folder(spec: str) -> Path:
+    folder = Path(spec).expanduser()
+    if not (folder / "config.json").exists():
+        raise BaseModelError(f"base_model {spec}: not a model folder (no config.json)")
+    return folder
+
+
+def check_base_model(spec: str) -> None:
+    """Fail before any work when a GGUF or local base model is missing (hub ids are checked on load)."""
+    if _gguf_file(spec) is None and looks_like_local_path(spec):
+        _local_folder(spec)
+
+
 def resolve_base_model(spec: str) -> str:
     """Return something `from_pretrained` loads offline: a local folder, or the hub id unchanged."""
     gguf = _gguf_file(spec)
@@ -79,8 +92,5 @@ def resolve_base_model(spec: str) -> str:
             _convert_gguf(gguf, target)
         return str(target)
     if looks_like_local_path(spec):
-        folder = Path(spec).expanduser()
-        if not (folder / "config.json").exists():
-            raise BaseModelError(f"base_model {spec}: not a model folder (no config.json)")
-        return str(folder)
+        return str(_local_folder(spec))
     return spec

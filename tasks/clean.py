@@ -169,6 +169,16 @@ def read_source(source: str) -> Iterator[tuple[str, object]]:
         yield from _rows_of_file(path)
 
 
+def check_readable(sources: list[str]) -> None:
+    """Read every source through once, so a file that is unreadable as a whole stops a run before any work.
+
+    Broken rows are not errors here (they are counted by clean); only whole-file problems raise DataError.
+    """
+    for source in sources:
+        for _ in read_source(source):
+            pass
+
+
 def _clean_text(text: object, data: DataConfig, values: dict[str, str]) -> str:
     if isinstance(text, list):  # OpenAI content parts
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in text):

@@ -83,10 +83,21 @@ def run_cli(*args, cwd=REPO):
         ("data:\n  train: [missing_rows.jsonl]\n", "missing_rows.jsonl: no such file"),
         ("data:\n  train: [rows.csv]\n", "rows.csv: unsupported file type .csv"),
         ("data:\n  train: ['builtin:nope']\n", "builtin:nope: unknown builtin data set"),
+        ("data:\n  train: [broken.json]\n", "broken.json: not valid JSON"),
+        ("data:\n  train: [object.json]\n", "object.json: expected a JSON array of rows, got dict"),
+        ("data:\n  eval: [empty.jsonl]\n", "empty.jsonl: empty file"),
+        ("base_model: ./empty_folder\n", "base_model ./empty_folder: not a model folder (no config.json)"),
+        ("base_model: ./missing.gguf\n", "base_model: Value error, no such file or folder: ./missing.gguf"),
+        ("train:\n  attn: flash_attention_2\n", "train.attn: flash_attention_2 needs a CUDA GPU"),
+        ("train:\n  precision: fp16\n", "train.precision: fp16 needs a CUDA GPU"),
     ],
 )
 def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path, recipe_text, expected):
     (tmp_path / "rows.csv").write_text("a,b\n")
+    (tmp_path / "broken.json").write_text("[{")
+    (tmp_path / "object.json").write_text('{"messages": []}')
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "empty_folder").mkdir()
     recipe = write(tmp_path, recipe_text)
     result = run_cli("run", str(recipe), cwd=tmp_path)
     assert result.returncode == 2
@@ -94,6 +105,7 @@ def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path, recipe_te
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("loraflow: error: ")
     assert expected in lines[0]
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_cli_reports_a_missing_recipe(tmp_path):
