@@ -187,7 +187,7 @@ def _clean_text(text: object, data: DataConfig, values: dict[str, str]) -> str:
     if not isinstance(text, str):
         raise RowRejected("wrong_type")
     if data.normalize:
-        text = unicodedata.normalize("NFC", CONTROL_CHARS.sub("", text.replace("\r\n", "\n")))
+        text = unicodedata.normalize("NFC", CONTROL_CHARS.sub("", text))
         text = "\n".join(SPACES.sub(" ", line).strip() for line in text.split("\n")).strip()
     text = PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
     if not text.strip():
@@ -303,9 +303,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResult:
     """Read the train and eval sources into clean JSONL files plus rejects and a per-source report."""
-    for source in [*data.train, *data.eval]:
-        check_source(source)
-    out_dir.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
     near = NearDuplicates(data.near_duplicate_threshold) if data.near_duplicate_threshold < 1 else None
     kept: dict[str, list[dict]] = {"train": [], "eval": []}
@@ -339,6 +336,7 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResul
                 "kept": counts.pop("kept", 0),
                 "rejected": dict(sorted(counts.items())),
             }
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {split: out_dir / f"{split}.jsonl" for split in kept}
     for split, rows in kept.items():
         _write_jsonl(paths[split], rows)
