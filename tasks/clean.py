@@ -15,16 +15,19 @@ import gzip
 import hashlib
 import json
 import re
+import string
 import unicodedata
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
-from datasketch import MinHash, MinHashLSH
+from datasketch import LeanMinHash, MinHash, MinHashLSH
+from datasketch.minhash import _fmix  # private, so datasketch is pinned; a test compares with MinHash
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -42,12 +45,16 @@ ROLE_ALIASES = {
 }
 # Control characters other than newline and tab (NUL and ESC among them) and the BOM.
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")
-WORDS = re.compile(r"\w+")
+PUNCTUATION_TO_SPACE = str.maketrans(dict.fromkeys(string.punctuation, " "))
 SPACES = re.compile(r"[ \t\u00a0]+")
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 ROW_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 SUPPORTED_SUFFIXES = ROW_SUFFIXES + tuple(s + ".gz" for s in ROW_SUFFIXES if s != ".parquet")
 NEAR_DUPLICATE_PERMUTATIONS = 32
+GRAM_MIX = (0x9E3779B1, 0x85EBCA77)  # odd multipliers that make a 3-gram's hash depend on word order
+# Rows are normalised and near-duplicate signed a chunk at a time; the character bound keeps a chunk's
+# signature arrays (4 bytes x permutations per 3-gram) near 64 MB however long the rows are.
+CHUNK_ROWS, CHUNK_CHARS = 1024, 1_000_000
 
 
 class DataError(UserError):
@@ -188,8 +195,11 @@ def _clean_text(text: object, data: DataConfig, values: dict[str, str]) -> str:
         raise RowRejected("wrong_type")
     if data.normalize:
         text = unicodedata.normalize("NFC", CONTROL_CHARS.sub("", text))
-        text = "\n".join(SPACES.sub(" ", line).strip() for line in text.split("\n")).strip()
-    text = PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
+        if "  " in text or "\t" in text or "\u00a0" in text:  # most text has nothing to collapse: skip the regex
+            text = SPACES.sub(" ", text)
+        text = "\n".join(line.strip() for line in text.split("\n")).strip()
+    if "{{" in text:
+        text = PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
     if not text.strip():
         raise RowRejected("empty_turn")
     return text
@@ -263,41 +273,95 @@ def _plain_text(row: dict) -> str:
     return row["text"] if "text" in row else "\n".join(m["content"] for m in row["messages"])
 
 
-def _row_key(row: dict) -> str:
-    return hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
 def in_eval_split(key: str, fraction: float) -> bool:
     """Stable by content: a row's split depends on its own hash only, so new rows never move old ones."""
     return int(key[:8], 16) / 0x1_0000_0000 < fraction
 
 
+class _WordHashes(dict):
+    """crc32 of each word, computed once per distinct word (deterministic across runs, unlike hash())."""
+
+    def __missing__(self, word: str) -> int:
+        self[word] = value = zlib.crc32(word.encode())
+        return value
+
+
 class NearDuplicates:
-    """MinHash LSH (datasketch) over word 3-grams, case and punctuation ignored: is a kept row this close?"""
+    """MinHash LSH (datasketch) over word 3-grams, case and ASCII punctuation ignored: is a kept row this close?
+
+    Signatures are made for a chunk of rows at once. datasketch's `MinHash.update_batch` spends most of its
+    time on per-row numpy overhead, so `signatures` applies the same steps (its fmix32 pre-mix, its affine32
+    permutations, the column minimum) to a whole chunk's 3-grams in one array operation; a test checks that
+    each row's signature equals datasketch's own MinHash of the same 3-grams. The index itself is datasketch's.
+    """
 
     def __init__(self, threshold: float):
         self.lsh = MinHashLSH(threshold=threshold, num_perm=NEAR_DUPLICATE_PERMUTATIONS)
-        # One MinHash reused for every row (cleared each time; the LSH keeps only band hashes), so the
-        # permutations are drawn once, and crc32 (deterministic, in C) as the shingle hash.
-        self.signature = MinHash(num_perm=NEAR_DUPLICATE_PERMUTATIONS, hashfunc=zlib.crc32)
+        self.permutations = MinHash(num_perm=NEAR_DUPLICATE_PERMUTATIONS, scheme="affine32").permutations
+        self.word_hashes = _WordHashes()
         self.count = 0
 
-    def seen_or_add(self, text: str) -> bool:
-        words = WORDS.findall(text.lower())
-        shingles = {f"{a} {b} {c}".encode() for a, b, c in zip(words, words[1:], words[2:])} or {" ".join(words).encode()}
-        self.signature.clear()
-        self.signature.update_batch(shingles)
-        if self.lsh.query(self.signature):
+    def signatures(self, texts: list[str]) -> np.ndarray:
+        """One MinHash signature row per text, computed for all texts together.
+
+        A text's 3-grams are hashed from its words' crc32 values: (h1 * GRAM_MIX[0] ^ h2 * GRAM_MIX[1] ^ h3)
+        mod 2**32; a text of fewer than three words counts as one 3-gram padded with zeros.
+        """
+        word_hashes, lengths = [], []
+        for text in texts:
+            words = text.lower().translate(PUNCTUATION_TO_SPACE).split() or [""]
+            word_hashes += map(self.word_hashes.__getitem__, words)
+            word_hashes += (0, 0)  # padding: a text of one or two words still has one 3-gram of its own
+            lengths.append(len(words))
+        hashes = np.array(word_hashes, dtype=np.uint32)
+        grams = hashes[:-2] * np.uint32(GRAM_MIX[0]) ^ hashes[1:-1] * np.uint32(GRAM_MIX[1]) ^ hashes[2:]
+        slots = np.array(lengths) + 2
+        counts = np.maximum(slots - 4, 1)  # 3-grams per text
+        firsts = np.cumsum(counts) - counts  # each text's first row in the selected 3-grams
+        selected = grams[np.repeat(np.cumsum(slots) - slots - firsts, counts) + np.arange(counts.sum())]
+        a, b = self.permutations
+        return np.minimum.reduceat(_fmix(selected, 32)[:, None] * a + b, firsts, axis=0)
+
+    def seen_or_add(self, signature: np.ndarray) -> bool:
+        minhash = LeanMinHash(seed=1, hashvalues=signature, scheme="affine32")
+        if self.lsh.query(minhash):
             return True
-        self.lsh.insert(self.count, self.signature, check_duplication=False)
+        self.lsh.insert(self.count, minhash, check_duplication=False)
         self.count += 1
         return False
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def _normalised(pairs: Iterable[tuple[str, object]], data: DataConfig, values: dict[str, str],
+                near: NearDuplicates | None) -> Iterator[tuple[str, object, str, dict | RowRejected, np.ndarray | None]]:
+    """(origin, raw, format, clean row or its rejection, near-duplicate signature) for each pair, in order.
+
+    Rows are taken a chunk at a time so that the signatures of a chunk are computed together.
+    """
+    chunk, chars = [], 0
+    for origin, raw in pairs:
+        try:
+            row_format, row = normalise_row(raw, data, values)
+            chars += len(_plain_text(row))
+        except RowRejected as rejected:
+            row_format, row = "", rejected
+        chunk.append((origin, raw, row_format, row))
+        if len(chunk) >= CHUNK_ROWS or chars >= CHUNK_CHARS:
+            yield from _signed(chunk, near)
+            chunk, chars = [], 0
+    yield from _signed(chunk, near)
+
+
+def _signed(chunk: list[tuple[str, object, str, dict | RowRejected]], near: NearDuplicates | None):
+    clean_rows = [row for *_, row in chunk if not isinstance(row, RowRejected)]
+    signatures = iter(near.signatures([_plain_text(r) for r in clean_rows]) if near and clean_rows else ())
+    for origin, raw, row_format, row in chunk:
+        yield origin, raw, row_format, row, None if isinstance(row, RowRejected) else next(signatures, None)
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
     """Written beside the target and renamed into place, so a failed run leaves no half-written file."""
     staging = path.with_suffix(".partial")
-    staging.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows), encoding="utf-8")
+    staging.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     staging.replace(path)
 
 
@@ -305,21 +369,25 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResul
     """Read the train and eval sources into clean JSONL files plus rejects and a per-source report."""
     seen: set[str] = set()
     near = NearDuplicates(data.near_duplicate_threshold) if data.near_duplicate_threshold < 1 else None
-    kept: dict[str, list[dict]] = {"train": [], "eval": []}
+    kept: dict[str, list[str]] = {"train": [], "eval": []}
     rejects: list[dict] = []
     report: dict[str, dict] = {}
     for split, sources in (("train", data.train), ("eval", data.eval)):
         for source in sources:
             counts, formats = Counter(), Counter()
-            for origin, raw in read_source(source):
+            for origin, raw, row_format, row, signature in _normalised(read_source(source), data, values, near):
                 counts["read"] += 1
                 try:
-                    row_format, row = normalise_row(raw, data, values)
+                    if isinstance(row, RowRejected):
+                        raise row
                     formats[row_format] += 1
-                    key = _row_key(row)
+                    # Clean rows are built with a fixed key order, so their JSON line is canonical: it is both
+                    # the duplicate key and the line written out.
+                    line = json.dumps(row, ensure_ascii=False)
+                    key = hashlib.sha256(line.encode()).hexdigest()
                     if data.dedup and key in seen:
                         raise RowRejected("duplicate")
-                    if near is not None and near.seen_or_add(_plain_text(row)):
+                    if near is not None and near.seen_or_add(signature):
                         raise RowRejected("near_duplicate")
                 except RowRejected as rejected:
                     counts[str(rejected)] += 1
@@ -329,7 +397,7 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResul
                 seen.add(key)
                 counts["kept"] += 1
                 target = "eval" if split == "eval" or in_eval_split(key, data.eval_fraction) else "train"
-                kept[target].append(row)
+                kept[target].append(line)
             report[source] = {
                 "format": "+".join(sorted(formats)) or "none",
                 "read": counts.pop("read", 0),
@@ -338,10 +406,10 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResul
             }
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {split: out_dir / f"{split}.jsonl" for split in kept}
-    for split, rows in kept.items():
-        _write_jsonl(paths[split], rows)
+    for split, lines in kept.items():
+        _write_lines(paths[split], lines)
     rejects_path = out_dir / "rejects.jsonl"
-    _write_jsonl(rejects_path, rejects)
+    _write_lines(rejects_path, [json.dumps(r, ensure_ascii=False, default=str) for r in rejects])
     data_hash = hashlib.sha256(paths["train"].read_bytes() + b"\0" + paths["eval"].read_bytes()).hexdigest()
     summary = {"sources": report, "train_rows": len(kept["train"]), "eval_rows": len(kept["eval"]),
                "rejected_rows": len(rejects), "data_hash": data_hash}

@@ -1,15 +1,19 @@
 import gzip
 import json
+import string
 import subprocess
 import sys
+import zlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from datasketch import MinHash
 
 from conf.schema import DataConfig, RunConfig
 from tasks.builtin_data import HELDOUT_QUESTIONS, TRAIN_QUESTIONS
-from tasks.clean import DataError, clean, in_eval_split
+import tasks.clean
+from tasks.clean import GRAM_MIX, DataError, NearDuplicates, clean, in_eval_split
 from tests.conftest import REPO
 
 IDENTITY = {"name": "Ember", "author": "the loraflow team"}
@@ -84,7 +88,9 @@ def test_openai_content_parts_and_role_aliases(tmp_path):
     assert [r["reason"] for r in read_jsonl(result.rejects_path)] == ["unsupported_content"]
 
 
-def test_every_reject_reason_with_its_origin(tmp_path):
+@pytest.mark.parametrize("chunk_rows", [1024, 3])
+def test_every_reject_reason_with_its_origin(tmp_path, monkeypatch, chunk_rows):
+    monkeypatch.setattr(tasks.clean, "CHUNK_ROWS", chunk_rows)  # duplicates across chunk boundaries too
     rows = [
         OPENAI,
         OPENAI,
@@ -109,6 +115,20 @@ def test_every_reject_reason_with_its_origin(tmp_path):
     assert rejects[0]["origin"] == f"{source}:2" and rejects[-1]["origin"] == f"{source}:13"
     assert rejects[0]["row"] == OPENAI
     assert_accounted(result)
+
+
+def test_bulk_signatures_equal_datasketch_minhash_of_each_row():
+    texts = ["", "!!!", "one", "Two words", "The quick brown fox jumps over the lazy dog.",
+             "the quick brown fox jumps over the lazy cat", "x " * 500]
+    signatures = NearDuplicates(0.9).signatures(texts)
+    for text, signature in zip(texts, signatures, strict=True):
+        words = [zlib.crc32(w.encode()) for w in text.lower().translate(str.maketrans(dict.fromkeys(string.punctuation, " "))).split() or [""]] + [0, 0]
+        grams = [(a * GRAM_MIX[0] ^ b * GRAM_MIX[1] ^ c) & 0xFFFFFFFF for a, b, c in zip(words, words[1:], words[2:])]
+        reference = MinHash(num_perm=len(signature), scheme="affine32", hashfunc=int)
+        reference.update_batch(grams[: max(len(words) - 4, 1)])
+        assert (signature == reference.hashvalues).all(), text
+    similarity = MinHash(hashvalues=signatures[4], scheme="affine32").jaccard(MinHash(hashvalues=signatures[5], scheme="affine32"))
+    assert 0.5 < similarity < 1
 
 
 def test_forced_format_rejects_other_shapes(tmp_path):
