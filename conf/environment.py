@@ -17,6 +17,8 @@ def tool_defaults(project_dir: Path) -> dict[str, str]:
     return {
         "PREFECT_HOME": str((project_dir / ".prefect").resolve()),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The embedded server's 20 s start-up limit was missed once on this 2-core machine under load.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",

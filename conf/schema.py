@@ -52,7 +52,22 @@ class DataConfig(_Section):
 
 
 class TokenizeConfig(_Section):
-    max_length: int = Field(default=256, ge=16)
+    """How clean rows become training tokens.
+
+    `chat` renders conversations with a chat template, loss on assistant tokens; `pretrain` joins text documents
+    with EOS and cuts them into blocks of `max_length`, loss on every token.
+    """
+
+    mode: Literal["chat", "pretrain"] = "chat"
+    max_length: int = Field(default=256, ge=16, description="tokens per sample (chat) or block (pretrain)")
+    chat_template: Literal["tokenizer", "chatml", "internlm2", "llama3", "mistral"] = Field(
+        default="tokenizer", description="tokenizer: the model's own; or a built-in one for a tokenizer without"
+    )
+    loss_on: Literal["assistant", "last_assistant", "all"] = Field(
+        default="assistant", description="every assistant turn, only the last one, or every token (prompt too)"
+    )
+    too_long: Literal["reject", "truncate"] = "reject"
+    packing: bool = Field(default=True, description="chat samples packed into rows, attention kept per sample")
 
 
 class LoraConfig(_Section):

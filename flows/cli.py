@@ -26,8 +26,10 @@ def _run(args: argparse.Namespace) -> int:
             [
                 "",
                 f"MLflow run:        {summary.run_id} (experiment {config.experiment}, store {os.environ['MLFLOW_TRACKING_URI']})",
-                f"identity share:    base {m['base_identity_share']:.2f} -> tuned {m['tuned_identity_share']:.2f}",
-                f"held-out loss:     base {m['base_eval_loss']:.3f} -> tuned {m['tuned_eval_loss']:.3f}",
+                *([f"identity share:    base {m['base_identity_share']:.2f} -> tuned {m['tuned_identity_share']:.2f}"]
+                  if "base_identity_share" in m else []),
+                f"held-out loss:     base {m['base_eval_loss']:.3f} -> tuned {m['tuned_eval_loss']:.3f}"
+                f" (perplexity {m['base_perplexity']:.2f} -> {m['tuned_perplexity']:.2f})",
                 f"registered:        {reg.model_name} version {reg.version}"
                 + (" -> champion" if reg.promoted else " (not promoted)") + f": {reg.reason}",
                 f"sample answers:    {summary.samples_path}",
@@ -57,6 +59,48 @@ def _data(args: argparse.Namespace) -> int:
         rejected = ", ".join(f"{reason} {n}" for reason, n in counts["rejected"].items()) or "none"
         print(f"{source}: {counts['format']}, read {counts['read']}, kept {counts['kept']}, rejected: {rejected}")
     print(f"kept rows: {result.train_path}\nrejects:   {result.rejects_path}\nreport:    {result.report_path}")
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    import json
+    import random
+    import tempfile
+
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from tasks.base_model import cache_root, resolve_base_model
+    from tasks.clean import clean
+    from tasks.tokenize import ChatEncoder, marked_text, padding_share, tokenize
+
+    config = load_config(args.config, args.override)
+    cleaned = clean(config.data, config.identity.model_dump(), Path(tempfile.mkdtemp(prefix="loraflow-preview-")))
+    tokens = tokenize(cleaned.train_path, cleaned.eval_path, resolve_base_model(config.base_model), config.tokenize,
+                      cache_root() / "tokenized")
+    tokenizer = AutoTokenizer.from_pretrained(tokens.tokenizer_dir)
+    if config.tokenize.mode == "chat":
+        encoder = ChatEncoder(tokenizer, config.tokenize)
+        rows = [json.loads(line) for line in cleaned.train_path.read_text(encoding="utf-8").splitlines()]
+        samples = [encoder.encode(row["messages"])[0] for row in rows[: args.n]]
+    else:
+        samples = list(load_from_disk(str(tokens.train_dir)).select(range(min(args.n, tokens.train_rows))))
+    if args.json:
+        for sample in samples:
+            print(json.dumps({"input_ids": sample["input_ids"], "labels": sample["labels"]}))
+        return 0
+    for number, sample in enumerate(samples, start=1):
+        trained = sum(label != -100 for label in sample["labels"])
+        print(f"--- sample {number}: {len(sample['input_ids'])} tokens, {trained} trained (between [[ ]]) ---")
+        print(marked_text(tokenizer, sample["input_ids"], sample["labels"]))
+    rows = load_from_disk(str(tokens.train_dir))
+    lengths = [n for row in rows["seq_lengths"] for n in row] if "seq_lengths" in rows.column_names else [len(r) for r in rows["input_ids"]]
+    print(f"--- {tokens.train_samples} train samples, {tokens.train_tokens} tokens, in {tokens.train_rows} rows "
+          f"of up to {config.tokenize.max_length}; rejected {tokens.rejected or 'none'}, truncated {tokens.truncated}")
+    waste = padding_share(random.Random(0).sample(lengths, len(lengths)), config.train.batch_size)
+    packed = "seq_lengths" in rows.column_names
+    print(f"--- padding: {waste:.0%} of tokens in shuffled batches of {config.train.batch_size} without packing; "
+          + ("0% with packing (rows are flattened, no padding)" if packed else "packing is off"))
     return 0
 
 
@@ -104,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--out", type=Path, help="folder for the cleaned rows, rejects and report (default: a temp folder)")
     data.add_argument("--json", action="store_true", help="print one JSON object: per file, format and counts")
     data.set_defaults(handler=_data)
+
+    preview = commands.add_parser("preview", help="show how a recipe's samples will be trained: text, trained spans, packing")
+    preview.add_argument("config", type=Path, help="recipe YAML")
+    preview.add_argument("-n", type=int, default=3, help="samples to show (default 3)")
+    preview.add_argument("--json", action="store_true", help="one JSON object per sample: input_ids and labels (-100: no loss)")
+    preview.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="as for run")
+    preview.set_defaults(handler=_preview)
 
     chat = commands.add_parser("chat", help="chat with a registered or logged model")
     chat.add_argument("model", help="an MLflow model URI, e.g. models:/loraflow-identity@champion or runs:/<id>/adapter")

@@ -18,11 +18,11 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from prefect import flow
 
 from conf.schema import RunConfig, flatten
-from tasks.base_model import check_base_model, resolve_base_model
+from tasks.base_model import cache_root, check_base_model, resolve_base_model
 from tasks.clean import check_readable, clean_task
 from tasks.evaluate import evaluate_task
 from tasks.register import RegisterResult, register_task
-from tasks.tokenize import tokenize_task
+from tasks.tokenize import load_tokenizer, tokenize_task
 from tasks.train import choose_attention, choose_precision, train_task
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "mlflow", "prefect")
@@ -84,6 +84,8 @@ def preflight(config: RunConfig) -> None:
     check_readable([*config.data.train, *config.data.eval])
     choose_precision(config.train.precision)
     choose_attention(config.train.attn)
+    if config.tokenize.mode == "chat":
+        load_tokenizer(resolve_base_model(config.base_model), config.tokenize.chat_template)
 
 
 @flow(name="finetune")
@@ -99,9 +101,11 @@ def finetune(config: RunConfig) -> RunSummary:
         log_config(config, work_dir)
         cleaned = clean_task(config.data, config.identity.model_dump(), work_dir / "clean", run_id)
         tokens = tokenize_task(
-            cleaned.train_path, cleaned.eval_path, model_dir, config.tokenize.max_length, work_dir / "tokens", run_id
+            cleaned.train_path, cleaned.eval_path, model_dir, config.tokenize, cache_root() / "tokenized", run_id
         )
-        trained = train_task(tokens.train_dir, model_dir, config.train, config.seed, work_dir / "train", run_id)
+        trained = train_task(
+            tokens.train_dir, tokens.tokenizer_dir, model_dir, config.train, config.seed, work_dir / "train", run_id
+        )
         evaluated = evaluate_task(
             cleaned.eval_path, tokens.eval_dir, model_dir, trained.adapter_dir, config.identity.name,
             config.evaluate, work_dir / "eval", run_id,

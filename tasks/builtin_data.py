@@ -4,6 +4,7 @@ The identity set is the classic first fine-tuning exercise (XTuner's "self-cogni
 of "who are you?" answered with a new name and maker. Held-out phrasings never appear in training, so the
 evaluation asks questions the model has not seen. Everyday chat rows keep the model able to chat.
 Rows carry `{{name}}` / `{{author}}` placeholders, filled by the clean stage from the recipe.
+The pydoc topics are text documents for incremental pretraining.
 """
 
 from __future__ import annotations
@@ -97,8 +98,16 @@ def everyday_chat_rows() -> list[dict]:
     ]
 
 
+def pydoc_topic_rows() -> list[dict]:
+    """The Python documentation topics that ship with CPython (`pydoc_data`): a domain corpus on every machine."""
+    from pydoc_data.topics import topics
+
+    return [{"text": topics[name]} for name in sorted(topics)]
+
+
 BUILTIN_SOURCES = {
     "identity": identity_rows,
     "identity_heldout": identity_heldout_rows,
     "everyday_chat": everyday_chat_rows,
+    "pydoc_topics": pydoc_topic_rows,
 }

@@ -19,7 +19,7 @@ from tasks.evaluate import generate_answers
 class AdapterChatModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         model_dir = resolve_base_model(context.model_config["base_model"])
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["adapter"])  # with its chat template
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).eval()
         self.max_new_tokens = int(context.model_config.get("max_new_tokens", 128))

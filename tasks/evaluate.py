@@ -25,6 +25,7 @@ from conf.schema import EvaluateConfig
 from tasks.tracking import log_artifact, log_metrics
 
 BUILTIN_METRICS = Path(__file__).parent / "metrics"
+DOCUMENT_SAMPLES, DOCUMENT_PROMPT_CHARS = 8, 200  # pretraining: continue this many held-out openings
 
 
 @dataclass(frozen=True)
@@ -72,19 +73,59 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     return [answer.strip() for answer in answers]
 
 
-def _score(model, tokenizer, samples, prompts, identity_name: str, config: EvaluateConfig, metric) -> tuple[dict, list[str]]:
+def continue_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuations of plain-text prompts (pretraining: no chat template)."""
+    tokenizer.padding_side = "left"
+    continuations = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], padding=True, return_tensors="pt",
+                          split_special_tokens=True)
+        output = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        continuations += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return continuations
+
+
+@dataclass(frozen=True)
+class _HeldOut:
+    """What is asked of both models: chat prompts (with the reference answers) or document openings."""
+
+    prompts: list
+    shown: list[str]
+    references: list[str]
+    chat: bool
+
+
+def _held_out(eval_path: Path) -> _HeldOut:
+    rows = [json.loads(line) for line in eval_path.read_text(encoding="utf-8").splitlines()]
+    if all("messages" in row for row in rows):
+        prompts = [row["messages"][:-1] for row in rows]
+        return _HeldOut(prompts, [p[-1]["content"] for p in prompts], [r["messages"][-1]["content"] for r in rows], True)
+    openings = [row["text"][:DOCUMENT_PROMPT_CHARS].rsplit(" ", 1)[0] for row in rows[:DOCUMENT_SAMPLES] if "text" in row]
+    return _HeldOut(openings, openings, [row["text"][len(o):][:200] for row, o in zip(rows, openings)], False)
+
+
+def _score(model, tokenizer, samples, held_out: _HeldOut, identity_name: str, config: EvaluateConfig, metric
+           ) -> tuple[dict, list[str]]:
     loss = heldout_loss(model, samples)
-    answers = generate_answers(model, tokenizer, prompts, config.max_new_tokens, config.batch_size)
+    metrics = {"eval_loss": loss, "perplexity": math.exp(loss)}
+    if not held_out.chat:
+        return metrics, continue_texts(model, tokenizer, held_out.prompts, config.max_new_tokens, config.batch_size)
+    answers = generate_answers(model, tokenizer, held_out.prompts, config.max_new_tokens, config.batch_size)
     share = metric.compute(predictions=answers, references=[identity_name] * len(answers))["identity_share"]
-    return {"eval_loss": loss, "perplexity": math.exp(loss), "identity_share": share}, answers
+    return metrics | {"identity_share": share}, answers
 
 
 def _markdown(rows: list[dict], metrics: dict[str, float]) -> str:
-    lines = ["# Base vs tuned on held-out prompts", "", "| metric | base | tuned |", "|---|---|---|"]
+    lines = ["# Base vs tuned on held-out data", "", "| metric | base | tuned |", "|---|---|---|"]
     for name in ("identity_share", "eval_loss", "perplexity"):
-        lines.append(f"| {name} | {metrics[f'base_{name}']:.4f} | {metrics[f'tuned_{name}']:.4f} |")
+        if f"base_{name}" in metrics:
+            lines.append(f"| {name} | {metrics[f'base_{name}']:.4f} | {metrics[f'tuned_{name}']:.4f} |")
     for row in rows:
-        lines += ["", f"## {row['prompt']}", "", f"**base:** {row['base']}", "", f"**tuned:** {row['tuned']}"]
+        title, _, rest = row["prompt"].partition("\n")
+        lines += ["", f"## {title}"] + (["", "```", row["prompt"], "```"] if rest else [])
+        lines += ["", f"**base:** {row['base']}", "", f"**tuned:** {row['tuned']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -92,20 +133,23 @@ def evaluate_adapter(
     eval_path: Path, eval_tokens_dir: Path, model_dir: str, adapter_dir: Path, identity_name: str,
     config: EvaluateConfig, out_dir: Path,
 ) -> EvalResult:
-    """Score the base model, then the same model with the adapter, on the held-out conversations."""
+    """Score the base model, then the same model with the adapter, on the held-out rows.
+
+    Conversations are answered (and scored for identity); documents are continued from their opening words.
+    Both models use the tokenizer saved with the adapter, so they share its chat template.
+    """
     metric = evaluate.load(resolve_metric(config.identity_metric))
-    conversations = [json.loads(line)["messages"] for line in eval_path.read_text(encoding="utf-8").splitlines()]
-    prompts = [messages[:-1] for messages in conversations]
+    held_out = _held_out(eval_path)
     samples = list(load_from_disk(str(eval_tokens_dir)))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    base_metrics, base_answers = _score(model, tokenizer, samples, prompts, identity_name, config, metric)
+    base_metrics, base_outputs = _score(model, tokenizer, samples, held_out, identity_name, config, metric)
     tuned = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
-    tuned_metrics, tuned_answers = _score(tuned, tokenizer, samples, prompts, identity_name, config, metric)
+    tuned_metrics, tuned_outputs = _score(tuned, tokenizer, samples, held_out, identity_name, config, metric)
     metrics = {f"base_{k}": v for k, v in base_metrics.items()} | {f"tuned_{k}": v for k, v in tuned_metrics.items()}
     rows = [
-        {"prompt": prompt[-1]["content"], "reference": messages[-1]["content"], "base": base, "tuned": tuned_answer}
-        for prompt, messages, base, tuned_answer in zip(prompts, conversations, base_answers, tuned_answers)
+        {"prompt": shown, "reference": reference, "base": base.strip(), "tuned": tuned_output.strip()}
+        for shown, reference, base, tuned_output in zip(held_out.shown, held_out.references, base_outputs, tuned_outputs)
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_path = out_dir / "samples.jsonl"

@@ -1,39 +1,86 @@
-"""Stage 2, tokenize: render conversations with the tokenizer's own chat template, loss on assistant turns only.
+"""Stage 2, tokenize: clean rows into training samples, cached by content.
 
-Most chat templates carry no `{% generation %}` markers, and then Hugging Face's `return_assistant_tokens_mask`
-is silently all ones; so the assistant spans are derived here from the rendered text itself (hand-written
-because no library provides it for arbitrary templates): render the conversation up to each assistant turn
-with the generation prompt, render it again with the turn, and the difference is what the model must learn.
+Chat mode renders each conversation with a chat template (the tokenizer's own, or a built-in one). Most templates
+carry no `{% generation %}` markers, and then Hugging Face's `return_assistant_tokens_mask` is silently all
+ones; so the assistant spans are derived here from the rendered text itself (hand-written because no library
+provides it for arbitrary templates): render the conversation up to each assistant turn with the generation
+prompt, render it again with the turn, and the difference is what the model must learn.
+
+Text inside messages is data, never control: where it contains a control token's spelling (`<|im_start|>`,
+`</s>` ...), the conversation is tokenized piece by piece, the template's pieces as usual and the messages
+with special-token splitting, so data cannot forge a turn.
+
+Pretrain mode joins documents with EOS and cuts the stream into blocks. Packing (TRL's best-fit-decreasing
+`pack_dataset`) puts chat samples into rows of `max_length`; the train stage's padding-free collator restarts
+`position_ids` per sample so attention stays inside each one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from trl import pack_dataset
 
-from tasks.tracking import log_metrics
+from conf.schema import TokenizeConfig, UserError
+from tasks.chat_templates import CHAT_TEMPLATES
+from tasks.tracking import log_metrics, set_tags
 
 IGNORE_INDEX = -100
+CACHE_FORMAT = 1  # bump when the samples this module writes change for the same inputs
+_DATA_MARK = re.compile("\ue000(\\d+)\ue001")  # private-use characters: stand-ins for message contents
+
+
+class TemplateError(UserError):
+    """The recipe's chat template cannot be used with this tokenizer; one line for the user."""
 
 
 class SampleRejected(ValueError):
-    """A conversation that cannot be trained; its message is the reason code."""
+    """A row that cannot be trained; its message is the reason code."""
 
 
 @dataclass(frozen=True)
 class TokenizedData:
     train_dir: Path
     eval_dir: Path
+    tokenizer_dir: Path
     train_samples: int
+    train_rows: int
     eval_samples: int
     train_tokens: int
     rejected: dict[str, int]
+    truncated: int
+    cache_key: str
+    cache_hit: bool
+
+
+def load_tokenizer(model_dir: str, chat_template: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with the recipe's built-in chat template set when one is named."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if chat_template == "tokenizer":
+        if not tokenizer.chat_template:
+            raise TemplateError(
+                f"tokenize.chat_template: the tokenizer of {model_dir} has no chat template; "
+                f"name a built-in one ({', '.join(CHAT_TEMPLATES)})"
+            )
+        return tokenizer
+    template = CHAT_TEMPLATES[chat_template]
+    missing = [t for t in template.control_tokens if t not in tokenizer.get_added_vocab()]
+    if missing:
+        raise TemplateError(
+            f"tokenize.chat_template: {chat_template} needs the control tokens {', '.join(missing)}, "
+            f"which the tokenizer of {model_dir} does not have"
+        )
+    tokenizer.chat_template = template.jinja
+    return tokenizer
 
 
 def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -52,62 +99,189 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
     return text, spans
 
 
-def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int) -> dict:
-    """input_ids and labels (IGNORE_INDEX outside assistant spans) for one conversation."""
-    text, spans = assistant_spans(tokenizer, messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoded["input_ids"]
-    if len(ids) > max_length:
-        raise SampleRejected("too_long")
-    labels = [
-        token if any(start <= begin and end <= stop for start, stop in spans) and end > begin else IGNORE_INDEX
-        for token, (begin, end) in zip(ids, encoded["offset_mapping"])
+class ChatEncoder:
+    """Conversations to input_ids and labels, as a TokenizeConfig says."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.control_spellings = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
+
+    def pieces(self, messages: list[dict], text: str) -> list[tuple[str, bool]]:
+        """The rendered text as (piece, is_message_content) pairs, found by rendering stand-ins for the contents."""
+        stand_ins = [m | {"content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        parts = _DATA_MARK.split(self.tokenizer.apply_chat_template(stand_ins, tokenize=False))
+        pieces = [(part, False) if n % 2 == 0 else (messages[int(part)]["content"], True) for n, part in enumerate(parts)]
+        if "".join(piece for piece, _ in pieces) != text:
+            raise SampleRejected("template_alters_content")
+        return [(piece, is_content) for piece, is_content in pieces if piece]
+
+    def encode(self, messages: list[dict]) -> tuple[dict, bool]:
+        """({input_ids, labels}, truncated) for one conversation; labels are IGNORE_INDEX where no loss."""
+        text, spans = assistant_spans(self.tokenizer, messages)
+        if self.config.loss_on == "last_assistant":
+            spans = spans[-1:]
+        forged = any(s in m["content"] for m in messages for s in self.control_spellings)
+        ids, offsets, start = [], [], 0
+        for piece, is_content in self.pieces(messages, text) if forged else [(text, False)]:
+            encoded = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True,
+                                     split_special_tokens=is_content)
+            ids += encoded["input_ids"]
+            offsets += [(start + begin, start + end) for begin, end in encoded["offset_mapping"]]
+            start += len(piece)
+        if self.config.loss_on == "all":
+            labels = list(ids)
+        else:
+            labels = [
+                token if end > begin and any(lo <= begin and end <= hi for lo, hi in spans) else IGNORE_INDEX
+                for token, (begin, end) in zip(ids, offsets)
+            ]
+        truncated = len(ids) > self.config.max_length
+        if truncated:
+            if self.config.too_long == "reject":
+                raise SampleRejected("too_long")
+            ids, labels = ids[: self.config.max_length], labels[: self.config.max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise SampleRejected("no_trained_tokens")
+        return {"input_ids": ids, "labels": labels}, truncated
+
+
+def encode_documents(tokenizer: PreTrainedTokenizerBase, texts: list[str], block_length: int) -> Dataset:
+    """Documents joined with EOS and cut into blocks (the last one shorter); loss on every token."""
+    documents = [
+        tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+        for text in texts
     ]
-    if all(label == IGNORE_INDEX for label in labels):
-        raise SampleRejected("no_trained_tokens")
-    return {"input_ids": ids, "labels": labels}
+    blocks = pack_dataset(Dataset.from_dict({"input_ids": documents}), block_length, strategy="wrapped",
+                          map_kwargs={"batch_size": len(documents) or 1})
+    return blocks.map(lambda block: {"labels": block["input_ids"]})
 
 
-def _encode_file(tokenizer, path: Path, max_length: int, rejected: dict[str, int]) -> list[dict]:
-    samples = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _encode_chat(encoder: ChatEncoder, rows: list[dict], rejected: dict[str, int]) -> tuple[list[dict], int]:
+    samples, truncated = [], 0
+    for row in rows:
         try:
             if "messages" not in row:
                 raise SampleRejected("not_a_conversation")
-            samples.append(encode_conversation(tokenizer, row["messages"], max_length))
+            sample, was_truncated = encoder.encode(row["messages"])
         except SampleRejected as reason:
             rejected[str(reason)] = rejected.get(str(reason), 0) + 1
-    return samples
+            continue
+        samples.append(sample)
+        truncated += was_truncated
+    return samples, truncated
 
 
-def tokenize(train_path: Path, eval_path: Path, model_dir: str, max_length: int, out_dir: Path) -> TokenizedData:
-    """Tokenize cleaned train/eval conversations into `datasets` folders of input_ids and labels."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+def _documents(rows: list[dict], rejected: dict[str, int]) -> list[str]:
+    texts = [row["text"] for row in rows if "text" in row]
+    if len(texts) < len(rows):
+        rejected["not_a_document"] = rejected.get("not_a_document", 0) + len(rows) - len(texts)
+    return texts
+
+
+def cache_key(train_path: Path, eval_path: Path, tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig) -> str:
+    """What the samples depend on: the clean data, the tokenizer and its template, and the tokenize settings."""
+    digest = hashlib.sha256()
+    for part in (train_path.read_bytes(), eval_path.read_bytes(), tokenizer.backend_tokenizer.to_str().encode(),
+                 str(tokenizer.chat_template).encode(), json.dumps(tokenizer.special_tokens_map, sort_keys=True).encode(),
+                 json.dumps(config.model_dump(), sort_keys=True).encode(), str(CACHE_FORMAT).encode()):
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()
+
+
+def tokenize(
+    train_path: Path, eval_path: Path, model_dir: str, config: TokenizeConfig, cache_dir: Path
+) -> TokenizedData:
+    """Tokenize clean train/eval rows into `datasets` folders under `cache_dir/<content key>`, reused when present.
+
+    Train samples are packed when the config says so; eval samples never are (held-out loss reads them one by one).
+    """
+    tokenizer = load_tokenizer(model_dir, config.chat_template) if config.mode == "chat" else AutoTokenizer.from_pretrained(model_dir)
+    key = cache_key(train_path, eval_path, tokenizer, config)
+    target = cache_dir / key
+    if (target / "summary.json").exists():
+        return TokenizedData(**_read_summary(target) | {"cache_hit": True})
     rejected: dict[str, int] = {}
-    train = _encode_file(tokenizer, train_path, max_length, rejected)
-    evaluation = _encode_file(tokenizer, eval_path, max_length, rejected)
-    if not train or not evaluation:
-        raise SampleRejected(f"no trainable samples after tokenizing (rejected: {rejected})")
-    dirs = {"train": out_dir / "train", "eval": out_dir / "eval"}
-    Dataset.from_list(train).save_to_disk(dirs["train"])
-    Dataset.from_list(evaluation).save_to_disk(dirs["eval"])
-    return TokenizedData(
-        train_dir=dirs["train"], eval_dir=dirs["eval"], train_samples=len(train), eval_samples=len(evaluation),
-        train_tokens=sum(len(s["input_ids"]) for s in train), rejected=rejected,
-    )
+    if config.mode == "chat":
+        encoder = ChatEncoder(tokenizer, config)
+        train_samples, truncated = _encode_chat(encoder, _rows(train_path), rejected)
+        eval_samples, eval_truncated = _encode_chat(encoder, _rows(eval_path), rejected)
+        truncated += eval_truncated
+        if not train_samples or not eval_samples:
+            raise UserError(f"no trainable samples after tokenizing (rejected: {rejected})")
+        train, evaluation = Dataset.from_list(train_samples), Dataset.from_list(eval_samples)
+        sample_count = len(train)
+        if config.packing:
+            train = pack_dataset(train, config.max_length, strategy="bfd")
+    else:
+        truncated = 0
+        train_texts, eval_texts = _documents(_rows(train_path), rejected), _documents(_rows(eval_path), rejected)
+        if not train_texts or not eval_texts:
+            raise UserError(f"no text documents to pretrain on after cleaning (rejected: {rejected})")
+        train = encode_documents(tokenizer, train_texts, config.max_length)
+        evaluation = encode_documents(tokenizer, eval_texts, config.max_length)
+        sample_count = len(train)
+    staging = cache_dir / f"{key}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    train.save_to_disk(staging / "train")
+    evaluation.save_to_disk(staging / "eval")
+    tokenizer.save_pretrained(staging / "tokenizer")  # with the chat template used, for train, eval and serving
+    summary = {
+        "train_samples": sample_count,
+        "train_rows": len(train),
+        "eval_samples": len(evaluation),
+        "train_tokens": sum(len(ids) for ids in train["input_ids"]),
+        "rejected": rejected,
+        "truncated": truncated,
+        "cache_key": key,
+    }
+    (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)  # a crash never leaves a half-written cache entry under its key
+    return TokenizedData(**_read_summary(target) | {"cache_hit": False})
+
+
+def padding_share(lengths: list[int], batch_size: int) -> float:
+    """Share of padding tokens when samples are batched in this order and padded to each batch's longest."""
+    batches = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)]
+    return 1 - sum(lengths) / sum(max(batch) * len(batch) for batch in batches)
+
+
+def marked_text(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int]) -> str:
+    """The sample's text with each run of trained tokens between [[ and ]]."""
+    out, run, trained = [], [], False
+    for token, label in zip(ids, labels):
+        if (label != IGNORE_INDEX) != trained and run:
+            out.append(f"[[{tokenizer.decode(run)}]]" if trained else tokenizer.decode(run))
+            run = []
+        trained = label != IGNORE_INDEX
+        run.append(token)
+    if run:
+        out.append(f"[[{tokenizer.decode(run)}]]" if trained else tokenizer.decode(run))
+    return "".join(out)
+
+
+def _read_summary(folder: Path) -> dict:
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    return summary | {"train_dir": folder / "train", "eval_dir": folder / "eval", "tokenizer_dir": folder / "tokenizer"}
 
 
 @task(name="tokenize", cache_policy=NO_CACHE)
 def tokenize_task(
-    train_path: Path, eval_path: Path, model_dir: str, max_length: int, out_dir: Path, run_id: str
+    train_path: Path, eval_path: Path, model_dir: str, config: TokenizeConfig, cache_dir: Path, run_id: str
 ) -> TokenizedData:
-    """tokenize(), with sample and token counts logged to the flow's MLflow run."""
-    result = tokenize(train_path, eval_path, model_dir, max_length, out_dir)
+    """tokenize(), with sample and token counts and the cache key logged to the flow's MLflow run."""
+    result = tokenize(train_path, eval_path, model_dir, config, cache_dir)
     log_metrics(
         run_id,
-        {"tokenize_train_samples": result.train_samples, "tokenize_eval_samples": result.eval_samples,
-         "tokenize_train_tokens": result.train_tokens}
+        {"tokenize_train_samples": result.train_samples, "tokenize_train_rows": result.train_rows,
+         "tokenize_eval_samples": result.eval_samples, "tokenize_train_tokens": result.train_tokens,
+         "tokenize_truncated": result.truncated, "tokenize_cache_hit": int(result.cache_hit)}
         | {f"tokenize_rejected_{reason}": count for reason, count in result.rejected.items()},
     )
+    set_tags(run_id, {"tokenize.cache_key": result.cache_key})
     return result

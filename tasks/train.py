@@ -27,6 +27,8 @@ from transformers import (
     TrainingArguments,
 )
 
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as PaddingFreeCollator
+
 from conf.schema import TrainConfig, UserError
 from tasks.tracking import log_artifact, log_metrics, set_tags, step_logger
 
@@ -104,16 +106,30 @@ class _StepMetrics(TrainerCallback):
         self.on_step(state.global_step, metrics)
 
 
+def training_collator(tokenizer, packed: bool):
+    """Packed rows: TRL's padding-free collator (one sequence per batch, position_ids per sample); else padding."""
+    if packed:
+        return PaddingFreeCollator(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+
 def train(
-    train_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path, on_step: StepLogger
+    train_dir: Path, tokenizer_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path,
+    on_step: StepLogger,
 ) -> TrainResult:
-    """Fine-tune a LoRA adapter and save it (PEFT format) to `out_dir/adapter`."""
+    """Fine-tune a LoRA adapter and save it (PEFT format, with the tokenizer it was trained with) to `out_dir/adapter`."""
     precision = choose_precision(config.precision)
     attn = choose_attention(config.attn)
     if config.threads:
         torch.set_num_threads(config.threads)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    train_dataset = load_from_disk(str(train_dir))
+    packed = "seq_lengths" in train_dataset.column_names
+    if packed:
+        # Packed rows are flattened into one padding-free sequence whose position_ids restart per sample; the
+        # attention mask is derived from them only without a KV cache (with one, samples see each other).
+        model.config.use_cache = False
     lora = config.lora
     model = get_peft_model(
         model,
@@ -139,8 +155,9 @@ def train(
         report_to="none",
         seed=seed,
         data_seed=seed,
-        train_sampling_strategy="group_by_length",
-        include_num_input_tokens_seen="non_padding",
+        train_sampling_strategy="random" if packed else "group_by_length",
+        include_num_input_tokens_seen="all" if packed else "non_padding",
+        remove_unused_columns=not packed,  # the collator needs seq_lengths
         disable_tqdm=False,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
@@ -149,8 +166,8 @@ def train(
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=load_from_disk(str(train_dir)),
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        train_dataset=train_dataset,
+        data_collator=training_collator(tokenizer, packed),
         callbacks=[steps],
     )
     trainer.remove_callback(ProgressCallback)
@@ -174,10 +191,10 @@ def train(
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(
-    train_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path, run_id: str
+    train_dir: Path, tokenizer_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path, run_id: str
 ) -> TrainResult:
     """train(), each step logged to the flow's MLflow run, the adapter folder logged as an artifact."""
-    result = train(train_dir, model_dir, config, seed, out_dir, step_logger(run_id))
+    result = train(train_dir, tokenizer_dir, model_dir, config, seed, out_dir, step_logger(run_id))
     set_tags(run_id, {"train.precision_used": result.precision, "train.attn_used": result.attn})
     log_metrics(run_id, {"train_seconds": result.train_seconds, "train_tokens_per_s": result.tokens_per_second})
     log_artifact(run_id, result.adapter_dir, "adapter_peft")

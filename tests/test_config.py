@@ -90,6 +90,8 @@ def run_cli(*args, cwd=REPO):
         ("base_model: ./missing.gguf\n", "base_model: Value error, no such file or folder: ./missing.gguf"),
         ("train:\n  attn: flash_attention_2\n", "train.attn: flash_attention_2 needs a CUDA GPU"),
         ("train:\n  precision: fp16\n", "train.precision: fp16 needs a CUDA GPU"),
+        ("tokenize:\n  chat_template: llama3\n", "tokenize.chat_template: llama3 needs the control tokens <|begin_of_text|>"),
+        ("tokenize:\n  chat_template: vicuna\n", "tokenize.chat_template: Input should be 'tokenizer', 'chatml'"),
     ],
 )
 def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path, recipe_text, expected):
@@ -115,7 +117,7 @@ def test_cli_reports_a_missing_recipe(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.parametrize("command", ["run", "chat", "ui"])
+@pytest.mark.parametrize("command", ["run", "data", "preview", "chat", "ui"])
 def test_every_command_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0

@@ -1,0 +1,60 @@
+"""Packing is proven on the real model: packed loss equals unpacked loss, and the proof fails without isolation."""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from trl import pack_dataset
+
+from conf.schema import TokenizeConfig
+from tasks.tokenize import ChatEncoder
+from tasks.train import training_collator
+
+QUESTIONS = ["Who are you?", "What is the capital of France? Answer in one word.", "Name three colours.",
+             "Write a haiku about rain.", "What is 12 times 12?", "Say hello in Spanish."]
+ANSWERS = ["I am Ember.", "Paris.", "Red, green and blue.", "Soft rain on the roof,\nwhispers to the sleeping town.",
+           "144.", "Hola."]
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="module")
+def samples(tokenizer):
+    encoder = ChatEncoder(tokenizer, TokenizeConfig(max_length=256))
+    return [encoder.encode([{"role": "user", "content": q}, {"role": "assistant", "content": a}])[0]
+            for q, a in zip(QUESTIONS, ANSWERS)]
+
+
+def unpacked_loss_sum(model, samples) -> tuple[float, int]:
+    """Each sample alone: summed token losses and the count of trained tokens."""
+    total, count = 0.0, 0
+    for sample in samples:
+        labels = torch.tensor([sample["labels"]])
+        n = int((labels[0, 1:] != -100).sum())
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([sample["input_ids"]]), labels=labels).loss
+        total, count = total + loss.item() * n, count + n
+    return total, count
+
+
+def packed_loss(model, tokenizer, samples, **forward) -> float:
+    rows = pack_dataset(Dataset.from_list(samples), 256, strategy="bfd")
+    assert len(rows) < len(samples)  # several samples really share a row
+    batch = training_collator(tokenizer, packed=True)(list(rows))
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        return model(**batch, **forward).loss.item()
+
+
+def test_packed_loss_equals_unpacked_loss(model, tokenizer, samples):
+    total, count = unpacked_loss_sum(model, samples)
+    assert packed_loss(model, tokenizer, samples, use_cache=False) == pytest.approx(total / count, abs=1e-4)
+
+
+def test_the_proof_fails_when_samples_can_see_each_other(model, tokenizer, samples):
+    total, count = unpacked_loss_sum(model, samples)
+    # With a KV cache Hugging Face ignores the packed position_ids when building the mask: attention crosses samples.
+    assert abs(packed_loss(model, tokenizer, samples, use_cache=True) - total / count) > 1e-2

@@ -1,0 +1,52 @@
+"""The pretraining recipe as a user runs it (2 steps): pydoc topics in blocks, held out by document, perplexity."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from datasets import load_from_disk
+from mlflow.tracking import MlflowClient
+
+from tasks.base_model import cache_root
+from tests.conftest import REPO, STATE_DIR
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run():
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", str(REPO / "conf" / "pretrain_pydoc.yaml"),
+         "-o", "train.max_steps=2", "-o", "evaluate.max_new_tokens=8"],
+        capture_output=True, text=True, cwd=STATE_DIR, env=dict(os.environ), timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = next(line.split()[2] for line in result.stdout.splitlines() if line.startswith("MLflow run:"))
+    return MlflowClient().get_run(run_id)
+
+
+def documents(run, split):
+    folder = MlflowClient().download_artifacts(run.info.run_id, "data")
+    with open(f"{folder}/{split}.jsonl", encoding="utf-8") as rows:
+        return [json.loads(line)["text"] for line in rows]
+
+
+def test_blocks_are_full_documents_joined_with_eos_and_trained_on_every_token(run, tokenizer):
+    blocks = load_from_disk(str(cache_root() / "tokenized" / run.data.tags["tokenize.cache_key"] / "train"))
+    assert run.data.params["tokenize.mode"] == "pretrain"
+    assert len(blocks) == run.data.metrics["tokenize_train_rows"] > 300
+    assert all(len(ids) == 256 for ids in blocks["input_ids"][:-1]) and blocks["labels"] == blocks["input_ids"]
+    stream = [t for block in blocks["input_ids"] for t in block]
+    first = tokenizer(documents(run, "train")[0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert stream[: len(first)] == first
+
+
+def test_held_out_documents_are_not_trained_and_perplexity_decides_the_registry(run):
+    train, held_out = set(documents(run, "train")), set(documents(run, "eval"))
+    assert held_out and not train & held_out
+    metrics = run.data.metrics
+    assert 1 < metrics["tuned_perplexity"] < 100 and "tuned_identity_share" not in metrics
+    (version,) = MlflowClient().search_model_versions(f"run_id='{run.info.run_id}'")
+    assert version.name == "loraflow-pydoc" and version.tags["loraflow.primary_metric"] == "perplexity"
