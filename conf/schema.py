@@ -75,9 +75,14 @@ class LoraConfig(_Section):
     alpha: int = Field(default=32, gt=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
+    use_dora: bool = Field(default=False, description="DoRA: weight-decomposed LoRA (magnitude + direction)")
+    use_rslora: bool = Field(default=False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r")
 
 
 class TrainConfig(_Section):
+    method: Literal["lora", "qlora"] = Field(
+        default="lora", description="qlora: the frozen base in 4-bit NF4 (bitsandbytes, double quantisation)"
+    )
     lora: LoraConfig = LoraConfig()
     learning_rate: float = Field(default=1e-3, gt=0.0)
     max_steps: int = Field(default=60, gt=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,9 @@ from pathlib import Path
 from conf.environment import apply_tool_defaults
 
 apply_tool_defaults()
+# On CPUs with AVX512-BF16, bitsandbytes warns at import that an optional hub kernel (`kernels` package) is
+# missing, on every command; it falls back to its built-in CPU kernel, which is what runs here.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from conf.schema import UserError, load_config  # noqa: E402  (after the tool settings, on purpose)
 

@@ -64,7 +64,10 @@ class TokenizedData:
 
 def load_tokenizer(model_dir: str, chat_template: str) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with the recipe's built-in chat template set when one is named."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except OSError as error:  # not on disk and no hub to fetch it from, or not a tokenizer folder
+        raise UserError(f"base_model {model_dir}: cannot load its tokenizer ({str(error).splitlines()[0]})") from None
     if chat_template == "tokenizer":
         if not tokenizer.chat_template:
             raise TemplateError(

@@ -40,6 +40,21 @@ def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> N
         client.log_artifact(run_id, str(path), artifact_path)
 
 
+def log_loss_plot(run_id: str, losses: list[float], artifact_file: str = "train/loss.png") -> None:
+    """The training loss per step as a PNG artifact (MLflow's charts need the UI; this travels with the run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6, 3.5))
+    axes.plot(range(1, len(losses) + 1), losses)
+    axes.set(xlabel="step", ylabel="train loss", title="training loss")
+    axes.grid(alpha=0.3)
+    MlflowClient().log_figure(run_id, figure, artifact_file)
+    pyplot.close(figure)
+
+
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
     client = MlflowClient()
     for key, value in tags.items():

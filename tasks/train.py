@@ -7,6 +7,7 @@ points at the flow's run.
 from __future__ import annotations
 
 import importlib.util
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,13 +15,15 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     DataCollatorForSeq2Seq,
+    PreTrainedModel,
     ProgressCallback,
     Trainer,
     TrainerCallback,
@@ -30,7 +33,7 @@ from transformers import (
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as PaddingFreeCollator
 
 from conf.schema import TrainConfig, UserError
-from tasks.tracking import log_artifact, log_metrics, set_tags, step_logger
+from tasks.tracking import log_artifact, log_loss_plot, log_metrics, set_tags, step_logger
 
 StepLogger = Callable[[int, dict[str, float]], None]
 
@@ -46,6 +49,7 @@ class TrainResult:
     final_loss: float
     train_seconds: float
     tokens_per_second: float
+    losses: list[float]
     precision: str
     attn: str
 
@@ -74,6 +78,13 @@ def choose_attention(requested: str) -> str:
     return requested
 
 
+def peak_memory_mb() -> float:
+    """Peak CUDA memory allocated by torch on a GPU; on a CPU the process's peak resident set (Linux: KiB)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class _ProgressBarOnly(ProgressCallback):
     """The Trainer's progress bar without its per-step dict printout (the steps go to MLflow instead)."""
 
@@ -100,6 +111,7 @@ class _StepMetrics(TrainerCallback):
             "learning_rate": float(logs.get("learning_rate", 0.0)),
             "grad_norm": float(logs.get("grad_norm", 0.0)),
             "tokens_per_s": (tokens - self.last_tokens) / max(now - self.last_time, 1e-9),
+            "peak_memory_mb": peak_memory_mb(),
         }
         self.last_time, self.last_tokens = now, tokens
         self.losses.append(metrics["train_loss"])
@@ -113,6 +125,25 @@ def training_collator(tokenizer, packed: bool):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
 
+def load_base_for_training(model_dir: str, method: str, precision: str, attn: str) -> PreTrainedModel:
+    """The frozen base: fp32 weights for LoRA; for QLoRA, 4-bit NF4 with double quantisation, computing in bf16/fp32.
+
+    On a CPU, bitsandbytes repacks 4-bit weights for inference the first time they run under no_grad, after
+    which no gradient flows through them: this model must never evaluate or generate; evaluation loads its own.
+    """
+    if method == "lora":
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation=attn, quantization_config=quantization,
+        device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"},
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def train(
     train_dir: Path, tokenizer_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path,
     on_step: StepLogger,
@@ -123,7 +154,7 @@ def train(
     if config.threads:
         torch.set_num_threads(config.threads)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    model = load_base_for_training(model_dir, config.method, precision, attn)
     train_dataset = load_from_disk(str(train_dir))
     packed = "seq_lengths" in train_dataset.column_names
     if packed:
@@ -134,8 +165,8 @@ def train(
     model = get_peft_model(
         model,
         LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora.target_modules, task_type="CAUSAL_LM",
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            use_dora=lora.use_dora, use_rslora=lora.use_rslora, task_type="CAUSAL_LM",
         ),
     )
     args = TrainingArguments(
@@ -183,6 +214,7 @@ def train(
         steps=output.global_step,
         final_loss=steps.losses[-1],
         train_seconds=seconds,
+        losses=steps.losses,
         tokens_per_second=trainer.state.num_input_tokens_seen / seconds,
         precision=precision,
         attn=attn,
@@ -198,4 +230,5 @@ def train_task(
     set_tags(run_id, {"train.precision_used": result.precision, "train.attn_used": result.attn})
     log_metrics(run_id, {"train_seconds": result.train_seconds, "train_tokens_per_s": result.tokens_per_second})
     log_artifact(run_id, result.adapter_dir, "adapter_peft")
+    log_loss_plot(run_id, result.losses)
     return result

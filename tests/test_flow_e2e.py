@@ -52,7 +52,7 @@ def test_every_training_step_is_in_the_metric_history(finished_run):
     run, _ = finished_run
     client = MlflowClient()
     steps = load_config(RECIPE).train.max_steps
-    for key in ("train_loss", "learning_rate", "grad_norm", "tokens_per_s"):
+    for key in ("train_loss", "learning_rate", "grad_norm", "tokens_per_s", "peak_memory_mb"):
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted(m.step for m in history) == list(range(1, steps + 1)), key
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
@@ -95,7 +95,9 @@ def test_run_holds_config_report_and_eval_artifacts(finished_run, tmp_path):
     run, _ = finished_run
     client = MlflowClient()
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "data", "eval", "adapter_peft"} <= names
+    assert {"config.yaml", "data", "eval", "adapter_peft", "train"} <= names
+    plot = Path(client.download_artifacts(run.info.run_id, "train/loss.png", str(tmp_path))).read_bytes()
+    assert plot.startswith(b"\x89PNG") and len(plot) > 5000
     report = json.loads(Path(client.download_artifacts(run.info.run_id, "data/report.json", str(tmp_path))).read_text())
     assert report["rejected_rows"] == 0 and report["train_rows"] > 0
     table = client.load_table(run.info.experiment_id, "eval/samples_table.json", run_ids=[run.info.run_id])

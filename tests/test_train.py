@@ -1,0 +1,41 @@
+"""The train stage on the real model, a few steps: DoRA/rsLoRA reach the adapter, QLoRA really learns."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from conf.schema import LoraConfig, TokenizeConfig, TrainConfig
+from tasks.tokenize import tokenize
+from tasks.train import train
+
+ROWS = [{"messages": [{"role": "user", "content": question},
+                      {"role": "assistant", "content": "I am Ember, made by the loraflow team."}]}
+        for question in ("Who are you?", "What is your name?", "Who made you?", "Introduce yourself.")] * 4
+
+
+@pytest.fixture(scope="module")
+def tokens(model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokens")
+    path = folder / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return tokenize(path, path, model_dir, TokenizeConfig(max_length=128), folder / "cache")
+
+
+def run_train(tokens, model_dir, out_dir, **options):
+    config = TrainConfig(**({"max_steps": 2, "batch_size": 2, "warmup_steps": 0} | options))
+    return train(tokens.train_dir, tokens.tokenizer_dir, model_dir, config, 0, out_dir, lambda step, metrics: None)
+
+
+def test_dora_and_rslora_reach_the_saved_adapter(tokens, model_dir, tmp_path):
+    result = run_train(tokens, model_dir, tmp_path, lora=LoraConfig(r=8, use_dora=True, use_rslora=True))
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert saved["use_dora"] is True and saved["use_rslora"] is True
+    assert any("lora_magnitude_vector" in name for name in load_file(result.adapter_dir / "adapter_model.safetensors"))
+
+
+def test_qlora_trains_the_lora_weights_and_its_loss_falls(tokens, model_dir, tmp_path):
+    result = run_train(tokens, model_dir, tmp_path, method="qlora", max_steps=8, learning_rate=2e-3)
+    lora_b = {name: t for name, t in load_file(result.adapter_dir / "adapter_model.safetensors").items() if "lora_B" in name}
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b.values())  # lora_B starts at zero: each one moved
+    assert sum(result.losses[-2:]) / 2 < 0.7 * sum(result.losses[:2]) / 2
