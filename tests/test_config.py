@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from conf.schema import ConfigError, RunConfig, flatten, load_config
+from flows.cli import main
 from tests.conftest import REPO
 
 DEFAULT_RECIPE = REPO / "conf" / "identity_sft.yaml"
@@ -94,19 +95,35 @@ def run_cli(*args, cwd=REPO):
         ("tokenize:\n  chat_template: vicuna\n", "tokenize.chat_template: Input should be 'tokenizer', 'chatml'"),
     ],
 )
-def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path, recipe_text, expected):
+def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path, monkeypatch, capsys, model_dir, recipe_text,
+                                                             expected):
+    """In process (the command's own `main`), so the heavy imports are paid once; the next test runs the real process.
+
+    `model_dir` converts the base model first, so its progress bars are not part of what the command prints.
+    """
     (tmp_path / "rows.csv").write_text("a,b\n")
     (tmp_path / "broken.json").write_text("[{")
     (tmp_path / "object.json").write_text('{"messages": []}')
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "empty_folder").mkdir()
     recipe = write(tmp_path, recipe_text)
-    result = run_cli("run", str(recipe), cwd=tmp_path)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = result.stderr.strip().splitlines()
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(recipe)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("loraflow: error: ")
-    assert expected in lines[0]
+    assert expected in lines[0] and "Traceback" not in captured.out + captured.err
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_the_command_itself_exits_2_with_one_line_and_no_traceback(tmp_path):
+    recipe = write(tmp_path, "train:\n  attn: flash_attention_2\n")
+    result = run_cli("run", str(recipe), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip().splitlines() == [
+        "loraflow: error: train.attn: flash_attention_2 needs a CUDA GPU and the flash-attn package "
+        "(pip install '.[gpu]'); use attn: sdpa or auto"
+    ]
     assert not (tmp_path / "outputs").exists()
 
 
