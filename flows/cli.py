@@ -70,25 +70,27 @@ def _preview(args: argparse.Namespace) -> int:
     import json
     import random
     import tempfile
+    from itertools import islice
 
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
     from tasks.base_model import cache_root, resolve_base_model
     from tasks.clean import clean
-    from tasks.tokenize import ChatEncoder, marked_text, padding_share, tokenize
+    from tasks.tokenize import ChatEncoder, encode_chat_rows, marked_text, padding_share, tokenize
 
     config = load_config(args.config, args.override)
     cleaned = clean(config.data, config.identity.model_dump(), Path(tempfile.mkdtemp(prefix="loraflow-preview-")))
     tokens = tokenize(cleaned.train_path, cleaned.eval_path, resolve_base_model(config.base_model), config.tokenize,
                       cache_root() / "tokenized")
     tokenizer = AutoTokenizer.from_pretrained(tokens.tokenizer_dir)
+    train_rows = load_from_disk(str(tokens.train_dir))
     if config.tokenize.mode == "chat":
-        encoder = ChatEncoder(tokenizer, config.tokenize)
-        rows = [json.loads(line) for line in cleaned.train_path.read_text(encoding="utf-8").splitlines()]
-        samples = [encoder.encode(row["messages"])[0] for row in rows[: args.n]]
+        clean_rows = (json.loads(line) for line in cleaned.train_path.read_text(encoding="utf-8").splitlines())
+        encoded = encode_chat_rows(ChatEncoder(tokenizer, config.tokenize), clean_rows, {})
+        samples = [sample for sample, _ in islice(encoded, args.n)]
     else:
-        samples = list(load_from_disk(str(tokens.train_dir)).select(range(min(args.n, tokens.train_rows))))
+        samples = list(train_rows.select(range(min(args.n, tokens.train_rows))))
     if args.json:
         for sample in samples:
             print(json.dumps({"input_ids": sample["input_ids"], "labels": sample["labels"]}))
@@ -97,12 +99,11 @@ def _preview(args: argparse.Namespace) -> int:
         trained = sum(label != -100 for label in sample["labels"])
         print(f"--- sample {number}: {len(sample['input_ids'])} tokens, {trained} trained (between [[ ]]) ---")
         print(marked_text(tokenizer, sample["input_ids"], sample["labels"]))
-    rows = load_from_disk(str(tokens.train_dir))
-    lengths = [n for row in rows["seq_lengths"] for n in row] if "seq_lengths" in rows.column_names else [len(r) for r in rows["input_ids"]]
+    packed = "seq_lengths" in train_rows.column_names
+    lengths = [n for row in train_rows["seq_lengths"] for n in row] if packed else [len(r) for r in train_rows["input_ids"]]
     print(f"--- {tokens.train_samples} train samples, {tokens.train_tokens} tokens, in {tokens.train_rows} rows "
           f"of up to {config.tokenize.max_length}; rejected {tokens.rejected or 'none'}, truncated {tokens.truncated}")
     waste = padding_share(random.Random(0).sample(lengths, len(lengths)), config.train.batch_size)
-    packed = "seq_lengths" in rows.column_names
     print(f"--- padding: {waste:.0%} of tokens in shuffled batches of {config.train.batch_size} without packing; "
           + ("0% with packing (rows are flattened, no padding)" if packed else "packing is off"))
     return 0

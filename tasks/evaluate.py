@@ -102,8 +102,10 @@ def _held_out(eval_path: Path) -> _HeldOut:
     if all("messages" in row for row in rows):
         prompts = [row["messages"][:-1] for row in rows]
         return _HeldOut(prompts, [p[-1]["content"] for p in prompts], [r["messages"][-1]["content"] for r in rows], True)
-    openings = [row["text"][:DOCUMENT_PROMPT_CHARS].rsplit(" ", 1)[0] for row in rows[:DOCUMENT_SAMPLES] if "text" in row]
-    return _HeldOut(openings, openings, [row["text"][len(o):][:200] for row, o in zip(rows, openings)], False)
+    documents = [row["text"] for row in rows if "text" in row][:DOCUMENT_SAMPLES]
+    openings = [document[:DOCUMENT_PROMPT_CHARS].rsplit(" ", 1)[0] for document in documents]
+    references = [document[len(opening) :][:DOCUMENT_PROMPT_CHARS] for document, opening in zip(documents, openings)]
+    return _HeldOut(openings, openings, references, False)
 
 
 def _score(model, tokenizer, samples, held_out: _HeldOut, identity_name: str, config: EvaluateConfig, metric

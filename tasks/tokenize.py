@@ -21,7 +21,9 @@ import hashlib
 import json
 import re
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 from datasets import Dataset, load_from_disk
@@ -164,19 +166,17 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _encode_chat(encoder: ChatEncoder, rows: list[dict], rejected: dict[str, int]) -> tuple[list[dict], int]:
-    samples, truncated = [], 0
+def encode_chat_rows(encoder: ChatEncoder, rows: Iterable[dict], rejected: dict[str, int]) -> Iterator[tuple[dict, bool]]:
+    """(sample, truncated) for each row that encodes; each one that does not is counted in `rejected` by reason."""
     for row in rows:
         try:
             if "messages" not in row:
                 raise SampleRejected("not_a_conversation")
-            sample, was_truncated = encoder.encode(row["messages"])
+            encoded = encoder.encode(row["messages"])
         except SampleRejected as reason:
             rejected[str(reason)] = rejected.get(str(reason), 0) + 1
             continue
-        samples.append(sample)
-        truncated += was_truncated
-    return samples, truncated
+        yield encoded
 
 
 def _documents(rows: list[dict], rejected: dict[str, int]) -> list[str]:
@@ -211,15 +211,13 @@ def tokenize(
     rejected: dict[str, int] = {}
     if config.mode == "chat":
         encoder = ChatEncoder(tokenizer, config)
-        train_samples, truncated = _encode_chat(encoder, _rows(train_path), rejected)
-        eval_samples, eval_truncated = _encode_chat(encoder, _rows(eval_path), rejected)
-        truncated += eval_truncated
-        if not train_samples or not eval_samples:
+        train_encoded = list(encode_chat_rows(encoder, _rows(train_path), rejected))
+        eval_encoded = list(encode_chat_rows(encoder, _rows(eval_path), rejected))
+        if not train_encoded or not eval_encoded:
             raise UserError(f"no trainable samples after tokenizing (rejected: {rejected})")
-        train, evaluation = Dataset.from_list(train_samples), Dataset.from_list(eval_samples)
-        sample_count = len(train)
-        if config.packing:
-            train = pack_dataset(train, config.max_length, strategy="bfd")
+        truncated = sum(was_truncated for _, was_truncated in train_encoded + eval_encoded)
+        train = Dataset.from_list([sample for sample, _ in train_encoded])
+        evaluation = Dataset.from_list([sample for sample, _ in eval_encoded])
     else:
         truncated = 0
         train_texts, eval_texts = _documents(_rows(train_path), rejected), _documents(_rows(eval_path), rejected)
@@ -227,7 +225,9 @@ def tokenize(
             raise UserError(f"no text documents to pretrain on after cleaning (rejected: {rejected})")
         train = encode_documents(tokenizer, train_texts, config.max_length)
         evaluation = encode_documents(tokenizer, eval_texts, config.max_length)
-        sample_count = len(train)
+    sample_count = len(train)
+    if config.mode == "chat" and config.packing:
+        train = pack_dataset(train, config.max_length, strategy="bfd")
     staging = cache_dir / f"{key}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     train.save_to_disk(staging / "train")
@@ -256,15 +256,10 @@ def padding_share(lengths: list[int], batch_size: int) -> float:
 
 def marked_text(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int]) -> str:
     """The sample's text with each run of trained tokens between [[ and ]]."""
-    out, run, trained = [], [], False
-    for token, label in zip(ids, labels):
-        if (label != IGNORE_INDEX) != trained and run:
-            out.append(f"[[{tokenizer.decode(run)}]]" if trained else tokenizer.decode(run))
-            run = []
-        trained = label != IGNORE_INDEX
-        run.append(token)
-    if run:
-        out.append(f"[[{tokenizer.decode(run)}]]" if trained else tokenizer.decode(run))
+    out = []
+    for trained, run in groupby(zip(ids, labels), key=lambda pair: pair[1] != IGNORE_INDEX):
+        text = tokenizer.decode([token for token, _ in run])
+        out.append(f"[[{text}]]" if trained else text)
     return "".join(out)
 
 

@@ -46,12 +46,15 @@ class TrainSetupError(UserError):
 class TrainResult:
     adapter_dir: Path
     steps: int
-    final_loss: float
     train_seconds: float
     tokens_per_second: float
     losses: list[float]
     precision: str
     attn: str
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1]
 
 
 def choose_precision(requested: str) -> str:
@@ -212,7 +215,6 @@ def train(
     return TrainResult(
         adapter_dir=adapter_dir,
         steps=output.global_step,
-        final_loss=steps.losses[-1],
         train_seconds=seconds,
         losses=steps.losses,
         tokens_per_second=trainer.state.num_input_tokens_seen / seconds,
