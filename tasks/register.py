@@ -1,7 +1,8 @@
 """Stage 5, register: the adapter as an MLflow model version, and the `champion` alias only when it earns it.
 
-The adapter is logged as a pyfunc model (tasks/chat_model.py) holding the PEFT adapter folder and the base
-model reference, so `mlflow.pyfunc.load_model("models:/<name>@champion")` loads base + adapter and generates.
+The adapter is logged as a pyfunc model (tasks/chat_model.py) holding the PEFT adapter folder (or, after full
+training, the whole model folder) and the base model reference, so
+`mlflow.pyfunc.load_model("models:/<name>@champion")` loads the tuned model and generates.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import RegistryConfig
+from tasks.base_model import is_adapter
 from tasks.tracking import attached_run, set_tags
 
 CHAT_MODEL_CODE = Path(__file__).with_name("chat_model.py")
@@ -65,17 +67,17 @@ def _champion_value(client: MlflowClient, name: str) -> float | None:
 
 
 def register(
-    run_id: str, adapter_dir: Path, base_model: str, metrics: dict[str, float], tags: dict[str, str],
-    config: RegistryConfig,
+    run_id: str, weights_dir: Path, base_model: str, metrics: dict[str, float], tags: dict[str, str],
+    config: RegistryConfig, trust_remote_code: bool = False,
 ) -> RegisterResult:
-    """Log the adapter as a model of `run_id`, register it, and move `champion` if the promotion rule holds."""
+    """Log the tuned weights as a model of `run_id`, register it, and move `champion` if the promotion rule holds."""
     client = MlflowClient()
     with attached_run(run_id):
         info = mlflow.pyfunc.log_model(
-            name="adapter",
+            name="adapter" if is_adapter(weights_dir) else "model",
             python_model=CHAT_MODEL_CODE,
-            artifacts={"adapter": str(adapter_dir)},
-            model_config={"base_model": base_model, "max_new_tokens": 128},
+            artifacts={"weights": str(weights_dir)},
+            model_config={"base_model": base_model, "max_new_tokens": 128, "trust_remote_code": trust_remote_code},
             pip_requirements=_requirements(),
         )
     candidate = metrics[f"tuned_{config.primary_metric}"]
@@ -101,11 +103,11 @@ def _requirements() -> list[str]:
 
 @task(name="register", cache_policy=NO_CACHE)
 def register_task(
-    run_id: str, adapter_dir: Path, base_model: str, metrics: dict[str, float], tags: dict[str, str],
-    config: RegistryConfig,
+    run_id: str, weights_dir: Path, base_model: str, metrics: dict[str, float], tags: dict[str, str],
+    config: RegistryConfig, trust_remote_code: bool = False,
 ) -> RegisterResult:
     """register(), recording the outcome on the run as well as on the model version."""
-    result = register(run_id, adapter_dir, base_model, metrics, tags, config)
+    result = register(run_id, weights_dir, base_model, metrics, tags, config, trust_remote_code)
     set_tags(run_id, {"registered_model": f"{result.model_name}/{result.version}",
                       "promotion": result.reason})
     return result

@@ -64,12 +64,14 @@ class TokenizedData:
     cache_hit: bool
 
 
-def load_tokenizer(model_dir: str, chat_template: str) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, with the recipe's built-in chat template set when one is named."""
+def load_tokenizer(model_dir: str, chat_template: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with the recipe's built-in chat template set when one is named ("none": as it is)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except OSError as error:  # not on disk and no hub to fetch it from, or not a tokenizer folder
         raise UserError(f"base_model {model_dir}: cannot load its tokenizer ({str(error).splitlines()[0]})") from None
+    if chat_template == "none":
+        return tokenizer
     if chat_template == "tokenizer":
         if not tokenizer.chat_template:
             raise TemplateError(
@@ -197,13 +199,14 @@ def cache_key(train_path: Path, eval_path: Path, tokenizer: PreTrainedTokenizerB
 
 
 def tokenize(
-    train_path: Path, eval_path: Path, model_dir: str, config: TokenizeConfig, cache_dir: Path
+    train_path: Path, eval_path: Path, model_dir: str, config: TokenizeConfig, cache_dir: Path,
+    trust_remote_code: bool = False,
 ) -> TokenizedData:
     """Tokenize clean train/eval rows into `datasets` folders under `cache_dir/<content key>`, reused when present.
 
     Train samples are packed when the config says so; eval samples never are (held-out loss reads them one by one).
     """
-    tokenizer = load_tokenizer(model_dir, config.chat_template) if config.mode == "chat" else AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir, config.chat_template if config.mode == "chat" else "none", trust_remote_code)
     key = cache_key(train_path, eval_path, tokenizer, config)
     target = cache_dir / key
     if (target / "summary.json").exists():
@@ -270,10 +273,11 @@ def _read_summary(folder: Path) -> dict:
 
 @task(name="tokenize", cache_policy=NO_CACHE)
 def tokenize_task(
-    train_path: Path, eval_path: Path, model_dir: str, config: TokenizeConfig, cache_dir: Path, run_id: str
+    train_path: Path, eval_path: Path, model_dir: str, config: TokenizeConfig, cache_dir: Path, run_id: str,
+    trust_remote_code: bool = False,
 ) -> TokenizedData:
     """tokenize(), with sample and token counts and the cache key logged to the flow's MLflow run."""
-    result = tokenize(train_path, eval_path, model_dir, config, cache_dir)
+    result = tokenize(train_path, eval_path, model_dir, config, cache_dir, trust_remote_code)
     log_metrics(
         run_id,
         {"tokenize_train_samples": result.train_samples, "tokenize_train_rows": result.train_rows,

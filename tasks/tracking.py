@@ -16,11 +16,21 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 
+STEP_METRIC = "train_loss"
+
+
 def step_logger(run_id: str) -> Callable[[int, dict[str, float]], None]:
-    """A train-stage callback that logs one step's metrics to the run."""
+    """A train-stage callback that logs one step's metrics to the run.
+
+    A resumed run repeats the steps between its last checkpoint and the cut; those are already logged, so
+    steps up to the last one logged are skipped and no step appears twice.
+    """
     client = MlflowClient()
+    last_logged = max((metric.step for metric in client.get_metric_history(run_id, STEP_METRIC)), default=0)
 
     def log(step: int, metrics: dict[str, float]) -> None:
+        if step <= last_logged:
+            return
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in metrics.items()])
 
@@ -28,8 +38,13 @@ def step_logger(run_id: str) -> Callable[[int, dict[str, float]], None]:
 
 
 def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    """A stage's summary metrics; a resumed run keeps the ones it already has rather than logging them twice."""
+    client = MlflowClient()
+    logged = client.get_run(run_id).data.metrics
     now = int(time.time() * 1000)
-    MlflowClient().log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+    fresh = [Metric(key, float(value), now, 0) for key, value in metrics.items() if key not in logged]
+    if fresh:
+        client.log_batch(run_id, metrics=fresh)
 
 
 def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
@@ -40,15 +55,19 @@ def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> N
         client.log_artifact(run_id, str(path), artifact_path)
 
 
-def log_loss_plot(run_id: str, losses: list[float], artifact_file: str = "train/loss.png") -> None:
-    """The training loss per step as a PNG artifact (MLflow's charts need the UI; this travels with the run)."""
+def log_loss_plot(run_id: str, artifact_file: str = "train/loss.png") -> None:
+    """The run's logged training loss per step (all of it, across resumes) as a PNG artifact.
+
+    MLflow's own charts need the UI; this picture travels with the run.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(6, 3.5))
-    axes.plot(range(1, len(losses) + 1), losses)
+    history = sorted(MlflowClient().get_metric_history(run_id, STEP_METRIC), key=lambda metric: metric.step)
+    axes.plot([metric.step for metric in history], [metric.value for metric in history])
     axes.set(xlabel="step", ylabel="train loss", title="training loss")
     axes.grid(alpha=0.3)
     MlflowClient().log_figure(run_id, figure, artifact_file)

@@ -1,15 +1,26 @@
-"""Stage 3, train: a PEFT LoRA adapter on the tokenized data, through the Hugging Face Trainer.
+"""Stage 3, train: a PEFT LoRA adapter (or, for small models, every weight) through the Hugging Face Trainer.
 
 The stage knows nothing of MLflow: each logged step goes to the `on_step` callback, which the Prefect task
-points at the flow's run.
+points at the flow's run. Checkpoints land in `out_dir/checkpoints` every `checkpoint_every` steps; a run cut
+off (SIGTERM, or killed outright) resumes from the newest complete one. With DeepSpeed or several processes the
+task launches `torchrun` workers (tasks/train_worker.py) attached to the same run; only rank 0 logs and saves.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib.util
+import json
+import os
 import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +39,7 @@ from transformers import (
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    set_seed,
 )
 
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as PaddingFreeCollator
@@ -37,24 +49,34 @@ from tasks.tracking import log_artifact, log_loss_plot, log_metrics, set_tags, s
 
 StepLogger = Callable[[int, dict[str, float]], None]
 
+# Set by a SIGTERM handler (stop_on_sigterm); the Trainer checks it after every step, saves a checkpoint, stops.
+STOP_REQUESTED = threading.Event()
+
 
 class TrainSetupError(UserError):
     """The recipe asks for something this machine cannot do; one line for the user."""
 
 
+class TrainingStopped(Exception):
+    """Training stopped on request (SIGTERM) after saving a checkpoint; the run can be resumed from it."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"training stopped at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
 @dataclass(frozen=True)
 class TrainResult:
-    adapter_dir: Path
+    """What training produced. `weights_dir` is a PEFT adapter folder, or a whole model folder for method full;
+    either holds the tokenizer it was trained with. `losses` are the steps this process ran (a resume runs fewer)."""
+
+    weights_dir: Path
     steps: int
     train_seconds: float
     tokens_per_second: float
     losses: list[float]
     precision: str
     attn: str
-
-    @property
-    def final_loss(self) -> float:
-        return self.losses[-1]
 
 
 def choose_precision(requested: str) -> str:
@@ -101,8 +123,17 @@ class _StepMetrics(TrainerCallback):
     def __init__(self, on_step: StepLogger):
         self.on_step = on_step
         self.last_time = time.perf_counter()
-        self.last_tokens = 0
+        self.first_tokens = self.last_tokens = 0
         self.losses: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed Trainer starts from the checkpoint's token count; this process's speed counts from here.
+        self.first_tokens = self.last_tokens = int(state.num_input_tokens_seen)
+        self.last_time = time.perf_counter()
+
+    @property
+    def tokens(self) -> int:
+        return self.last_tokens - self.first_tokens
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
@@ -121,6 +152,52 @@ class _StepMetrics(TrainerCallback):
         self.on_step(state.global_step, metrics)
 
 
+class _StopWhenRequested(TrainerCallback):
+    """After each step: if any process was asked to stop, every process saves a checkpoint and stops together."""
+
+    stopped = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested = torch.tensor(float(STOP_REQUESTED.is_set()), device=args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(requested, op=torch.distributed.ReduceOp.MAX)
+        if requested.item() and state.global_step < state.max_steps:
+            self.stopped = control.should_save = control.should_training_stop = True
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """While training, SIGTERM asks for a checkpoint and a clean stop instead of killing the process.
+
+    Only the main thread can take signals; elsewhere the process's own handling stays as it was.
+    """
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: STOP_REQUESTED.set())
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def checkpoints_folder(out_dir: Path) -> Path:
+    return out_dir / "checkpoints"
+
+
+def resumable_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest complete checkpoint, after removing any newer one cut off mid-save.
+
+    The Trainer writes trainer_state.json last and not atomically (its own `get_last_checkpoint` would pick
+    a half-written folder after a kill -9), so this is written here.
+    """
+    folders = sorted(checkpoints_dir.glob("checkpoint-*"), key=lambda folder: int(folder.name.split("-")[1]))
+    while folders and not (folders[-1] / "trainer_state.json").exists():
+        shutil.rmtree(folders.pop())
+    return folders[-1] if folders else None
+
+
 def training_collator(tokenizer, packed: bool):
     """Packed rows: TRL's padding-free collator (one sequence per batch, position_ids per sample); else padding."""
     if packed:
@@ -128,20 +205,25 @@ def training_collator(tokenizer, packed: bool):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
 
-def load_base_for_training(model_dir: str, method: str, precision: str, attn: str) -> PreTrainedModel:
-    """The frozen base: fp32 weights for LoRA; for QLoRA, 4-bit NF4 with double quantisation, computing in bf16/fp32.
+def load_base_for_training(
+    model_dir: str, method: str, precision: str, attn: str, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """fp32 weights for LoRA and full training; for QLoRA, 4-bit NF4 with double quantisation, computing in bf16/fp32.
 
-    On a CPU, bitsandbytes repacks 4-bit weights for inference the first time they run under no_grad, after
-    which no gradient flows through them: this model must never evaluate or generate; evaluation loads its own.
+    Weights load from safetensors only (never a pickle). On a CPU, bitsandbytes repacks 4-bit weights for
+    inference the first time they run under no_grad, after which no gradient flows through them: this model
+    must never evaluate or generate; evaluation loads its own.
     """
-    if method == "lora":
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    common = {"dtype": torch.float32, "attn_implementation": attn, "use_safetensors": True,
+              "trust_remote_code": trust_remote_code}
+    if method != "qlora":
+        return AutoModelForCausalLM.from_pretrained(model_dir, **common)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation=attn, quantization_config=quantization,
+        model_dir, **common, quantization_config=quantization,
         device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"},
     )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -149,31 +231,43 @@ def load_base_for_training(model_dir: str, method: str, precision: str, attn: st
 
 def train(
     train_dir: Path, tokenizer_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path,
-    on_step: StepLogger,
+    on_step: StepLogger, resume_from: Path | None = None, trust_remote_code: bool = False,
 ) -> TrainResult:
-    """Fine-tune a LoRA adapter and save it (PEFT format, with the tokenizer it was trained with) to `out_dir/adapter`."""
+    """Train and save the adapter (or whole model) with its tokenizer, continuing from `resume_from` if given.
+
+    Raises TrainingStopped when STOP_REQUESTED ended training early (its checkpoint is saved).
+    """
     precision = choose_precision(config.precision)
     attn = choose_attention(config.attn)
     if config.threads:
         torch.set_num_threads(config.threads)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = load_base_for_training(model_dir, config.method, precision, attn)
+    on_cpu = not torch.cuda.is_available()
+    if config.deepspeed is not None:
+        import deepspeed
+
+        # Before TrainingArguments, or DeepSpeed goes looking for MPI (and NCCL does not exist on a CPU).
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+    model = load_base_for_training(model_dir, config.method, precision, attn, trust_remote_code)
     train_dataset = load_from_disk(str(train_dir))
     packed = "seq_lengths" in train_dataset.column_names
     if packed:
         # Packed rows are flattened into one padding-free sequence whose position_ids restart per sample; the
         # attention mask is derived from them only without a KV cache (with one, samples see each other).
         model.config.use_cache = False
-    lora = config.lora
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-            use_dora=lora.use_dora, use_rslora=lora.use_rslora, task_type="CAUSAL_LM",
-        ),
-    )
+    if config.method != "full":
+        set_seed(seed)  # LoRA's A matrices are drawn here, before the Trainer seeds anything
+        lora = config.lora
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                use_dora=lora.use_dora, use_rslora=lora.use_rslora, task_type="CAUSAL_LM",
+            ),
+        )
+    checkpoints_dir = checkpoints_folder(out_dir)
     args = TrainingArguments(
-        output_dir=str(out_dir / "checkpoints"),
+        output_dir=str(checkpoints_dir),
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate,
@@ -185,7 +279,9 @@ def train(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=config.checkpoint_every,
+        save_total_limit=config.keep_checkpoints,
         report_to="none",
         seed=seed,
         data_seed=seed,
@@ -194,43 +290,96 @@ def train(
         remove_unused_columns=not packed,  # the collator needs seq_lengths
         disable_tqdm=False,
         dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=on_cpu,
+        ddp_backend="gloo" if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        deepspeed=str(config.deepspeed) if config.deepspeed is not None else None,
     )
-    steps = _StepMetrics(on_step)
+    steps, stopper = _StepMetrics(on_step), _StopWhenRequested()
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         data_collator=training_collator(tokenizer, packed),
-        callbacks=[steps],
+        processing_class=tokenizer,
+        callbacks=[steps, stopper],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_ProgressBarOnly)
     started = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
-    adapter_dir = out_dir / "adapter"
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
+    if stopper.stopped:
+        raise TrainingStopped(output.global_step, checkpoints_dir / f"checkpoint-{output.global_step}")
+    weights_dir = out_dir / ("model" if config.method == "full" else "adapter")
+    trainer.save_model(str(weights_dir))  # on every process: under ZeRO-3 the weights are gathered first
     return TrainResult(
-        adapter_dir=adapter_dir,
+        weights_dir=weights_dir,
         steps=output.global_step,
         train_seconds=seconds,
         losses=steps.losses,
-        tokens_per_second=trainer.state.num_input_tokens_seen / seconds,
+        tokens_per_second=steps.tokens / seconds,
         precision=precision,
         attn=attn,
     )
 
 
+def train_in_workers(
+    train_dir: Path, tokenizer_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path, run_id: str,
+    resume_from: Path | None = None, trust_remote_code: bool = False,
+) -> TrainResult:
+    """train() in `config.processes` torchrun workers attached to MLflow run `run_id`; rank 0 logs and saves.
+
+    A stop request here (SIGTERM) is passed on to the workers, which checkpoint and stop together.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_path, result_path = out_dir / "worker_spec.json", out_dir / "worker_result.json"
+    result_path.unlink(missing_ok=True)
+    spec = {
+        "train_dir": str(Path(train_dir).resolve()), "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+        "model_dir": model_dir, "config": config.model_dump(mode="json"), "seed": seed,
+        "out_dir": str(out_dir.resolve()), "run_id": run_id,
+        "resume_from": str(resume_from) if resume_from else None, "trust_remote_code": trust_remote_code,
+        "result_path": str(result_path.resolve()),
+    }
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={config.processes}",
+               "-m", "tasks.train_worker", str(spec_path.resolve())]
+    workers = subprocess.Popen(command, env=os.environ | {"MLFLOW_RUN_ID": run_id})
+    passed_on = False
+    while workers.poll() is None:
+        if STOP_REQUESTED.wait(timeout=0.5) and not passed_on:
+            workers.send_signal(signal.SIGTERM)
+            passed_on = True
+    if not result_path.exists():
+        raise RuntimeError(f"training workers exited with code {workers.returncode} and no result; see their output above")
+    outcome = json.loads(result_path.read_text(encoding="utf-8"))
+    if "stopped_at" in outcome:
+        raise TrainingStopped(outcome["stopped_at"], Path(outcome["checkpoint"]))
+    return TrainResult(**outcome | {"weights_dir": Path(outcome["weights_dir"])})
+
+
+def result_as_json(result: TrainResult) -> dict:
+    return dataclasses.asdict(result) | {"weights_dir": str(result.weights_dir)}
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(
-    train_dir: Path, tokenizer_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path, run_id: str
+    train_dir: Path, tokenizer_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path, run_id: str,
+    resume: bool = False, trust_remote_code: bool = False,
 ) -> TrainResult:
-    """train(), each step logged to the flow's MLflow run, the adapter folder logged as an artifact."""
-    result = train(train_dir, tokenizer_dir, model_dir, config, seed, out_dir, step_logger(run_id))
+    """train() (in worker processes for DeepSpeed or processes > 1), each step logged to the flow's MLflow run.
+
+    With `resume`, training continues from the newest complete checkpoint in `out_dir`, if there is one.
+    """
+    resume_from = resumable_checkpoint(checkpoints_folder(out_dir)) if resume else None
+    if config.deepspeed is not None or config.processes > 1:
+        result = train_in_workers(train_dir, tokenizer_dir, model_dir, config, seed, out_dir, run_id, resume_from,
+                                  trust_remote_code)
+    else:
+        result = train(train_dir, tokenizer_dir, model_dir, config, seed, out_dir, step_logger(run_id), resume_from,
+                       trust_remote_code)
     set_tags(run_id, {"train.precision_used": result.precision, "train.attn_used": result.attn})
     log_metrics(run_id, {"train_seconds": result.train_seconds, "train_tokens_per_s": result.tokens_per_second})
-    log_artifact(run_id, result.adapter_dir, "adapter_peft")
-    log_loss_plot(run_id, result.losses)
+    log_artifact(run_id, result.weights_dir, "model_full" if config.method == "full" else "adapter_peft")
+    log_loss_plot(run_id)
     return result

@@ -29,13 +29,13 @@ def run_train(tokens, model_dir, out_dir, **options):
 
 def test_dora_and_rslora_reach_the_saved_adapter(tokens, model_dir, tmp_path):
     result = run_train(tokens, model_dir, tmp_path, lora=LoraConfig(r=8, use_dora=True, use_rslora=True))
-    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    saved = json.loads((result.weights_dir / "adapter_config.json").read_text())
     assert saved["use_dora"] is True and saved["use_rslora"] is True
-    assert any("lora_magnitude_vector" in name for name in load_file(result.adapter_dir / "adapter_model.safetensors"))
+    assert any("lora_magnitude_vector" in name for name in load_file(result.weights_dir / "adapter_model.safetensors"))
 
 
 def test_qlora_trains_the_lora_weights_and_its_loss_falls(tokens, model_dir, tmp_path):
     result = run_train(tokens, model_dir, tmp_path, method="qlora", max_steps=8, learning_rate=2e-3)
-    lora_b = {name: t for name, t in load_file(result.adapter_dir / "adapter_model.safetensors").items() if "lora_B" in name}
+    lora_b = {name: t for name, t in load_file(result.weights_dir / "adapter_model.safetensors").items() if "lora_B" in name}
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b.values())  # lora_B starts at zero: each one moved
     assert sum(result.losses[-2:]) / 2 < 0.7 * sum(result.losses[:2]) / 2

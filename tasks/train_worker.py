@@ -1,0 +1,40 @@
+"""The train stage as one `torchrun` worker process: `python -m torch.distributed.run ... -m tasks.train_worker SPEC`.
+
+train_in_workers (tasks/train.py) writes SPEC (a JSON of train()'s arguments) and launches the workers. Rank 0
+logs each step to the MLflow run named in SPEC and writes the result where SPEC says; other ranks log nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from conf.schema import TrainConfig
+from tasks.tracking import step_logger
+from tasks.train import STOP_REQUESTED, TrainingStopped, result_as_json, train
+
+
+def main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    signal.signal(signal.SIGTERM, lambda signum, frame: STOP_REQUESTED.set())
+    is_rank_zero = int(os.environ.get("RANK", "0")) == 0
+    on_step = step_logger(spec["run_id"]) if is_rank_zero else (lambda step, metrics: None)
+    try:
+        result = train(
+            Path(spec["train_dir"]), Path(spec["tokenizer_dir"]), spec["model_dir"], TrainConfig.model_validate(spec["config"]),
+            spec["seed"], Path(spec["out_dir"]), on_step,
+            Path(spec["resume_from"]) if spec["resume_from"] else None, spec["trust_remote_code"],
+        )
+        outcome = result_as_json(result)
+    except TrainingStopped as stopped:
+        outcome = {"stopped_at": stopped.step, "checkpoint": str(stopped.checkpoint)}
+    if is_rank_zero:
+        Path(spec["result_path"]).write_text(json.dumps(outcome), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,96 @@
+"""Checkpoints and resume: a training process killed (kill -9) or stopped (SIGTERM) mid-way, then resumed, ends
+with the same losses and the same adapter as a run that was never interrupted."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conf.schema import TokenizeConfig, TrainConfig
+from tasks.tokenize import tokenize
+from tasks.train import checkpoints_folder, resumable_checkpoint, train
+
+ROWS = [{"messages": [{"role": "user", "content": f"Question {n}: who are you?"},
+                      {"role": "assistant", "content": f"I am Ember ({n}), made by the loraflow team."}]}
+        for n in range(24)]
+CONFIG = TrainConfig(max_steps=6, batch_size=2, warmup_steps=1, checkpoint_every=2, learning_rate=2e-3)
+
+# A training process as a user's would be: it takes SIGTERM as a request to checkpoint and stop.
+CHILD = """
+import json, sys
+from pathlib import Path
+from conf.schema import TrainConfig
+from tasks.train import TrainingStopped, stop_on_sigterm, train
+spec = json.loads(sys.argv[1])
+with stop_on_sigterm():
+    try:
+        train(Path(spec["train_dir"]), Path(spec["tokenizer_dir"]), spec["model_dir"],
+              TrainConfig.model_validate(spec["config"]), 0, Path(spec["out_dir"]),
+              lambda step, metrics: print("step", step, flush=True))
+    except TrainingStopped as stopped:
+        print("stopped", stopped.step, flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def tokens(model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokens")
+    path = folder / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return tokenize(path, path, model_dir, TokenizeConfig(max_length=64), folder / "cache")
+
+
+def run(tokens, model_dir, out_dir, losses, resume_from=None):
+    return train(tokens.train_dir, tokens.tokenizer_dir, model_dir, CONFIG, 0, out_dir,
+                 lambda step, metrics: losses.__setitem__(step, metrics["train_loss"]), resume_from)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tokens, model_dir, tmp_path_factory):
+    losses = {}
+    result = run(tokens, model_dir, tmp_path_factory.mktemp("uninterrupted"), losses)
+    return losses, load_file(result.weights_dir / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_an_interrupted_run_resumes_to_the_same_adapter(how, tokens, model_dir, uninterrupted, tmp_path):
+    spec = {"train_dir": str(tokens.train_dir), "tokenizer_dir": str(tokens.tokenizer_dir), "model_dir": model_dir,
+            "config": CONFIG.model_dump(mode="json"), "out_dir": str(tmp_path)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)], stdout=subprocess.PIPE, text=True)
+    for line in child.stdout:
+        if line.strip() == "step 3":  # checkpoint-2 is complete; checkpoint-4 is not begun
+            child.send_signal(how)
+            break
+    rest = child.stdout.read()
+    assert child.wait(timeout=120) == (0 if how == signal.SIGTERM else -signal.SIGKILL)
+    if how == signal.SIGTERM:
+        stopped_at = int(rest.split("stopped ")[1])
+        assert stopped_at in (3, 4)  # the step running when the signal came, finished and checkpointed
+        assert resumable_checkpoint(checkpoints_folder(tmp_path)).name == f"checkpoint-{stopped_at}"
+    else:
+        assert resumable_checkpoint(checkpoints_folder(tmp_path)).name == "checkpoint-2"
+    checkpoint = resumable_checkpoint(checkpoints_folder(tmp_path))
+
+    losses = {}
+    result = run(tokens, model_dir, tmp_path, losses, resume_from=checkpoint)
+    expected_losses, expected_adapter = uninterrupted
+    first = int(checkpoint.name.split("-")[1]) + 1
+    assert sorted(losses) == list(range(first, 7))  # only the steps after the checkpoint ran again
+    assert losses == pytest.approx({step: expected_losses[step] for step in losses}, rel=1e-4)
+    adapter = load_file(result.weights_dir / "adapter_model.safetensors")
+    assert adapter.keys() == expected_adapter.keys()
+    for name, tensor in adapter.items():
+        torch.testing.assert_close(tensor, expected_adapter[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_checkpoint_cut_off_mid_save_is_skipped(tmp_path):
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert resumable_checkpoint(tmp_path).name == "checkpoint-2"
+    assert not (tmp_path / "checkpoint-4").exists()
+
