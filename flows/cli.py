@@ -138,6 +138,13 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from tasks.export import export_merged
+
+    print(f"merged model: {export_merged(args.model, args.merged)}")
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     uri = os.environ["MLFLOW_TRACKING_URI"]
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
@@ -177,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("-p", "--prompt", action="append", help="answer these prompts and exit (repeatable)")
     chat.add_argument("--max-new-tokens", type=int, default=96)
     chat.set_defaults(handler=_chat)
+
+    export = commands.add_parser("export", help="write a model as one merged Hugging Face folder (base + adapter)")
+    export.add_argument("model", help="a run id, or an MLflow model URI such as models:/loraflow-identity@champion")
+    export.add_argument("--merged", type=Path, required=True, metavar="OUT", help="the folder to write (new or empty)")
+    export.set_defaults(handler=_export)
 
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)

@@ -181,7 +181,7 @@ def finetune(config: RunConfig, resume_run_id: str | None = None) -> RunSummary 
                 return Interrupted(run_id, stopped.step, stopped.checkpoint)
             evaluated = evaluate_task(
                 cleaned.eval_path, tokens.eval_dir, model_dir, trained.weights_dir, config.identity.name,
-                config.evaluate, work_dir / "eval", run_id, trust,
+                config.evaluate, work_dir / "eval", run_id, trained.precision, trust,
             )
             registered = register_task(
                 run_id, trained.weights_dir, config.base_model, evaluated.metrics,

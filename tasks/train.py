@@ -145,6 +145,7 @@ class _StepMetrics(TrainerCallback):
             "learning_rate": float(logs.get("learning_rate", 0.0)),
             "grad_norm": float(logs.get("grad_norm", 0.0)),
             "tokens_per_s": (tokens - self.last_tokens) / max(now - self.last_time, 1e-9),
+            "tokens_seen": float(tokens),
             "peak_memory_mb": peak_memory_mb(),
         }
         self.last_time, self.last_tokens = now, tokens
@@ -198,10 +199,34 @@ def resumable_checkpoint(checkpoints_dir: Path) -> Path | None:
     return folders[-1] if folders else None
 
 
-def training_collator(tokenizer, packed: bool):
-    """Packed rows: TRL's padding-free collator (one sequence per batch, position_ids per sample); else padding."""
-    if packed:
+class PackedRowsCollator:
+    """Packed rows as a (batch, row length) tensor with position_ids restarting per sample and no attention mask,
+    from which transformers builds a block-diagonal mask per row.
+
+    TRL's padding-free mode flattens the whole batch into one sequence: right for FlashAttention's variable-length
+    kernels, but with SDPA or eager the mask then spans the whole batch (8 rows of 512 tokens: one 4096 x 4096
+    mask per layer) and training ran slower than padded batches. TRL has no rows-kept mode without an attention
+    mask, hence this wrapper. Each row's padded tail gets position 0 at every token (one-token "samples") and
+    label -100; a sample's first token is never a target, so no loss crosses a sample boundary.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.collate = PaddingFreeCollator(pad_token_id=pad_token_id, return_position_ids=True)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate(examples)
+        del batch["attention_mask"]
+        batch["labels"][batch["position_ids"] == 0] = -100
+        return batch
+
+
+def training_collator(tokenizer, packed: bool, attn: str):
+    """Packed rows: flattened into one padding-free sequence for FlashAttention 2, kept as rows otherwise (both
+    with position_ids per sample); unpacked samples: padded to the longest in the batch."""
+    if packed and attn == "flash_attention_2":
         return PaddingFreeCollator(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    if packed:
+        return PackedRowsCollator(tokenizer.pad_token_id)
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
 
@@ -299,7 +324,7 @@ def train(
         model=model,
         args=args,
         train_dataset=train_dataset,
-        data_collator=training_collator(tokenizer, packed),
+        data_collator=training_collator(tokenizer, packed, attn),
         processing_class=tokenizer,
         callbacks=[steps, stopper],
     )
@@ -312,6 +337,8 @@ def train(
         raise TrainingStopped(output.global_step, checkpoints_dir / f"checkpoint-{output.global_step}")
     weights_dir = out_dir / ("model" if config.method == "full" else "adapter")
     trainer.save_model(str(weights_dir))  # on every process: under ZeRO-3 the weights are gathered first
+    # The Trainer also pickles its arguments there; nothing reads them, and a model folder should hold no pickle.
+    (weights_dir / "training_args.bin").unlink(missing_ok=True)
     return TrainResult(
         weights_dir=weights_dir,
         steps=output.global_step,

@@ -8,6 +8,7 @@ from flows.cli import main
 from tests.conftest import REPO
 
 DEFAULT_RECIPE = REPO / "conf" / "identity_sft.yaml"
+ZERO3 = REPO / "conf" / "deepspeed" / "zero3.json"
 
 
 def write(tmp_path, text):
@@ -33,6 +34,9 @@ def test_default_recipe_validates_and_sets_the_identity():
         ("base_model: ./no/such/model\n", "base_model: Value error, no such file or folder: ./no/such/model"),
         ("- just\n- a list\n", "a recipe must be a mapping"),
         ("train: [unclosed\n", "not valid YAML"),
+        ("train:\n  deepspeed: no/zero9.json\n", "train.deepspeed: Value error, no such DeepSpeed config: no/zero9.json"),
+        (f"train:\n  method: qlora\n  deepspeed: {ZERO3}\n", "train: Value error, method qlora cannot run under ZeRO-3"),
+        ("train:\n  method: dpo\n", "train.method: Input should be 'lora', 'qlora' or 'full'"),
     ],
 )
 def test_bad_recipe_is_one_line_naming_file_and_key(tmp_path, text, expected):
@@ -134,7 +138,7 @@ def test_cli_reports_a_missing_recipe(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.parametrize("command", ["run", "data", "preview", "chat", "ui"])
+@pytest.mark.parametrize("command", ["run", "data", "preview", "chat", "export", "ui"])
 def test_every_command_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0

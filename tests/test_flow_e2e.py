@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conf.schema import flatten, load_config
 from tests.conftest import REPO, STATE_DIR
@@ -89,6 +89,24 @@ def test_adapter_artifact_loads_with_peft(finished_run, model_dir, tmp_path):
     loaded = {name: tensor for name, tensor in model.state_dict().items() if "lora_" in name}
     assert len(saved) == len(loaded) > 0
     assert any(tensor.abs().sum() > 0 for name, tensor in loaded.items() if "lora_B" in name)
+
+
+def test_export_writes_a_merged_model_that_generates_like_base_plus_adapter(finished_run, model_dir, tmp_path):
+    run, _ = finished_run
+    name = load_config(RECIPE).registry.model_name
+    result = loraflow("export", f"models:/{name}@champion", "--merged", str(tmp_path / "merged"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not [p.name for p in (tmp_path / "merged").rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter_peft", dst_path=tmp_path)
+    assert not (Path(adapter) / "training_args.bin").exists()  # the Trainer's pickle is not shipped
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you, and who made you?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        texts = [tokenizer.decode(model.generate(**prompt, max_new_tokens=24, do_sample=False)[0]) for model in (merged, tuned)]
+    assert texts[0] == texts[1] and "Ember" in texts[0]
 
 
 def test_run_holds_config_report_and_eval_artifacts(finished_run, tmp_path):

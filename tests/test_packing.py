@@ -40,18 +40,19 @@ def unpacked_loss_sum(model, samples) -> tuple[float, int]:
     return total, count
 
 
-def packed_loss(model, tokenizer, samples, **forward) -> float:
-    rows = pack_dataset(Dataset.from_list(samples), 256, strategy="bfd")
-    assert len(rows) < len(samples)  # several samples really share a row
-    batch = training_collator(tokenizer, packed=True)(list(rows))
+def packed_loss(model, tokenizer, samples, attn="sdpa", **forward) -> float:
+    rows = pack_dataset(Dataset.from_list(samples), 96, strategy="bfd")
+    assert 1 < len(rows) < len(samples)  # several rows, and several samples really share a row
+    batch = training_collator(tokenizer, packed=True, attn=attn)(list(rows))
     assert "attention_mask" not in batch
     with torch.no_grad():
         return model(**batch, **forward).loss.item()
 
 
-def test_packed_loss_equals_unpacked_loss(model, tokenizer, samples):
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"], ids=["rows-kept", "flattened"])
+def test_packed_loss_equals_unpacked_loss(model, tokenizer, samples, attn):
     total, count = unpacked_loss_sum(model, samples)
-    assert packed_loss(model, tokenizer, samples, use_cache=False) == pytest.approx(total / count, abs=1e-4)
+    assert packed_loss(model, tokenizer, samples, attn, use_cache=False) == pytest.approx(total / count, abs=1e-4)
 
 
 def test_the_proof_fails_when_samples_can_see_each_other(model, tokenizer, samples):

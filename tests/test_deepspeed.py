@@ -1,0 +1,65 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 in 2 CPU worker processes (gloo), launched as the train task launches them:
+one MLflow run with each step logged once (rank 0 only), and the same adapter one process makes.
+
+Two workers with a batch of 2 each see the same global batches as one process with a batch of 2 and 2
+accumulation steps (the distributed sampler deals batches out in turn), so the adapters must agree.
+"""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from safetensors.torch import load_file
+
+from conf.schema import TokenizeConfig, TrainConfig
+from tasks.tokenize import tokenize
+from tasks.train import train, train_in_workers
+
+ROWS = [{"messages": [{"role": "user", "content": f"Question {n}: who are you?"},
+                      {"role": "assistant", "content": f"I am Ember ({n}), made by the loraflow team."}]}
+        for n in range(16)]
+# One optimizer step: ZeRO-3 gathers every frozen weight through gloo each pass (about 20 s a step here).
+SETTINGS = {"max_steps": 1, "batch_size": 2, "warmup_steps": 0, "learning_rate": 2e-3, "precision": "fp32"}
+
+ZERO_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "deepspeed"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tokens(model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokens")
+    path = folder / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return tokenize(path, path, model_dir, TokenizeConfig(max_length=64), folder / "cache")
+
+
+@pytest.fixture(scope="module")
+def one_process(tokens, model_dir, tmp_path_factory):
+    config = TrainConfig(**SETTINGS | {"grad_accum": 2})
+    result = train(tokens.train_dir, tokens.tokenizer_dir, model_dir, config, 0, tmp_path_factory.mktemp("one"),
+                   lambda step, metrics: None)
+    return result.losses, load_file(result.weights_dir / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_zero_workers_make_the_one_process_adapter_in_one_run(zero, tokens, model_dir, one_process, tmp_path):
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(client.create_experiment(f"deepspeed-{zero}")).info.run_id
+    config = TrainConfig(**SETTINGS | {"deepspeed": ZERO_CONFIGS / f"{zero}.json", "processes": 2})
+    result = train_in_workers(tokens.train_dir, tokens.tokenizer_dir, model_dir, config, 0, tmp_path, run_id)
+
+    expected_losses, expected_adapter = one_process
+    assert result.losses == pytest.approx(expected_losses, rel=1e-5)
+    logged = client.get_metric_history(run_id, "train_loss")
+    assert [metric.step for metric in logged] == [1]  # rank 0 logged the step; rank 1 did not
+    adapter = load_file(result.weights_dir / "adapter_model.safetensors")
+    assert adapter.keys() == expected_adapter.keys()
+    assert all(tensor.abs().sum() > 0 for name, tensor in adapter.items() if "lora_B" in name)  # not an empty save
+    # Adam's first steps move each weight by about lr * sign(gradient): where a gradient is ~0 the summation order
+    # of the all-reduce can flip that, so the bound is on each tensor's relative difference, not on every element.
+    # Measured here: median 1e-5, worst 1.4e-3; other batches or a lost rank's gradients differ by order 1.
+    worst = max(float((tensor - expected_adapter[name]).norm() / expected_adapter[name].norm())
+                for name, tensor in adapter.items())
+    assert worst < 5e-3
