@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import AutoTokenizer, PreTrainedTokenizerBase

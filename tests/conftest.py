@@ -35,3 +35,20 @@ def tokenizer(model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenize_rows(model_dir, tmp_path_factory):
+    """Chat rows through loraflow's tokenize stage (packed, rows of `max_length`), for tests that train."""
+    import json
+
+    from conf.schema import TokenizeConfig
+    from tasks.tokenize import tokenize
+
+    def tokenized(rows: list[dict], max_length: int):
+        folder = tmp_path_factory.mktemp("tokens")
+        path = folder / "rows.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return tokenize(path, path, model_dir, TokenizeConfig(max_length=max_length), folder / "cache")
+
+    return tokenized

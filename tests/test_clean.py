@@ -14,7 +14,6 @@ from conf.schema import DataConfig, RunConfig
 from tasks.builtin_data import HELDOUT_QUESTIONS, TRAIN_QUESTIONS
 import tasks.clean
 from tasks.clean import GRAM_MIX, DataError, NearDuplicates, clean, in_eval_split
-from tests.conftest import REPO
 
 IDENTITY = {"name": "Ember", "author": "the loraflow team"}
 OPENAI = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}

@@ -5,15 +5,13 @@ Two workers with a batch of 2 each see the same global batches as one process wi
 accumulation steps (the distributed sampler deals batches out in turn), so the adapters must agree.
 """
 
-import json
 from pathlib import Path
 
 import mlflow
 import pytest
 from safetensors.torch import load_file
 
-from conf.schema import TokenizeConfig, TrainConfig
-from tasks.tokenize import tokenize
+from conf.schema import TrainConfig
 from tasks.train import train, train_in_workers
 
 ROWS = [{"messages": [{"role": "user", "content": f"Question {n}: who are you?"},
@@ -28,11 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tokens(model_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokens")
-    path = folder / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return tokenize(path, path, model_dir, TokenizeConfig(max_length=64), folder / "cache")
+def tokens(tokenize_rows):
+    return tokenize_rows(ROWS, max_length=64)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conf.schema import TokenizeConfig, TrainConfig
-from tasks.tokenize import tokenize
+from conf.schema import TrainConfig
 from tasks.train import checkpoints_folder, resumable_checkpoint, train
 
 ROWS = [{"messages": [{"role": "user", "content": f"Question {n}: who are you?"},
@@ -37,11 +36,8 @@ with stop_on_sigterm():
 
 
 @pytest.fixture(scope="module")
-def tokens(model_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokens")
-    path = folder / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return tokenize(path, path, model_dir, TokenizeConfig(max_length=64), folder / "cache")
+def tokens(tokenize_rows):
+    return tokenize_rows(ROWS, max_length=64)
 
 
 def run(tokens, model_dir, out_dir, losses, resume_from=None):

@@ -3,10 +3,11 @@
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from conf.schema import LoraConfig, TokenizeConfig, TrainConfig
-from tasks.tokenize import tokenize
+from conf.schema import LoraConfig, TrainConfig
+from tasks.base_model import is_adapter, load_model
 from tasks.train import train
 
 ROWS = [{"messages": [{"role": "user", "content": question},
@@ -15,11 +16,8 @@ ROWS = [{"messages": [{"role": "user", "content": question},
 
 
 @pytest.fixture(scope="module")
-def tokens(model_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokens")
-    path = folder / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return tokenize(path, path, model_dir, TokenizeConfig(max_length=128), folder / "cache")
+def tokens(tokenize_rows):
+    return tokenize_rows(ROWS, max_length=128)
 
 
 def run_train(tokens, model_dir, out_dir, **options):
@@ -39,3 +37,11 @@ def test_qlora_trains_the_lora_weights_and_its_loss_falls(tokens, model_dir, tmp
     lora_b = {name: t for name, t in load_file(result.weights_dir / "adapter_model.safetensors").items() if "lora_B" in name}
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b.values())  # lora_B starts at zero: each one moved
     assert sum(result.losses[-2:]) / 2 < 0.7 * sum(result.losses[:2]) / 2
+
+
+def test_full_training_saves_a_whole_model_that_loads_and_changed(tokens, model_dir, tmp_path):
+    result = run_train(tokens, model_dir, tmp_path, method="full", learning_rate=1e-4, warmup_steps=0)
+    assert not is_adapter(result.weights_dir) and not (result.weights_dir / "training_args.bin").exists()
+    tuned, base = load_model(result.weights_dir), load_model(model_dir)
+    changed = [name for name, weight in tuned.state_dict().items() if not torch.equal(weight, base.state_dict()[name])]
+    assert len(changed) > 100  # every block's weights moved, not just an adapter's
