@@ -16,7 +16,7 @@ from tasks.train import checkpoints_folder, resumable_checkpoint, train
 ROWS = [{"messages": [{"role": "user", "content": f"Question {n}: who are you?"},
                       {"role": "assistant", "content": f"I am Ember ({n}), made by the loraflow team."}]}
         for n in range(24)]
-CONFIG = TrainConfig(max_steps=6, batch_size=2, warmup_steps=1, checkpoint_every=2, learning_rate=2e-3)
+CONFIG = TrainConfig(max_steps=5, batch_size=2, warmup_steps=1, checkpoint_every=2, learning_rate=2e-3)
 
 # A training process as a user's would be: it takes SIGTERM as a request to checkpoint and stop.
 CHILD = """
@@ -75,7 +75,7 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(how, tokens, model_dir, 
     result = run(tokens, model_dir, tmp_path, losses, resume_from=checkpoint)
     expected_losses, expected_adapter = uninterrupted
     first = int(checkpoint.name.split("-")[1]) + 1
-    assert sorted(losses) == list(range(first, 7))  # only the steps after the checkpoint ran again
+    assert sorted(losses) == list(range(first, 6))  # only the steps after the checkpoint ran again
     assert losses == pytest.approx({step: expected_losses[step] for step in losses}, rel=1e-4)
     adapter = load_file(result.weights_dir / "adapter_model.safetensors")
     assert adapter.keys() == expected_adapter.keys()
