@@ -31,8 +31,8 @@ from tasks.evaluate import evaluate_task
 from tasks.register import RegisterResult, register_task
 from tasks.tokenize import load_tokenizer, tokenize_task
 from tasks.train import (
-    TrainingStopped, checkpoints_folder, choose_attention, choose_precision, resumable_checkpoint, stop_on_sigterm,
-    train_task,
+    TrainingStopped, check_deepspeed, checkpoints_folder, choose_attention, choose_precision, resumable_checkpoint,
+    stop_on_sigterm, train_task,
 )
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "mlflow", "prefect")
@@ -148,6 +148,7 @@ def preflight(config: RunConfig) -> None:
     check_readable([*config.data.train, *config.data.eval])
     choose_precision(config.train.precision)
     choose_attention(config.train.attn)
+    check_deepspeed(config.train)
     if config.tokenize.mode == "chat":
         load_tokenizer(resolve_base_model(config.base_model), config.tokenize.chat_template, config.trust_remote_code)
 

@@ -103,6 +103,16 @@ def choose_attention(requested: str) -> str:
     return requested
 
 
+def check_deepspeed(config: TrainConfig) -> None:
+    """ZeRO offload moves GPU memory into CPU memory: on a machine without a GPU there is nothing to offload."""
+    if config.deepspeed is None or torch.cuda.is_available():
+        return
+    zero = json.loads(Path(config.deepspeed).read_text(encoding="utf-8")).get("zero_optimization", {})
+    if any(zero.get(key, {}).get("device", "none") != "none" for key in ("offload_optimizer", "offload_param")):
+        raise TrainSetupError(f"train.deepspeed: {config.deepspeed} offloads to CPU memory, which needs a CUDA GPU to "
+                              "offload from; on a CPU use conf/deepspeed/zero3.json")
+
+
 def peak_memory_mb() -> float:
     """Peak CUDA memory allocated by torch on a GPU; on a CPU the process's peak resident set (Linux: KiB)."""
     if torch.cuda.is_available():
@@ -264,6 +274,7 @@ def train(
     """
     precision = choose_precision(config.precision)
     attn = choose_attention(config.attn)
+    check_deepspeed(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     on_cpu = not torch.cuda.is_available()

@@ -9,6 +9,7 @@ from tests.conftest import REPO
 
 DEFAULT_RECIPE = REPO / "conf" / "identity_sft.yaml"
 ZERO3 = REPO / "conf" / "deepspeed" / "zero3.json"
+ZERO3_OFFLOAD = ZERO3.with_name("zero3_offload.json")
 
 
 def write(tmp_path, text):
@@ -95,6 +96,7 @@ def run_cli(*args, cwd=REPO):
         ("base_model: ./missing.gguf\n", "base_model: Value error, no such file or folder: ./missing.gguf"),
         ("train:\n  attn: flash_attention_2\n", "train.attn: flash_attention_2 needs a CUDA GPU"),
         ("train:\n  precision: fp16\n", "train.precision: fp16 needs a CUDA GPU"),
+        (f"train:\n  deepspeed: {ZERO3_OFFLOAD}\n", "zero3_offload.json offloads to CPU memory, which needs a CUDA GPU"),
         ("tokenize:\n  chat_template: llama3\n", "tokenize.chat_template: llama3 needs the control tokens <|begin_of_text|>"),
         ("tokenize:\n  chat_template: vicuna\n", "tokenize.chat_template: Input should be 'tokenizer', 'chatml'"),
     ],
