@@ -288,8 +288,8 @@ def train(
     train_dataset = load_from_disk(str(train_dir))
     packed = "seq_lengths" in train_dataset.column_names
     if packed:
-        # Packed rows are flattened into one padding-free sequence whose position_ids restart per sample; the
-        # attention mask is derived from them only without a KV cache (with one, samples see each other).
+        # Packed rows carry position_ids that restart per sample and no attention mask; transformers derives the
+        # per-sample mask from them only without a KV cache (with one, samples see each other).
         model.config.use_cache = False
     if config.method != "full":
         set_seed(seed)  # LoRA's A matrices are drawn here, before the Trainer seeds anything
