@@ -1,4 +1,5 @@
-"""The pretraining recipe as a user runs it (2 steps): pydoc topics in blocks, held out by document, perplexity."""
+"""The pretraining recipe as a user runs it (2 steps, 5% held out): pydoc topics in blocks, held out by document,
+perplexity."""
 
 import json
 import os
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 def run():
     result = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", str(REPO / "conf" / "pretrain_pydoc.yaml"),
-         "-o", "train.max_steps=2", "-o", "evaluate.max_new_tokens=8"],
+         "-o", "train.max_steps=2", "-o", "evaluate.max_new_tokens=8", "-o", "data.eval_fraction=0.05"],
         capture_output=True, text=True, cwd=STATE_DIR, env=dict(os.environ), timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
