@@ -122,6 +122,11 @@ class TrainConfig(_Section):
 
 def zero_stage(path: Path) -> int:
     """The ZeRO stage a DeepSpeed config asks for (0 when it names none)."""
+    return int(zero_optimization(path).get("stage", 0))
+
+
+def zero_optimization(path: Path) -> dict:
+    """A DeepSpeed config's `zero_optimization` section; ValueError naming the file if it cannot be read."""
     try:
         settings = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -130,7 +135,7 @@ def zero_stage(path: Path) -> int:
         raise ValueError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(settings, dict):
         raise ValueError(f"{path}: a DeepSpeed config must be a JSON object")
-    return int(settings.get("zero_optimization", {}).get("stage", 0))
+    return settings.get("zero_optimization", {})
 
 
 class EvaluateConfig(_Section):

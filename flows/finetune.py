@@ -110,11 +110,12 @@ def cut_off_run(config: RunConfig) -> str | None:
         if run.info.status == "FINISHED":
             continue
         work_dir = config.output_dir / run.info.run_id
-        checkpoints = checkpoints_folder(work_dir / "train")
-        if checkpoints.exists() and resumable_checkpoint(checkpoints) is not None:
-            with run_lock(work_dir) as free:
-                if free:
-                    return run.info.run_id
+        if not work_dir.exists():
+            continue
+        # The lock first: resumable_checkpoint removes half-written checkpoints, which a live run may be writing.
+        with run_lock(work_dir) as free:
+            if free and resumable_checkpoint(checkpoints_folder(work_dir / "train")) is not None:
+                return run.info.run_id
     return None
 
 

@@ -44,7 +44,7 @@ from transformers import (
 
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as PaddingFreeCollator
 
-from conf.schema import TrainConfig, UserError
+from conf.schema import TrainConfig, UserError, zero_optimization
 from tasks.tracking import log_artifact, log_loss_plot, log_metrics, set_tags, step_logger
 
 StepLogger = Callable[[int, dict[str, float]], None]
@@ -107,7 +107,7 @@ def check_deepspeed(config: TrainConfig) -> None:
     """ZeRO offload moves GPU memory into CPU memory: on a machine without a GPU there is nothing to offload."""
     if config.deepspeed is None or torch.cuda.is_available():
         return
-    zero = json.loads(Path(config.deepspeed).read_text(encoding="utf-8")).get("zero_optimization", {})
+    zero = zero_optimization(config.deepspeed)
     if any(zero.get(key, {}).get("device", "none") != "none" for key in ("offload_optimizer", "offload_param")):
         raise TrainSetupError(f"train.deepspeed: {config.deepspeed} offloads to CPU memory, which needs a CUDA GPU to "
                               "offload from; on a CPU use conf/deepspeed/zero3.json")
