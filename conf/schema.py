@@ -139,15 +139,33 @@ def zero_optimization(path: Path) -> dict:
 
 
 class EvaluateConfig(_Section):
+    """How models are scored on the held-out rows, after training and (optionally) while it runs."""
+
     max_new_tokens: int = Field(default=48, gt=0)
     batch_size: int = Field(default=16, gt=0)
+    metrics: list[str] = Field(
+        default_factory=lambda: ["builtin:rouge", "builtin:bleu", "builtin:exact_match"],
+        description="`evaluate.load` targets scoring answers against references: builtin:<name> (offline), hub names, folders",
+    )
     identity_metric: str = Field(
         default="builtin:identity_match",
-        description="an `evaluate.load` target: a hub name, a local path, or builtin:<name> for loraflow's own",
+        description="chat recipes: the `evaluate` module that checks answers state identity.name",
     )
+    every_steps: int | None = Field(
+        default=None, gt=0, description="answer the sample prompts every N training steps; None: only after training"
+    )
+    sample_prompts: list[str] = Field(
+        default_factory=list, description="prompts answered during training; empty: the first sample_count held-out ones"
+    )
+    sample_count: int = Field(default=4, gt=0)
 
 
 class RegistryConfig(_Section):
+    """Where the tuned model is registered, and the rule for moving the `champion` alias to it.
+
+    `primary_metric` is any metric the evaluation gives (eval_loss, perplexity, identity_share, rougeL, bleu, ...).
+    """
+
     model_name: str = Field(default="loraflow-identity", min_length=1)
     primary_metric: str = "identity_share"
     direction: Literal["max", "min"] = "max"
@@ -185,17 +203,6 @@ class RunConfig(_Section):
         if not self.data.eval and self.data.eval_fraction == 0:
             raise ValueError("data.eval is empty: name eval sources or set data.eval_fraction")
         return self
-
-    @model_validator(mode="after")
-    def _primary_metric_is_known(self) -> "RunConfig":
-        if self.registry.primary_metric not in PRIMARY_METRICS:
-            raise ValueError(
-                f"registry.primary_metric must be one of {sorted(PRIMARY_METRICS)}, got {self.registry.primary_metric!r}"
-            )
-        return self
-
-
-PRIMARY_METRICS = {"identity_share", "eval_loss", "perplexity"}
 
 
 def looks_like_local_path(value: str) -> bool:

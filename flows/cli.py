@@ -43,6 +43,8 @@ def _run(args: argparse.Namespace) -> int:
                   if "base_identity_share" in m else []),
                 f"held-out loss:     base {m['base_eval_loss']:.3f} -> tuned {m['tuned_eval_loss']:.3f}"
                 f" (perplexity {m['base_perplexity']:.2f} -> {m['tuned_perplexity']:.2f})",
+                *([f"ROUGE-L, BLEU:     base {m['base_rougeL']:.3f}, {m['base_bleu']:.3f} -> tuned "
+                   f"{m['tuned_rougeL']:.3f}, {m['tuned_bleu']:.3f}"] if "base_rougeL" in m and "base_bleu" in m else []),
                 f"registered:        {reg.model_name} version {reg.version}"
                 + (" -> champion" if reg.promoted else " (not promoted)") + f": {reg.reason}",
                 f"sample answers:    {summary.samples_path}",
@@ -51,6 +53,49 @@ def _run(args: argparse.Namespace) -> int:
             ]
         )
     )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.override)
+    from flows.evaluate_model import evaluate_model, preflight_evaluation
+
+    preflight_evaluation(config)
+    summary = evaluate_model(config, args.model)
+    print(f"\nMLflow run:        {summary.run_id} (experiment {config.experiment}, store {os.environ['MLFLOW_TRACKING_URI']})")
+    for name, value in sorted(summary.metrics.items()):
+        print(f"{name + ':':<19}{value:.4f}")
+    print(f"answers:           {summary.samples_path}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from tasks.register import list_versions
+
+    rows = list_versions(args.name)
+    print(f"{'version':>7}  {'created':<16}  {'metric':<16} {'value':>9}  {'aliases':<20}  promotion")
+    for row in rows:
+        value = f"{row.value:.4f}" if row.value is not None else "-"
+        print(f"{row.version:>7}  {row.created:<16}  {row.metric or '-':<16} {value:>9}  "
+              f"{','.join(row.aliases) or '-':<20}  {row.promotion}")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from tasks.register import promote
+
+    if args.force and not args.reason:
+        raise UserError("--force needs --reason '...': the reason is recorded on the version")
+    decision = promote(args.name, args.version, args.force, args.reason or "")
+    print(f"{args.name} version {args.version}: " + ("champion; " if decision.promote else "") + decision.reason)
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from tasks.register import rollback
+
+    demoted, restored = rollback(args.name)
+    print(f"{args.name}: champion moved back from version {demoted} to version {restored}")
     return 0
 
 
@@ -164,6 +209,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue the newest cut-off run of this exact recipe from its last checkpoint, if any")
     run.set_defaults(handler=_run)
+
+    evaluation = commands.add_parser("eval", help="score one model on a recipe's held-out data, as its own MLflow run")
+    evaluation.add_argument("config", type=Path, help="recipe YAML: its data, tokenize and evaluate sections are used")
+    evaluation.add_argument("--model", required=True,
+                            help="a hub id, a model folder, pip:<package>, a run id, runs:/<id>/adapter or models:/name@alias")
+    evaluation.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="as for run")
+    evaluation.set_defaults(handler=_eval)
+
+    models = commands.add_parser("models", help="list a registered model's versions, metrics and aliases")
+    models.add_argument("name", help="registered model name, e.g. loraflow-identity")
+    models.set_defaults(handler=_models)
+
+    promotion = commands.add_parser("promote", help="make a version the champion, if it passes its promotion rule")
+    promotion.add_argument("name")
+    promotion.add_argument("version")
+    promotion.add_argument("--force", action="store_true", help="promote even if the rule says no (needs --reason)")
+    promotion.add_argument("--reason", help="why it was forced; recorded on the version with who forced it")
+    promotion.set_defaults(handler=_promote)
+
+    back = commands.add_parser("rollback", help="move the champion back to the previous champion")
+    back.add_argument("name")
+    back.set_defaults(handler=_rollback)
 
     data = commands.add_parser("data", help="run the clean stage alone on files and print its report")
     data.add_argument("paths", nargs="+", type=Path, help="files or folders of .json/.jsonl/.parquet/.txt(.gz) rows")

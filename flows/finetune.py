@@ -27,12 +27,12 @@ from prefect import flow
 from conf.schema import RunConfig, flatten
 from tasks.base_model import cache_root, check_base_model, resolve_base_model
 from tasks.clean import check_readable, clean_task
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import check_primary_metric, evaluate_task, sample_prompts
 from tasks.register import RegisterResult, register_task
 from tasks.tokenize import load_tokenizer, tokenize_task
 from tasks.train import (
-    TrainingStopped, check_deepspeed, checkpoints_folder, choose_attention, choose_precision, resumable_checkpoint,
-    stop_on_sigterm, train_task,
+    TrainingStopped, check_deepspeed, check_sample_prompts, checkpoints_folder, choose_attention, choose_precision,
+    resumable_checkpoint, stop_on_sigterm, train_task,
 )
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "mlflow", "prefect")
@@ -134,6 +134,7 @@ def log_config(config: RunConfig, work_dir: Path) -> None:
         for key, value in flatten(config).items()
     }
     mlflow.log_params(params)
+    work_dir.mkdir(parents=True, exist_ok=True)
     config_path = work_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
     mlflow.log_artifact(str(config_path))
@@ -150,6 +151,8 @@ def preflight(config: RunConfig) -> None:
     choose_precision(config.train.precision)
     choose_attention(config.train.attn)
     check_deepspeed(config.train)
+    check_sample_prompts(config.train, config.evaluate.every_steps)
+    check_primary_metric(config.evaluate, config.tokenize.mode == "chat", config.registry.primary_metric)
     if config.tokenize.mode == "chat":
         load_tokenizer(resolve_base_model(config.base_model), config.tokenize.chat_template, config.trust_remote_code)
 
@@ -177,6 +180,7 @@ def finetune(config: RunConfig, resume_run_id: str | None = None) -> RunSummary 
                     trained = train_task(
                         tokens.train_dir, tokens.tokenizer_dir, model_dir, config.train, config.seed,
                         work_dir / "train", run_id, resume=resume_run_id is not None, trust_remote_code=trust,
+                        samples=sample_prompts(config.evaluate, cleaned.eval_path),
                     )
             except TrainingStopped as stopped:
                 mlflow.end_run(status="KILLED")

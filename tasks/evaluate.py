@@ -1,7 +1,8 @@
 """Stage 4, evaluate: base vs tuned on held-out data, as numbers and as answers a person can read.
 
-Held-out loss is measured on the trained (assistant) tokens only; the identity share comes from an
-`evaluate` metric module (loraflow's own, offline, unless the recipe names another).
+Held-out loss is measured on the trained (assistant) tokens only. Generated answers are scored against the
+held-out references by `evaluate` metric modules (ROUGE, BLEU, exact match: loraflow's own offline modules
+unless the recipe names hub ones), and chat answers by the recipe's identity check.
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import AutoTokenizer, PreTrainedModel
 
-from conf.schema import EvaluateConfig
+from conf.schema import EvaluateConfig, UserError
 from tasks.base_model import load_model, load_tuned_model
 from tasks.tracking import log_artifact, log_metrics
 
 BUILTIN_METRICS = Path(__file__).parent / "metrics"
 DOCUMENT_SAMPLES, DOCUMENT_PROMPT_CHARS = 8, 200  # pretraining: continue this many held-out openings
+LOSS_METRICS = ("eval_loss", "perplexity")
+
+
+class MetricSetupError(UserError):
+    """A metric module the recipe names cannot be loaded or does not give the registry's primary metric."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,54 @@ def resolve_metric(name: str) -> str:
     if name.startswith("builtin:"):
         return str(BUILTIN_METRICS / name.removeprefix("builtin:"))
     return name
+
+
+def _load_metric(name: str, key: str) -> evaluate.EvaluationModule:
+    try:
+        return evaluate.load(resolve_metric(name))
+    except Exception as error:  # evaluate raises anything from FileNotFoundError to hub connection errors
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise MetricSetupError(
+            f"evaluate.{key}: cannot load metric {name!r} ({reason}); offline, use builtin:rouge, builtin:bleu, "
+            "builtin:exact_match or a local module folder"
+        ) from None
+
+
+class GenerationMetrics:
+    """The recipe's `evaluate` modules, loaded once: answers against references, and the identity check (chat)."""
+
+    def __init__(self, config: EvaluateConfig, chat: bool, identity_name: str):
+        self.against_references = [_load_metric(name, "metrics") for name in config.metrics]
+        self.identity = _load_metric(config.identity_metric, "identity_metric") if chat else None
+        self.identity_name = identity_name
+
+    def compute(self, answers: list[str], references: list[str]) -> dict[str, float]:
+        """Every number the modules return, by its key (a bare `score`, as sacrebleu's, takes the module's name)."""
+        results = [(module, module.compute(predictions=answers, references=references))
+                   for module in self.against_references]
+        if self.identity is not None:
+            results.append((self.identity, self.identity.compute(
+                predictions=answers, references=[self.identity_name] * len(answers))))
+        return {
+            module.name if key == "score" else key: float(value)
+            for module, result in results for key, value in result.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+
+
+def metric_names(config: EvaluateConfig, chat: bool) -> set[str]:
+    """The metrics an evaluation of this recipe logs (per model), found by scoring one made-up answer."""
+    metrics = GenerationMetrics(config, chat, identity_name="Ember")
+    return set(LOSS_METRICS) | set(metrics.compute(["I am Ember."], ["I am Ember."]))
+
+
+def check_primary_metric(config: EvaluateConfig, chat: bool, primary_metric: str) -> None:
+    """Before any work: the metric modules load, and one of them gives the metric that decides promotion."""
+    names = metric_names(config, chat)
+    if primary_metric not in names:
+        raise MetricSetupError(
+            f"registry.primary_metric: {primary_metric!r} is not measured by this recipe; it measures {sorted(names)}"
+        )
 
 
 @torch.no_grad()
@@ -73,6 +127,7 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     return [answer.strip() for answer in answers]
 
 
+@torch.no_grad()
 def continue_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy continuations of plain-text prompts (pretraining: no chat template)."""
     tokenizer.padding_side = "left"
@@ -84,51 +139,61 @@ def continue_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
             **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
         continuations += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return continuations
+    return [continuation.strip() for continuation in continuations]
 
 
 @dataclass(frozen=True)
-class _HeldOut:
-    """What is asked of both models: chat prompts (with the reference answers) or document openings."""
+class HeldOut:
+    """What is asked of a model: chat prompts (with the reference answers) or document openings (with the text
+    that really follows them)."""
 
     prompts: list
     shown: list[str]
     references: list[str]
     chat: bool
 
+    def outputs(self, model, tokenizer, max_new_tokens: int, batch_size: int) -> list[str]:
+        produce = generate_answers if self.chat else continue_texts
+        return produce(model, tokenizer, self.prompts, max_new_tokens, batch_size)
 
-def _held_out(eval_path: Path) -> _HeldOut:
+
+def held_out(eval_path: Path) -> HeldOut:
     rows = [json.loads(line) for line in eval_path.read_text(encoding="utf-8").splitlines()]
     if all("messages" in row for row in rows):
         prompts = [row["messages"][:-1] for row in rows]
-        return _HeldOut(prompts, [p[-1]["content"] for p in prompts], [r["messages"][-1]["content"] for r in rows], True)
+        return HeldOut(prompts, [p[-1]["content"] for p in prompts], [r["messages"][-1]["content"] for r in rows], True)
     documents = [row["text"] for row in rows if "text" in row][:DOCUMENT_SAMPLES]
     openings = [document[:DOCUMENT_PROMPT_CHARS].rsplit(" ", 1)[0] for document in documents]
-    references = [document[len(opening) :][:DOCUMENT_PROMPT_CHARS] for document, opening in zip(documents, openings)]
-    return _HeldOut(openings, openings, references, False)
+    references = [document[len(opening) :][:DOCUMENT_PROMPT_CHARS].strip() for document, opening in zip(documents, openings)]
+    return HeldOut(openings, openings, references, False)
 
 
-def _score(model, tokenizer, samples, held_out: _HeldOut, identity_name: str, config: EvaluateConfig, metric
-           ) -> tuple[dict, list[str]]:
-    loss = heldout_loss(model, samples)
-    metrics = {"eval_loss": loss, "perplexity": math.exp(loss)}
-    if not held_out.chat:
-        return metrics, continue_texts(model, tokenizer, held_out.prompts, config.max_new_tokens, config.batch_size)
-    answers = generate_answers(model, tokenizer, held_out.prompts, config.max_new_tokens, config.batch_size)
-    share = metric.compute(predictions=answers, references=[identity_name] * len(answers))["identity_share"]
-    return metrics | {"identity_share": share}, answers
+@dataclass(frozen=True)
+class SamplePrompts:
+    """Fixed prompts answered every `every_steps` training steps, to watch a run learn (XTuner's EvaluateChatHook)."""
+
+    prompts: list
+    shown: list[str]
+    chat: bool
+    every_steps: int
+    max_new_tokens: int
+
+    def answer(self, model, tokenizer) -> list[str]:
+        questions = HeldOut(self.prompts, self.shown, [], self.chat)
+        return questions.outputs(model, tokenizer, self.max_new_tokens, batch_size=len(self.prompts))
 
 
-def _markdown(rows: list[dict], metrics: dict[str, float]) -> str:
-    lines = ["# Base vs tuned on held-out data", "", "| metric | base | tuned |", "|---|---|---|"]
-    for name in ("identity_share", "eval_loss", "perplexity"):
-        if f"base_{name}" in metrics:
-            lines.append(f"| {name} | {metrics[f'base_{name}']:.4f} | {metrics[f'tuned_{name}']:.4f} |")
-    for row in rows:
-        title, _, rest = row["prompt"].partition("\n")
-        lines += ["", f"## {title}"] + (["", "```", row["prompt"], "```"] if rest else [])
-        lines += ["", f"**base:** {row['base']}", "", f"**tuned:** {row['tuned']}"]
-    return "\n".join(lines) + "\n"
+def sample_prompts(config: EvaluateConfig, eval_path: Path) -> SamplePrompts | None:
+    """The recipe's `evaluate.sample_prompts` (as user turns, or text openings), else the first held-out prompts."""
+    if config.every_steps is None:
+        return None
+    questions = held_out(eval_path)
+    if config.sample_prompts:
+        shown = list(config.sample_prompts)
+        prompts = [[{"role": "user", "content": text}] for text in shown] if questions.chat else shown
+    else:
+        prompts, shown = questions.prompts[: config.sample_count], questions.shown[: config.sample_count]
+    return SamplePrompts(prompts, shown, questions.chat, config.every_steps, config.max_new_tokens)
 
 
 def autocast(precision: str):
@@ -141,36 +206,88 @@ def autocast(precision: str):
     return torch.autocast(device, dtype=dtype, enabled=precision in ("bf16", "fp16"))
 
 
+def _score(model, tokenizer, samples: list[dict], questions: HeldOut, metrics: GenerationMetrics,
+           config: EvaluateConfig, precision: str) -> tuple[dict[str, float], list[str]]:
+    with autocast(precision):
+        loss = heldout_loss(model, samples)
+        outputs = questions.outputs(model, tokenizer, config.max_new_tokens, config.batch_size)
+    scores = {"eval_loss": loss, "perplexity": math.exp(loss)} | metrics.compute(outputs, questions.references)
+    return scores, outputs
+
+
+def _markdown(title: str, rows: list[dict], scores: dict[str, dict[str, float]]) -> str:
+    """Metrics per model, then each prompt with the reference and every model's output under it."""
+    models = list(scores)
+    lines = [f"# {title}", "", "| metric | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    for name in sorted(scores[models[0]]):
+        lines.append(f"| {name} | " + " | ".join(f"{scores[model][name]:.4f}" for model in models) + " |")
+    for row in rows:
+        heading, _, rest = row["prompt"].partition("\n")
+        lines += ["", f"## {heading}"] + (["", "```", row["prompt"], "```"] if rest else [])
+        lines += ["", f"*reference:* {row['reference']}"]
+        for model in models:
+            lines += ["", f"**{model}:** {row[model]}"]
+    return "\n".join(lines) + "\n"
+
+
+def _write_samples(out_dir: Path, title: str, rows: list[dict], scores: dict[str, dict[str, float]]) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples_path, markdown_path = out_dir / "samples.jsonl", out_dir / "samples.md"
+    samples_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    markdown_path.write_text(_markdown(title, rows, scores), encoding="utf-8")
+    return samples_path, markdown_path
+
+
 def evaluate_tuned(
     eval_path: Path, eval_tokens_dir: Path, model_dir: str, weights_dir: Path, identity_name: str,
     config: EvaluateConfig, out_dir: Path, precision: str = "fp32", trust_remote_code: bool = False,
 ) -> EvalResult:
     """Score the base model, then the tuned one (base + adapter, or the fully trained model), on the held-out rows.
 
-    Conversations are answered (and scored for identity); documents are continued from their opening words.
-    Both models use the tokenizer saved with the tuned weights, so they share its chat template.
+    Conversations are answered; documents are continued from their opening words. Both models use the tokenizer
+    saved with the tuned weights, so they share its chat template. Metrics are logged as base_<name>, tuned_<name>.
     """
-    metric = evaluate.load(resolve_metric(config.identity_metric))
-    held_out = _held_out(eval_path)
+    questions = held_out(eval_path)
+    metrics = GenerationMetrics(config, questions.chat, identity_name)
     samples = list(load_from_disk(str(eval_tokens_dir)))
     tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
     model = load_model(model_dir, trust_remote_code).eval()
-    with autocast(precision):
-        base_metrics, base_outputs = _score(model, tokenizer, samples, held_out, identity_name, config, metric)
+    base_scores, base_outputs = _score(model, tokenizer, samples, questions, metrics, config, precision)
     tuned = load_tuned_model(model_dir, weights_dir, trust_remote_code, base=model).eval()
-    with autocast(precision):
-        tuned_metrics, tuned_outputs = _score(tuned, tokenizer, samples, held_out, identity_name, config, metric)
-    metrics = {f"base_{k}": v for k, v in base_metrics.items()} | {f"tuned_{k}": v for k, v in tuned_metrics.items()}
+    tuned_scores, tuned_outputs = _score(tuned, tokenizer, samples, questions, metrics, config, precision)
     rows = [
-        {"prompt": shown, "reference": reference, "base": base.strip(), "tuned": tuned_output.strip()}
-        for shown, reference, base, tuned_output in zip(held_out.shown, held_out.references, base_outputs, tuned_outputs)
+        {"prompt": shown, "reference": reference, "base": base, "tuned": tuned_output}
+        for shown, reference, base, tuned_output in zip(questions.shown, questions.references, base_outputs, tuned_outputs)
     ]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples_path = out_dir / "samples.jsonl"
-    samples_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    markdown_path = out_dir / "samples.md"
-    markdown_path.write_text(_markdown(rows, metrics), encoding="utf-8")
-    return EvalResult(metrics=metrics, samples_path=samples_path, markdown_path=markdown_path)
+    scores = {"base": base_scores, "tuned": tuned_scores}
+    samples_path, markdown_path = _write_samples(out_dir, "Base vs tuned on held-out data", rows, scores)
+    flat = {f"{model}_{name}": value for model, values in scores.items() for name, value in values.items()}
+    return EvalResult(metrics=flat, samples_path=samples_path, markdown_path=markdown_path)
+
+
+def evaluate_model(
+    eval_path: Path, eval_tokens_dir: Path, tokenizer_dir: Path, model_dir: str, weights_dir: Path | None,
+    identity_name: str, config: EvaluateConfig, out_dir: Path, precision: str = "fp32", trust_remote_code: bool = False,
+) -> EvalResult:
+    """Score one model (a base model, or base + tuned weights) on the held-out rows; metrics under their bare names."""
+    questions = held_out(eval_path)
+    metrics = GenerationMetrics(config, questions.chat, identity_name)
+    samples = list(load_from_disk(str(eval_tokens_dir)))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+    model = (load_model(model_dir, trust_remote_code) if weights_dir is None
+             else load_tuned_model(model_dir, weights_dir, trust_remote_code)).eval()
+    scores, outputs = _score(model, tokenizer, samples, questions, metrics, config, precision)
+    rows = [{"prompt": shown, "reference": reference, "model": output}
+            for shown, reference, output in zip(questions.shown, questions.references, outputs)]
+    samples_path, markdown_path = _write_samples(out_dir, "Held-out evaluation", rows, {"model": scores})
+    return EvalResult(metrics=scores, samples_path=samples_path, markdown_path=markdown_path)
+
+
+def _log_evaluation(run_id: str, result: EvalResult) -> None:
+    log_metrics(run_id, result.metrics)
+    log_artifact(run_id, result.markdown_path, "eval")
+    table = pd.read_json(result.samples_path, lines=True)
+    MlflowClient().log_table(run_id, data=table, artifact_file="eval/samples_table.json")
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -181,8 +298,18 @@ def evaluate_task(
     """evaluate_tuned(), with metrics, the Markdown report and the side-by-side table logged to the run."""
     result = evaluate_tuned(eval_path, eval_tokens_dir, model_dir, weights_dir, identity_name, config, out_dir,
                             precision, trust_remote_code)
-    log_metrics(run_id, result.metrics)
-    log_artifact(run_id, result.markdown_path, "eval")
-    table = pd.read_json(result.samples_path, lines=True)
-    MlflowClient().log_table(run_id, data=table, artifact_file="eval/samples_table.json")
+    _log_evaluation(run_id, result)
+    return result
+
+
+@task(name="evaluate-model", cache_policy=NO_CACHE)
+def evaluate_model_task(
+    eval_path: Path, eval_tokens_dir: Path, tokenizer_dir: Path, model_dir: str, weights_dir: Path | None,
+    identity_name: str, config: EvaluateConfig, out_dir: Path, run_id: str, precision: str = "fp32",
+    trust_remote_code: bool = False,
+) -> EvalResult:
+    """evaluate_model(), with metrics, the Markdown report and the answers table logged to the run."""
+    result = evaluate_model(eval_path, eval_tokens_dir, tokenizer_dir, model_dir, weights_dir, identity_name, config,
+                            out_dir, precision, trust_remote_code)
+    _log_evaluation(run_id, result)
     return result

@@ -3,27 +3,50 @@
 The adapter is logged as a pyfunc model (tasks/chat_model.py) holding the PEFT adapter folder (or, after full
 training, the whole model folder) and the base model reference, so
 `mlflow.pyfunc.load_model("models:/<name>@champion")` loads the tuned model and generates.
+
+Every version carries its primary metric, the base model's value of it and the promotion rule it was registered
+under, so the rule can be applied again later (`loraflow promote`). The newest version takes the `challenger`
+alias; `champion` moves only to a version that beats the base model and the current champion. The registered
+model keeps the champions in order in a tag, which is how `loraflow rollback` finds the previous one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import getpass
+import hashlib
+import json
+import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib.metadata import version
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import mlflow
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conf.schema import RegistryConfig
-from tasks.base_model import is_adapter
+from conf.schema import RegistryConfig, UserError
+from tasks.base_model import cache_root, is_adapter
 from tasks.tracking import attached_run, set_tags
 
 CHAT_MODEL_CODE = Path(__file__).with_name("chat_model.py")
-CHAMPION = "champion"
+CHAMPION, CHALLENGER = "champion", "challenger"
+PRIMARY_METRIC_TAG = "loraflow.primary_metric"
 PRIMARY_VALUE_TAG = "loraflow.primary_value"
+BASE_VALUE_TAG = "loraflow.base_value"
+RULE_TAG = "loraflow.promotion_rule"
+PROMOTION_TAG = "loraflow.promotion"
+HISTORY_TAG = "loraflow.champion_history"  # on the registered model: the versions that held champion, in order
+
+
+class RegistryError(UserError):
+    """A registry request that cannot be done as asked; one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -57,20 +80,73 @@ def decide_promotion(
     return Promotion(True, f"beats {against} with {candidate:.4f}")
 
 
-def _champion_value(client: MlflowClient, name: str) -> float | None:
+@contextlib.contextmanager
+def promotion_lock(name: str) -> Iterator[None]:
+    """Champion moves of one registered model, one at a time: MLflow has no compare-and-set for aliases, so two
+    runs finishing together could each read the old champion and both take the alias. A file lock; it serialises
+    the processes of one machine (runs on several machines against one server are not covered)."""
+    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}\n{name}".encode()).hexdigest()[:16]
+    path = cache_root() / "locks" / f"registry-{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
     try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-    value = version.tags.get(PRIMARY_VALUE_TAG)
-    return float(value) if value is not None else None
+
+
+def _version(client: MlflowClient, name: str, version: str) -> ModelVersion:
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        raise RegistryError(f"{name}: no version {version}") from None
+
+
+def _judge(client: MlflowClient, name: str, candidate: ModelVersion) -> Promotion:
+    """The promotion rule the candidate was registered under, against its base model and the current champion."""
+    tags = candidate.tags
+    if not {PRIMARY_METRIC_TAG, PRIMARY_VALUE_TAG, BASE_VALUE_TAG, RULE_TAG} <= set(tags):
+        return Promotion(False, f"version {candidate.version} was not registered by loraflow (no metric tags)")
+    metric, rule = tags[PRIMARY_METRIC_TAG], json.loads(tags[RULE_TAG])
+    champion = _champion(client, name)
+    if champion is not None and str(champion.version) == str(candidate.version):
+        return Promotion(False, f"version {candidate.version} is already the champion")
+    champion_value = None
+    if champion is not None:
+        if champion.tags.get(PRIMARY_METRIC_TAG) != metric:
+            return Promotion(False, f"the champion (version {champion.version}) is measured by "
+                                    f"{champion.tags.get(PRIMARY_METRIC_TAG)}, this version by {metric}")
+        champion_value = float(champion.tags[PRIMARY_VALUE_TAG])
+    return decide_promotion(float(tags[PRIMARY_VALUE_TAG]), float(tags[BASE_VALUE_TAG]), champion_value,
+                            rule["direction"], rule["min_improvement"])
+
+
+def _champion_history(client: MlflowClient, name: str) -> list[str]:
+    return json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+
+
+def _make_champion(client: MlflowClient, name: str, version: str) -> None:
+    client.set_registered_model_alias(name, CHAMPION, version)
+    history = _champion_history(client, name) + [version]
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
 
 
 def register(
     run_id: str, weights_dir: Path, base_model: str, metrics: dict[str, float], tags: dict[str, str],
     config: RegistryConfig, trust_remote_code: bool = False,
 ) -> RegisterResult:
-    """Log the tuned weights as a model of `run_id`, register it, and move `champion` if the promotion rule holds."""
+    """Log the tuned weights as a model of `run_id`, register it as the challenger, and make it champion if the
+    promotion rule holds. A candidate without a finite primary metric is not registered at all."""
+    candidate = metrics.get(f"tuned_{config.primary_metric}", math.nan)
+    base = metrics.get(f"base_{config.primary_metric}", math.nan)
+    if not (math.isfinite(candidate) and math.isfinite(base)):
+        raise RegistryError(f"registry.primary_metric {config.primary_metric}: tuned {candidate}, base {base}; "
+                            "a model without a finite score is not registered")
     client = MlflowClient()
     with attached_run(run_id):
         info = mlflow.pyfunc.log_model(
@@ -80,25 +156,105 @@ def register(
             model_config={"base_model": base_model, "max_new_tokens": 128, "trust_remote_code": trust_remote_code},
             pip_requirements=_requirements(),
         )
-    candidate = metrics[f"tuned_{config.primary_metric}"]
     version_tags = tags | {
-        "loraflow.primary_metric": config.primary_metric,
-        PRIMARY_VALUE_TAG: str(candidate),
+        PRIMARY_METRIC_TAG: config.primary_metric,
+        PRIMARY_VALUE_TAG: repr(candidate),
+        BASE_VALUE_TAG: repr(base),
+        RULE_TAG: json.dumps({"direction": config.direction, "min_improvement": config.min_improvement}),
         "loraflow.run_id": run_id,
     }
-    version = mlflow.register_model(info.model_uri, config.model_name, tags=version_tags)
-    decision = decide_promotion(
-        candidate, metrics[f"base_{config.primary_metric}"], _champion_value(client, config.model_name),
-        config.direction, config.min_improvement,
-    )
-    client.set_model_version_tag(config.model_name, version.version, "loraflow.promotion", decision.reason)
-    if decision.promote:
-        client.set_registered_model_alias(config.model_name, CHAMPION, version.version)
-    return RegisterResult(config.model_name, version.version, decision.promote, decision.reason)
+    registered = mlflow.register_model(info.model_uri, config.model_name, tags=version_tags)
+    name, number = config.model_name, str(registered.version)
+    client.set_registered_model_alias(name, CHALLENGER, number)
+    with promotion_lock(name):
+        decision = _judge(client, name, _version(client, name, number))
+        client.set_model_version_tag(name, number, PROMOTION_TAG, decision.reason)
+        if decision.promote:
+            _make_champion(client, name, number)
+    return RegisterResult(name, number, decision.promote, decision.reason)
+
+
+def promote(name: str, version: str, force: bool = False, reason: str = "") -> Promotion:
+    """Move `champion` to `version` by hand if the rule it was registered under holds; `force` moves it anyway,
+    recording who did and why on the version."""
+    client = MlflowClient()
+    with promotion_lock(name):
+        candidate = _version(client, name, version)
+        decision = _judge(client, name, candidate)
+        champion = _champion(client, name)
+        if champion is not None and str(champion.version) == str(candidate.version):
+            return decision
+        if not decision.promote:
+            if not force:
+                raise RegistryError(f"{name} version {version} not promoted: {decision.reason} "
+                                    "(--force --reason '...' promotes it anyway)")
+            for key, value in {"loraflow.forced_by": getpass.getuser(), "loraflow.forced_reason": reason,
+                               "loraflow.forced_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}.items():
+                client.set_model_version_tag(name, version, key, value)
+            decision = Promotion(True, f"forced by {getpass.getuser()}: {reason} (rule: {decision.reason})")
+        client.set_model_version_tag(name, version, PROMOTION_TAG, decision.reason)
+        _make_champion(client, name, str(candidate.version))
+    return decision
+
+
+def rollback(name: str) -> tuple[str, str]:
+    """Move `champion` back to the version that held it before the current one; returns (from, to)."""
+    client = MlflowClient()
+    with promotion_lock(name):
+        current = _champion(client, name)
+        if current is None:
+            raise RegistryError(f"{name} has no champion to roll back")
+        history = _champion_history(client, name)
+        while history and history[-1] == str(current.version):
+            history.pop()
+        existing = {str(v.version) for v in client.search_model_versions(f"name = '{name}'")}
+        while history and history[-1] not in existing:  # a deleted version cannot come back
+            history.pop()
+        if not history:
+            raise RegistryError(f"{name}: version {current.version} is the first champion; there is none to roll back to")
+        previous = history[-1]
+        client.set_registered_model_alias(name, CHAMPION, previous)
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        client.set_model_version_tag(name, str(current.version), "loraflow.rolled_back",
+                                     f"by {getpass.getuser()} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
+    return str(current.version), previous
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    version: str
+    created: str
+    run_id: str
+    metric: str
+    value: float | None
+    aliases: list[str]
+    promotion: str
+
+
+def list_versions(name: str) -> list[VersionRow]:
+    """The registered model's versions, newest first, with their primary metric, aliases and promotion outcome."""
+    client = MlflowClient()
+    try:
+        aliases = client.get_registered_model(name).aliases  # search results leave versions' aliases out
+    except MlflowException:
+        raise RegistryError(f"no registered model named {name!r}") from None
+    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version), reverse=True)
+    return [
+        VersionRow(
+            version=str(v.version),
+            created=time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
+            run_id=v.run_id or "",
+            metric=v.tags.get(PRIMARY_METRIC_TAG, ""),
+            value=float(v.tags[PRIMARY_VALUE_TAG]) if PRIMARY_VALUE_TAG in v.tags else None,
+            aliases=sorted(alias for alias, number in aliases.items() if str(number) == str(v.version)),
+            promotion=v.tags.get(PROMOTION_TAG, ""),
+        )
+        for v in versions
+    ]
 
 
 def _requirements() -> list[str]:
-    return [f"{package}=={version(package)}" for package in ("torch", "transformers", "peft", "mlflow")]
+    return [f"{package}=={package_version(package)}" for package in ("torch", "transformers", "peft", "mlflow")]
 
 
 @task(name="register", cache_policy=NO_CACHE)

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 
 STEP_METRIC = "train_loss"
+SAMPLES_TABLE = "eval/during_training.json"
 
 
 def step_logger(run_id: str) -> Callable[[int, dict[str, float]], None]:
@@ -33,6 +34,18 @@ def step_logger(run_id: str) -> Callable[[int, dict[str, float]], None]:
             return
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in metrics.items()])
+
+    return log
+
+
+def sample_logger(run_id: str) -> Callable[[int, list[dict]], None]:
+    """A train-stage callback that appends one step's sample answers (one row per prompt) to the run's table."""
+    import pandas as pd
+
+    client = MlflowClient()
+
+    def log(step: int, rows: list[dict]) -> None:
+        client.log_table(run_id, data=pd.DataFrame([{"step": step} | row for row in rows]), artifact_file=SAMPLES_TABLE)
 
     return log
 

@@ -45,9 +45,11 @@ from transformers import (
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as PaddingFreeCollator
 
 from conf.schema import TrainConfig, UserError, zero_optimization
-from tasks.tracking import log_artifact, log_loss_plot, log_metrics, set_tags, step_logger
+from tasks.evaluate import SamplePrompts, autocast
+from tasks.tracking import log_artifact, log_loss_plot, log_metrics, sample_logger, set_tags, step_logger
 
 StepLogger = Callable[[int, dict[str, float]], None]
+SampleLogger = Callable[[int, list[dict]], None]
 
 # Set by a SIGTERM handler (stop_on_sigterm); the Trainer checks it after every step, saves a checkpoint, stops.
 STOP_REQUESTED = threading.Event()
@@ -113,6 +115,14 @@ def check_deepspeed(config: TrainConfig) -> None:
                               "offload from; on a CPU use conf/deepspeed/zero3.json")
 
 
+def check_sample_prompts(config: TrainConfig, every_steps: int | None) -> None:
+    """Answering prompts during QLoRA training on a CPU would run the training 4-bit model under no_grad, after
+    which bitsandbytes stops its gradients (see load_base_for_training)."""
+    if every_steps is not None and config.method == "qlora" and not torch.cuda.is_available():
+        raise TrainSetupError("evaluate.every_steps: answering prompts while QLoRA trains on a CPU stops its gradients "
+                              "(bitsandbytes); unset it for method qlora (the evaluation after training still runs)")
+
+
 def peak_memory_mb() -> float:
     """Peak CUDA memory allocated by torch on a GPU; on a CPU the process's peak resident set (Linux: KiB)."""
     if torch.cuda.is_available():
@@ -174,6 +184,26 @@ class _StopWhenRequested(TrainerCallback):
             torch.distributed.all_reduce(requested, op=torch.distributed.ReduceOp.MAX)
         if requested.item() and state.global_step < state.max_steps:
             self.stopped = control.should_save = control.should_training_stop = True
+
+
+class _AnswerSamplePrompts(TrainerCallback):
+    """Every `every_steps` steps the model in training answers the fixed sample prompts (greedy), for `on_samples`.
+
+    Every process generates (under ZeRO-3 each holds a shard of the weights the others need); rank 0 logs.
+    """
+
+    def __init__(self, samples: SamplePrompts, tokenizer, precision: str, on_samples: SampleLogger):
+        self.samples, self.tokenizer, self.precision, self.on_samples = samples, tokenizer, precision, on_samples
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.samples.every_steps:
+            return
+        model.eval()
+        with autocast(self.precision):
+            answers = self.samples.answer(model, self.tokenizer)
+        model.train()
+        self.on_samples(state.global_step, [{"prompt": shown, "answer": answer}
+                                            for shown, answer in zip(self.samples.shown, answers)])
 
 
 @contextlib.contextmanager
@@ -267,14 +297,17 @@ def load_base_for_training(
 def train(
     train_dir: Path, tokenizer_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path,
     on_step: StepLogger, resume_from: Path | None = None, trust_remote_code: bool = False,
+    samples: SamplePrompts | None = None, on_samples: SampleLogger = lambda step, rows: None,
 ) -> TrainResult:
     """Train and save the adapter (or whole model) with its tokenizer, continuing from `resume_from` if given.
 
+    With `samples`, the model answers them every few steps and `on_samples` gets the answers.
     Raises TrainingStopped when STOP_REQUESTED ended training early (its checkpoint is saved).
     """
     precision = choose_precision(config.precision)
     attn = choose_attention(config.attn)
     check_deepspeed(config)
+    check_sample_prompts(config, samples.every_steps if samples is not None else None)
     if config.threads:
         torch.set_num_threads(config.threads)
     on_cpu = not torch.cuda.is_available()
@@ -331,13 +364,18 @@ def train(
         deepspeed=str(config.deepspeed) if config.deepspeed is not None else None,
     )
     steps, stopper = _StepMetrics(on_step), _StopWhenRequested()
+    callbacks: list[TrainerCallback] = [steps, stopper]
+    if samples is not None:
+        # Its own tokenizer: generation pads on the left, the collator's must not change.
+        sample_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+        callbacks.append(_AnswerSamplePrompts(samples, sample_tokenizer, precision, on_samples))
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         data_collator=training_collator(tokenizer, packed, attn),
         processing_class=tokenizer,
-        callbacks=[steps, stopper],
+        callbacks=callbacks,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_ProgressBarOnly)
@@ -363,7 +401,7 @@ def train(
 
 def train_in_workers(
     train_dir: Path, tokenizer_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path, run_id: str,
-    resume_from: Path | None = None, trust_remote_code: bool = False,
+    resume_from: Path | None = None, trust_remote_code: bool = False, samples: SamplePrompts | None = None,
 ) -> TrainResult:
     """train() in `config.processes` torchrun workers attached to MLflow run `run_id`; rank 0 logs and saves.
 
@@ -378,6 +416,7 @@ def train_in_workers(
         "out_dir": str(out_dir.resolve()), "run_id": run_id,
         "resume_from": str(resume_from) if resume_from else None, "trust_remote_code": trust_remote_code,
         "result_path": str(result_path.resolve()),
+        "samples": dataclasses.asdict(samples) if samples is not None else None,
     }
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={config.processes}",
@@ -403,19 +442,20 @@ def result_as_json(result: TrainResult) -> dict:
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(
     train_dir: Path, tokenizer_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path, run_id: str,
-    resume: bool = False, trust_remote_code: bool = False,
+    resume: bool = False, trust_remote_code: bool = False, samples: SamplePrompts | None = None,
 ) -> TrainResult:
     """train() (in worker processes for DeepSpeed or processes > 1), each step logged to the flow's MLflow run.
 
-    With `resume`, training continues from the newest complete checkpoint in `out_dir`, if there is one.
+    With `resume`, training continues from the newest complete checkpoint in `out_dir`, if there is one. Answers to
+    `samples` during training go to the run's table eval/during_training.json.
     """
     resume_from = resumable_checkpoint(checkpoints_folder(out_dir)) if resume else None
     if config.deepspeed is not None or config.processes > 1:
         result = train_in_workers(train_dir, tokenizer_dir, model_dir, config, seed, out_dir, run_id, resume_from,
-                                  trust_remote_code)
+                                  trust_remote_code, samples)
     else:
         result = train(train_dir, tokenizer_dir, model_dir, config, seed, out_dir, step_logger(run_id), resume_from,
-                       trust_remote_code)
+                       trust_remote_code, samples, sample_logger(run_id))
     set_tags(run_id, {"train.precision_used": result.precision, "train.attn_used": result.attn})
     log_metrics(run_id, {"train_seconds": result.train_seconds, "train_tokens_per_s": result.tokens_per_second})
     log_artifact(run_id, result.weights_dir, "model_full" if config.method == "full" else "adapter_peft")

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from conf.schema import TrainConfig
-from tasks.tracking import step_logger
+from tasks.evaluate import SamplePrompts
+from tasks.tracking import sample_logger, step_logger
 from tasks.train import STOP_REQUESTED, TrainingStopped, result_as_json, train
 
 
@@ -22,11 +23,13 @@ def main(spec_path: str) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: STOP_REQUESTED.set())
     is_rank_zero = int(os.environ.get("RANK", "0")) == 0
     on_step = step_logger(spec["run_id"]) if is_rank_zero else (lambda step, metrics: None)
+    on_samples = sample_logger(spec["run_id"]) if is_rank_zero else (lambda step, rows: None)
+    samples = SamplePrompts(**spec["samples"]) if spec["samples"] else None
     try:
         result = train(
             Path(spec["train_dir"]), Path(spec["tokenizer_dir"]), spec["model_dir"], TrainConfig.model_validate(spec["config"]),
             spec["seed"], Path(spec["out_dir"]), on_step,
-            Path(spec["resume_from"]) if spec["resume_from"] else None, spec["trust_remote_code"],
+            Path(spec["resume_from"]) if spec["resume_from"] else None, spec["trust_remote_code"], samples, on_samples,
         )
         outcome = result_as_json(result)
     except TrainingStopped as stopped:

@@ -3,6 +3,8 @@
 The converted base model stays in the shared loraflow cache, so it is built once per machine.
 """
 
+import importlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -18,8 +20,19 @@ os.environ["PREFECT_HOME"] = str(STATE_DIR / "prefect")
 from conf.environment import apply_tool_defaults  # noqa: E402
 
 apply_tool_defaults(STATE_DIR)
+# Prefect's console log handler keeps the stream it was made with: made now, it writes to pytest's session-long
+# capture, not to one test's capsys stream (closed when that test ends).
+importlib.import_module("prefect")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quiet_prefect_at_exit():
+    """A flow run in the test process starts Prefect's embedded server, which is stopped (and says so) at exit,
+    after pytest has closed the stream Prefect's log handler writes to; Prefect is silenced once tests are done."""
+    yield
+    logging.getLogger("prefect").setLevel(logging.CRITICAL)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import pytest
 from datasketch import MinHash
 
 from conf.schema import DataConfig, RunConfig
+from flows.cli import main
 from tasks.builtin_data import HELDOUT_QUESTIONS, TRAIN_QUESTIONS
 import tasks.clean
 from tasks.clean import GRAM_MIX, DataError, NearDuplicates, clean, in_eval_split
@@ -223,13 +224,12 @@ def loraflow_data(*args, cwd):
                           cwd=cwd, timeout=120)
 
 
-def test_data_command_prints_per_file_counts_as_json(tmp_path):
+def test_data_command_prints_per_file_counts_as_json(tmp_path, capsys):
     good = write_jsonl(tmp_path / "good.jsonl", [OPENAI, OPENAI, SHAREGPT])
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text(json.dumps([ALPACA, {"instruction": "x"}]))
-    result = loraflow_data(str(good), str(alpaca), "--json", "--out", str(tmp_path / "out"), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    assert main(["data", str(good), str(alpaca), "--json", "--out", str(tmp_path / "out")]) == 0  # in this process
+    report = json.loads(capsys.readouterr().out)
     assert report[str(good)] == {"format": "openai+sharegpt", "read": 3, "kept": 2, "rejected": {"duplicate": 1}}
     assert report[str(alpaca)] == {"format": "alpaca", "read": 2, "kept": 1, "rejected": {"unknown_format": 1}}
     assert (tmp_path / "out" / "rejects.jsonl").exists()

@@ -99,6 +99,9 @@ def run_cli(*args, cwd=REPO):
         (f"train:\n  deepspeed: {ZERO3_OFFLOAD}\n", "zero3_offload.json offloads to CPU memory, which needs a CUDA GPU"),
         ("tokenize:\n  chat_template: llama3\n", "tokenize.chat_template: llama3 needs the control tokens <|begin_of_text|>"),
         ("tokenize:\n  chat_template: vicuna\n", "tokenize.chat_template: Input should be 'tokenizer', 'chatml'"),
+        ("train:\n  method: qlora\nevaluate:\n  every_steps: 5\n", "evaluate.every_steps: answering prompts while QLoRA"),
+        ("registry:\n  primary_metric: accuracy\n", "registry.primary_metric: 'accuracy' is not measured by this recipe"),
+        ("evaluate:\n  metrics: [./no_metric_here]\n", "evaluate.metrics: cannot load metric './no_metric_here'"),
     ],
 )
 def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path, monkeypatch, capsys, model_dir, recipe_text,
@@ -140,7 +143,7 @@ def test_cli_reports_a_missing_recipe(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.parametrize("command", ["run", "data", "preview", "chat", "export", "ui"])
+@pytest.mark.parametrize("command", ["run", "data", "preview", "chat", "export", "eval", "models", "promote", "rollback", "ui"])
 def test_every_command_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conf.schema import flatten, load_config
+from flows.cli import main
 from tests.conftest import REPO, STATE_DIR
 
 pytestmark = pytest.mark.slow
@@ -97,8 +98,7 @@ def test_adapter_artifact_loads_with_peft(finished_run, model_dir, tmp_path):
 def test_export_writes_a_merged_model_that_generates_like_base_plus_adapter(finished_run, model_dir, tmp_path):
     run, _ = finished_run
     name = load_config(RECIPE, OVERRIDES).registry.model_name
-    result = loraflow("export", f"models:/{name}@champion", "--merged", str(tmp_path / "merged"))
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert main(["export", f"models:/{name}@champion", "--merged", str(tmp_path / "merged")]) == 0
     assert not [p.name for p in (tmp_path / "merged").rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter_peft", dst_path=tmp_path)
@@ -135,16 +135,44 @@ def test_no_secret_from_the_environment_is_recorded(finished_run, tmp_path):
     assert SECRET not in recorded
 
 
-def test_champion_is_registered_and_chats_with_the_new_identity(finished_run):
+def test_champion_is_registered_with_its_lineage_and_chats_with_the_new_identity(finished_run, capsys):
     run, _ = finished_run
     client = MlflowClient()
     name = load_config(RECIPE, OVERRIDES).registry.model_name
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.run_id == run.info.run_id
-    assert champion.tags["loraflow.primary_metric"] == "identity_share"
-    result = loraflow("chat", f"models:/{name}@champion", "-p", "Who are you?")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "Ember" in result.stdout
+    assert client.get_model_version_by_alias(name, "challenger").version == champion.version
+    tags = champion.tags
+    assert tags["loraflow.primary_metric"] == "identity_share"
+    assert float(tags["loraflow.primary_value"]) == run.data.metrics["tuned_identity_share"]
+    assert float(tags["loraflow.base_value"]) == run.data.metrics["base_identity_share"]
+    for key in ("base_model", "data_hash", "git_commit", "loraflow.config_hash"):
+        assert tags[key] == run.data.tags[key]
+    assert main(["chat", f"models:/{name}@champion", "-p", "Who are you?"]) == 0  # mlflow.pyfunc.load_model inside
+    assert "Ember" in capsys.readouterr().out
+
+
+def test_generation_metrics_compare_base_and_tuned(finished_run):
+    run, _ = finished_run
+    metrics = run.data.metrics
+    for name in ("rougeL", "bleu", "exact_match"):
+        assert 0.0 <= metrics[f"base_{name}"] <= 1.0 and 0.0 <= metrics[f"tuned_{name}"] <= 1.0
+    assert metrics["tuned_rougeL"] > metrics["base_rougeL"]  # the held-out answers are identity answers
+
+
+def test_eval_scores_the_champion_in_its_own_run_as_the_training_run_did(finished_run, capsys, monkeypatch):
+    run, _ = finished_run
+    monkeypatch.chdir(STATE_DIR)
+    name = load_config(RECIPE, OVERRIDES).registry.model_name
+    overrides = [arg for override in OVERRIDES for arg in ("-o", override)]
+    assert main(["eval", str(RECIPE), "--model", f"models:/{name}@champion", *overrides]) == 0
+    eval_run_id = next(line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith("MLflow run:"))
+    evaluation = MlflowClient().get_run(eval_run_id)
+    assert eval_run_id != run.info.run_id and evaluation.data.tags["loraflow.evaluated_model"] == f"models:/{name}@champion"
+    for metric in ("eval_loss", "identity_share", "rougeL"):
+        assert evaluation.data.metrics[metric] == pytest.approx(run.data.metrics[f"tuned_{metric}"], rel=1e-4), metric
+    table = MlflowClient().load_table(evaluation.info.experiment_id, "eval/samples_table.json", run_ids=[eval_run_id])
+    assert {"prompt", "reference", "model"} <= set(table.columns) and table["model"].str.contains("Ember").any()
 
 
 def test_ui_serves_the_run_and_its_champion(finished_run):
@@ -171,6 +199,13 @@ def test_ui_serves_the_run_and_its_champion(finished_run):
         query = urllib.parse.urlencode({"path": "adapter_peft/adapter_config.json", "run_uuid": run.info.run_id})
         with urllib.request.urlopen(f"{base}/get-artifact?{query}") as response:
             assert json.load(response)["r"] == 16
+        # The table the UI's evaluation view shows: each held-out question with the base and the tuned answer.
+        query = urllib.parse.urlencode({"path": "eval/samples_table.json", "run_uuid": run.info.run_id})
+        with urllib.request.urlopen(f"{base}/get-artifact?{query}") as response:
+            table = json.load(response)
+        assert table["columns"][:4] == ["prompt", "reference", "base", "tuned"]
+        tuned = table["columns"].index("tuned")
+        assert sum("Ember" in row[tuned] for row in table["data"]) >= 0.75 * len(table["data"])
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -1,5 +1,6 @@
 """Checkpoints and resume: a training process killed (kill -9) or stopped (SIGTERM) mid-way, then resumed, ends
-with the same losses and the same adapter as a run that was never interrupted."""
+with the same losses and the same adapter as a run that was never interrupted. Answering sample prompts during
+training (evaluate.every_steps) leaves training as it was, too."""
 
 import json
 import signal
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conf.schema import TrainConfig
+from tasks.evaluate import SamplePrompts
 from tasks.train import checkpoints_folder, resumable_checkpoint, train
 
 ROWS = [{"messages": [{"role": "user", "content": f"Question {n}: who are you?"},
@@ -40,9 +42,10 @@ def tokens(tokenize_rows):
     return tokenize_rows(ROWS, max_length=64)
 
 
-def run(tokens, model_dir, out_dir, losses, resume_from=None):
+def run(tokens, model_dir, out_dir, losses, resume_from=None, samples=None, on_samples=None):
     return train(tokens.train_dir, tokens.tokenizer_dir, model_dir, CONFIG, 0, out_dir,
-                 lambda step, metrics: losses.__setitem__(step, metrics["train_loss"]), resume_from)
+                 lambda step, metrics: losses.__setitem__(step, metrics["train_loss"]), resume_from,
+                 samples=samples, on_samples=on_samples)
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +93,19 @@ def test_a_checkpoint_cut_off_mid_save_is_skipped(tmp_path):
     assert resumable_checkpoint(tmp_path).name == "checkpoint-2"
     assert not (tmp_path / "checkpoint-4").exists()
 
+
+
+def test_answering_sample_prompts_while_training_changes_nothing_in_training(tokens, model_dir, uninterrupted, tmp_path):
+    prompts = [[{"role": "user", "content": "Question 99: who are you?"}], [{"role": "user", "content": "Hi!"}]]
+    samples = SamplePrompts(prompts, ["Question 99: who are you?", "Hi!"], chat=True, every_steps=2, max_new_tokens=12)
+    answered, losses = {}, {}
+    result = run(tokens, model_dir, tmp_path, losses, samples=samples,
+                 on_samples=lambda step, rows: answered.__setitem__(step, rows))
+    assert sorted(answered) == [2, 4]
+    assert [row["prompt"] for row in answered[4]] == samples.shown and all(row["answer"] for row in answered[4])
+    assert "Ember" in answered[4][0]["answer"]  # by step 4 it has learned the answer it is asked about
+    expected_losses, expected_adapter = uninterrupted
+    assert losses == pytest.approx(expected_losses, rel=1e-4)
+    adapter = load_file(result.weights_dir / "adapter_model.safetensors")
+    for name, tensor in adapter.items():
+        torch.testing.assert_close(tensor, expected_adapter[name], rtol=1e-4, atol=1e-6)

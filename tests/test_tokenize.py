@@ -1,12 +1,10 @@
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from transformers import AutoTokenizer
 
 from conf.schema import TokenizeConfig, load_config
+from flows.cli import main
 from tasks.clean import clean
 from tests.conftest import REPO
 from tasks.chat_templates import CHAT_TEMPLATES
@@ -150,15 +148,15 @@ def test_packed_rows_hold_every_sample_and_the_cache_is_reused(model_dir, tokeni
     assert not other.cache_hit and other.cache_key != result.cache_key and other.train_rows == 40
 
 
-def loraflow(*args):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          env=os.environ | {"PYTHONPATH": str(REPO)}, timeout=600)
+def preview(capsys, *args):
+    """`loraflow preview` through the command's own `main`, in this process (its imports are already paid)."""
+    capsys.readouterr()
+    assert main(["preview", str(REPO / "conf" / "identity_sft.yaml"), *args]) == 0
+    return capsys.readouterr().out
 
 
-def test_preview_json_gives_the_templates_ids_and_masks_all_but_the_answers(tokenizer, tmp_path):
-    result = loraflow("preview", str(REPO / "conf" / "identity_sft.yaml"), "-n", "2", "--json")
-    assert result.returncode == 0, result.stderr[-2000:]
-    shown = [json.loads(line) for line in result.stdout.splitlines()]
+def test_preview_json_gives_the_templates_ids_and_masks_all_but_the_answers(tokenizer, tmp_path, capsys):
+    shown = [json.loads(line) for line in preview(capsys, "-n", "2", "--json").splitlines()]
     cleaned = clean(load_config(REPO / "conf" / "identity_sft.yaml").data, IDENTITY, tmp_path)
     rows = [json.loads(line)["messages"] for line in cleaned.train_path.read_text().splitlines()[:2]]
     assert len(shown) == 2
@@ -167,8 +165,7 @@ def test_preview_json_gives_the_templates_ids_and_masks_all_but_the_answers(toke
         assert sample == {"input_ids": ids, "labels": labels}
 
 
-def test_preview_marks_the_trained_spans_and_reports_packing():
-    result = loraflow("preview", str(REPO / "conf" / "identity_sft.yaml"), "-n", "1")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "<|im_start|>assistant\n[[I am Ember" in result.stdout and "<|im_end|>]]" in result.stdout
-    assert "0% with packing" in result.stdout and "rows of up to 256" in result.stdout
+def test_preview_marks_the_trained_spans_and_reports_packing(capsys):
+    shown = preview(capsys, "-n", "1")
+    assert "<|im_start|>assistant\n[[I am Ember" in shown and "<|im_end|>]]" in shown
+    assert "0% with packing" in shown and "rows of up to 256" in shown

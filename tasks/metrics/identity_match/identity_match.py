@@ -5,8 +5,9 @@ A local `evaluate` metric module, loadable offline with `evaluate.load(<this fol
 
 import re
 
-import datasets
 import evaluate
+
+from tasks.metrics import text_pair_info
 
 _DESCRIPTION = "Share of predictions that mention the reference name as a whole word, ignoring case."
 _KWARGS_DESCRIPTION = """
@@ -21,12 +22,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class IdentityMatch(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-        )
+        return text_pair_info(_DESCRIPTION, _KWARGS_DESCRIPTION)
 
     def _compute(self, predictions, references):
         hits = [

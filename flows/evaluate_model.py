@@ -1,0 +1,59 @@
+"""The evaluation flow: one model (a hub id, a folder, or a logged/registered loraflow model) scored on a recipe's
+held-out data, as its own MLflow run: `loraflow eval CONFIG --model ...`.
+
+It reads the data exactly as `loraflow run` does (clean, then tokenize with the model's own tokenizer), so its
+numbers compare with the `tuned_*` metrics of a fine-tuning run of the same recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from prefect import flow
+
+from conf.schema import RunConfig
+from flows.finetune import CONFIG_HASH_TAG, experiment_id, log_config, run_tags
+from tasks.base_model import cache_root
+from tasks.clean import check_readable, clean_task
+from tasks.evaluate import evaluate_model_task, metric_names
+from tasks.logged_model import fetch_model
+from tasks.tokenize import tokenize_task
+from tasks.train import choose_precision
+
+EVALUATED_MODEL_TAG = "loraflow.evaluated_model"
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    run_id: str
+    metrics: dict[str, float]
+    samples_path: Path
+
+
+def preflight_evaluation(config: RunConfig) -> None:
+    """The data sources are readable and the metric modules load, before any model is fetched."""
+    check_readable([*config.data.train, *config.data.eval])
+    metric_names(config.evaluate, config.tokenize.mode == "chat")
+
+
+@flow(name="evaluate-model")
+def evaluate_model(config: RunConfig, model: str) -> EvalSummary:
+    """Score `model` on the recipe's held-out rows: loss, perplexity, generation metrics and its answers."""
+    tags = {key: value for key, value in run_tags(config).items() if key not in (CONFIG_HASH_TAG, "base_model")}
+    with mlflow.start_run(experiment_id=experiment_id(config.experiment), run_name=f"eval {model}",
+                          tags=tags | {EVALUATED_MODEL_TAG: model, "loraflow.kind": "evaluation"}) as run:
+        run_id = run.info.run_id
+        work_dir = config.output_dir / run_id
+        log_config(config, work_dir)
+        source = fetch_model(model, work_dir / "model", config.trust_remote_code)
+        cleaned = clean_task(config.data, config.identity.model_dump(), work_dir / "clean", run_id)
+        tokens = tokenize_task(cleaned.train_path, cleaned.eval_path, source.tokenizer_dir, config.tokenize,
+                               cache_root() / "tokenized", run_id, source.trust_remote_code)
+        evaluated = evaluate_model_task(
+            cleaned.eval_path, tokens.eval_dir, tokens.tokenizer_dir, source.model_dir, source.weights_dir,
+            config.identity.name, config.evaluate, work_dir / "eval", run_id, choose_precision(config.train.precision),
+            source.trust_remote_code,
+        )
+    return EvalSummary(run_id, evaluated.metrics, evaluated.markdown_path)

