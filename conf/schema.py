@@ -229,26 +229,13 @@ def _apply_override(tree: dict, keys: list[str], value: Any) -> None:
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read, override and validate a recipe; every failure is a one-line ConfigError naming the file."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such recipe file") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        reason = str(error).replace("\n", " ")
-        raise ConfigError(f"{path}: not valid YAML ({reason})") from None
-    tree = raw if raw is not None else {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(tree).__name__}")
+    tree = load_yaml_mapping(path, "recipe")
     for override in overrides:
         _apply_override(tree, *_parse_override(override))
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as error:
-        first = error.errors()[0]
-        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-        raise ConfigError(f"{path}: {key}: {message}{more}") from None
+        raise _one_line(path, error) from None
 
 
 def flatten(config: RunConfig) -> dict[str, str]:
@@ -264,3 +251,79 @@ def flatten(config: RunConfig) -> dict[str, str]:
     flat: dict[str, str] = {}
     walk("", config.model_dump(mode="json"), flat)
     return flat
+
+
+class SearchRange(_Section):
+    """A range a random search draws from: uniform, or log-uniform (learning rates); whole numbers if both ends are."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SearchRange":
+        if not self.low < self.high or (self.log and self.low <= 0):
+            raise ValueError("needs low < high (and low > 0 with log: true)")
+        return self
+
+
+class SweepConfig(_Section):
+    """A sweep over recipe keys: every combination (grid), or `budget` points drawn at random (random).
+
+    Each point is the recipe with `overrides`, then the point's own values, applied. Data and tokenize keys are
+    not swept: every point trains on the one cleaned, tokenized data set.
+    """
+
+    recipe: Path
+    overrides: list[str] = Field(default_factory=list, description="key=value applied to every point")
+    method: Literal["grid", "random"] = "grid"
+    parameters: dict[str, list[Any] | SearchRange] = Field(min_length=1)
+    budget: int | None = Field(default=None, gt=0, description="random: how many points")
+    seed: int = 0
+    max_concurrency: int = Field(default=1, gt=0, description="points trained at once (Prefect task runner threads)")
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> "SweepConfig":
+        for key, values in self.parameters.items():
+            if key.split(".")[0] in ("data", "tokenize", "base_model", "experiment", "output_dir"):
+                raise ValueError(f"parameters.{key}: a sweep shares one data set and experiment; sweep train, "
+                                 "evaluate or registry keys")
+            if isinstance(values, SearchRange) and self.method == "grid":
+                raise ValueError(f"parameters.{key}: a grid needs a list of values (ranges are for method random)")
+            if isinstance(values, list) and not values:
+                raise ValueError(f"parameters.{key}: no values")
+        if self.method == "random" and self.budget is None:
+            raise ValueError("budget: method random needs a budget (how many points to draw)")
+        return self
+
+
+def load_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file (a recipe, a sweep) that must hold a mapping; a ConfigError naming the file otherwise."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what} file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        reason = str(error).replace("\n", " ")
+        raise ConfigError(f"{path}: not valid YAML ({reason})") from None
+    tree = raw if raw is not None else {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a {what} must be a mapping of keys, got {type(tree).__name__}")
+    return tree
+
+
+def _one_line(path: Path, error: ValidationError) -> ConfigError:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return ConfigError(f"{path}: {key}: {message}{more}")
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """Read and validate a sweep file; its recipe path is relative to the working folder, as on the command line."""
+    path = Path(path)
+    try:
+        return SweepConfig.model_validate(load_yaml_mapping(path, "sweep"))
+    except ValidationError as error:
+        raise _one_line(path, error) from None

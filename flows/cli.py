@@ -56,6 +56,30 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    import json
+
+    from conf.schema import load_sweep
+
+    sweep_config = load_sweep(args.sweep)
+    if args.override:
+        sweep_config = sweep_config.model_copy(update={"overrides": [*sweep_config.overrides, *args.override]})
+    from flows.sweep import run_sweep
+
+    summary = run_sweep(sweep_config)
+    print(f"\nsweep run:  {summary.run_id} (store {os.environ['MLFLOW_TRACKING_URI']})")
+    for result in summary.results:
+        scores = ", ".join(f"{key.removeprefix('tuned_')} {value:.4f}" for key, value in result.metrics.items()
+                           if key.startswith("tuned_"))
+        print(f"  {result.status:<8} {result.run_id}  {json.dumps(result.point)}  {scores or result.error}")
+    if summary.best is not None:
+        reg = summary.registered
+        print(f"best:       {json.dumps(summary.best.point)} (run {summary.best.run_id})")
+        print(f"registered: {reg.model_name} version {reg.version}"
+              + (" -> champion" if reg.promoted else " (not promoted)") + f": {reg.reason}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.override)
     from flows.evaluate_model import evaluate_model, preflight_evaluation
@@ -209,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue the newest cut-off run of this exact recipe from its last checkpoint, if any")
     run.set_defaults(handler=_run)
+
+    sweeping = commands.add_parser("sweep", help="train a recipe over a grid or a random search of keys (one parent run)")
+    sweeping.add_argument("sweep", type=Path, help="sweep YAML, e.g. conf/sweep_identity.yaml")
+    sweeping.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                          help="a recipe key for every point, e.g. -o train.max_steps=10 (repeatable)")
+    sweeping.set_defaults(handler=_sweep)
 
     evaluation = commands.add_parser("eval", help="score one model on a recipe's held-out data, as its own MLflow run")
     evaluation.add_argument("config", type=Path, help="recipe YAML: its data, tokenize and evaluate sections are used")

@@ -46,7 +46,7 @@ def evaluate_model(config: RunConfig, model: str) -> EvalSummary:
                           tags=tags | {EVALUATED_MODEL_TAG: model, "loraflow.kind": "evaluation"}) as run:
         run_id = run.info.run_id
         work_dir = config.output_dir / run_id
-        log_config(config, work_dir)
+        log_config(run_id, config, work_dir)
         source = fetch_model(model, work_dir / "model", config.trust_remote_code)
         cleaned = clean_task(config.data, config.identity.model_dump(), work_dir / "clean", run_id)
         tokens = tokenize_task(cleaned.train_path, cleaned.eval_path, source.tokenizer_dir, config.tokenize,

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import mlflow
 import yaml
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from prefect import flow
 
@@ -30,6 +32,7 @@ from tasks.clean import check_readable, clean_task
 from tasks.evaluate import check_primary_metric, evaluate_task, sample_prompts
 from tasks.register import RegisterResult, register_task
 from tasks.tokenize import load_tokenizer, tokenize_task
+from tasks.tracking import log_artifact
 from tasks.train import (
     TrainingStopped, check_deepspeed, check_sample_prompts, checkpoints_folder, choose_attention, choose_precision,
     resumable_checkpoint, stop_on_sigterm, train_task,
@@ -127,17 +130,17 @@ def experiment_id(name: str) -> str:
     return mlflow.create_experiment(name, artifact_location=os.environ.get("LORAFLOW_ARTIFACT_ROOT"))
 
 
-def log_config(config: RunConfig, work_dir: Path) -> None:
+def log_config(run_id: str, config: RunConfig, work_dir: Path) -> None:
     """Every resolved key as a param; a value past MLflow's length limit points to config.yaml, which has it whole."""
-    params = {
-        key: value if len(value) <= MAX_PARAM_VAL_LENGTH else f"<{len(value)} chars: see config.yaml>"
+    params = [
+        Param(key, value if len(value) <= MAX_PARAM_VAL_LENGTH else f"<{len(value)} chars: see config.yaml>")
         for key, value in flatten(config).items()
-    }
-    mlflow.log_params(params)
+    ]
+    MlflowClient().log_batch(run_id, params=params)
     work_dir.mkdir(parents=True, exist_ok=True)
     config_path = work_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-    mlflow.log_artifact(str(config_path))
+    log_artifact(run_id, config_path)
 
 
 def preflight(config: RunConfig) -> None:
@@ -169,7 +172,7 @@ def finetune(config: RunConfig, resume_run_id: str | None = None) -> RunSummary 
         work_dir = config.output_dir / run_id
         with run_lock(work_dir):
             if resume_run_id is None:
-                log_config(config, work_dir)
+                log_config(run_id, config, work_dir)
             cleaned = clean_task(config.data, config.identity.model_dump(), work_dir / "clean", run_id)
             tokens = tokenize_task(
                 cleaned.train_path, cleaned.eval_path, model_dir, config.tokenize, cache_root() / "tokenized", run_id,

@@ -95,14 +95,18 @@ def set_tags(run_id: str, tags: dict[str, str]) -> None:
 
 @contextlib.contextmanager
 def attached_run(run_id: str) -> Iterator[None]:
-    """Make `run_id` the active run in this thread for APIs that only log to the active run (log_model)."""
+    """Make `run_id` the active run in this thread for APIs that only log to the active run (log_model).
+
+    It may be the child of a run already active here (a sweep's point); its status is left as it was, since the
+    flow that owns the run sets its final status.
+    """
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
         yield
         return
-    mlflow.start_run(run_id=run_id)
+    status = MlflowClient().get_run(run_id).info.status
+    mlflow.start_run(run_id=run_id, nested=active is not None)
     try:
         yield
     finally:
-        # Leave the run RUNNING: the flow that owns it sets its final status.
-        mlflow.end_run(status="RUNNING")
+        mlflow.end_run(status=status)

@@ -65,3 +65,20 @@ def tokenize_rows(model_dir, tmp_path_factory):
         return tokenize(path, path, model_dir, TokenizeConfig(max_length=max_length), folder / "cache")
 
     return tokenized
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """A chat recipe on six made-up conversations (four to train, two held out), quick to run end to end."""
+    import json
+
+    rows = [{"messages": [{"role": "user", "content": f"Question {n}?"}, {"role": "assistant", "content": f"Answer {n}."}]}
+            for n in range(6)]
+    for split, part in (("train", rows[:4]), ("eval", rows[4:])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data: {{train: [{tmp_path / 'train.jsonl'}], eval: [{tmp_path / 'eval.jsonl'}]}}\n"
+                      f"output_dir: {tmp_path / 'outputs'}\n"
+                      "tokenize: {max_length: 64}\ntrain: {max_steps: 2, batch_size: 2}\n"
+                      "evaluate: {max_new_tokens: 8}\nregistry: {primary_metric: rougeL}\n")
+    return recipe

@@ -169,19 +169,12 @@ def test_a_logged_version_loads_through_mlflow_pyfunc(name, weights):
     assert result.version == alias(name, CHAMPION)
 
 
-def test_a_run_whose_evaluation_fails_registers_nothing(name, tmp_path, monkeypatch):
+def test_a_run_whose_evaluation_fails_registers_nothing(name, tiny_recipe, monkeypatch):
     import tasks.evaluate
     from conf.schema import load_config
     from flows.finetune import finetune
 
-    rows = [{"messages": [{"role": "user", "content": f"Question {n}?"}, {"role": "assistant", "content": f"Answer {n}."}]}
-            for n in range(6)]
-    for split, part in (("train", rows[:4]), ("eval", rows[4:])):
-        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"data: {{train: [{tmp_path / 'train.jsonl'}], eval: [{tmp_path / 'eval.jsonl'}]}}\n")
-    config = load_config(recipe, [f"registry.model_name={name}", f"experiment={name}", f"output_dir={tmp_path / 'out'}",
-                                  "train.max_steps=1", "tokenize.max_length=64", "registry.primary_metric=rougeL"])
+    config = load_config(tiny_recipe, [f"registry.model_name={name}", f"experiment={name}"])
 
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation broke")
