@@ -20,18 +20,34 @@ from conf.schema import UserError, load_config  # noqa: E402  (after the tool se
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.override)
-    from flows.finetune import Interrupted, cut_off_run, finetune, preflight
+    from flows.finetune import cut_off_run, finetune, preflight
 
     preflight(config)
     resume_run_id = cut_off_run(config) if args.resume else None
     if args.resume:
         print(f"loraflow: resuming run {resume_run_id}" if resume_run_id
               else "loraflow: no cut-off run of this recipe to resume; starting a new run", flush=True)
-    summary = finetune(config, resume_run_id)
+    resume_command = f"loraflow run {args.config}{''.join(f' -o {o}' for o in args.override)} --resume"
+    return _report(config, finetune(config, resume_run_id), resume_command)
+
+
+def _rerun(args: argparse.Namespace) -> int:
+    from flows.finetune import finetune, preflight, recorded_run
+
+    config, origin = recorded_run(args.run_id)
+    preflight(config)
+    print(f"loraflow: re-running {origin.run_id} from its logged recipe as a new run", flush=True)
+    summary = finetune(config, origin=origin)
+    return _report(config, summary, f"loraflow run {config.output_dir / summary.run_id / 'config.yaml'} --resume")
+
+
+def _report(config, summary, resume_command: str) -> int:
+    """What a finished run prints (or, for a run stopped by SIGTERM, how to continue it: exit code 143)."""
+    from flows.finetune import Interrupted
+
     if isinstance(summary, Interrupted):
         print(f"loraflow: stopped at step {summary.step} (run {summary.run_id}); checkpoint {summary.checkpoint}; "
-              f"continue with: loraflow run {args.config}{''.join(f' -o {o}' for o in args.override)} --resume",
-              file=sys.stderr)
+              f"continue with: {resume_command}", file=sys.stderr)
         return 143
     m, reg = summary.metrics, summary.registered
     print(
@@ -233,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue the newest cut-off run of this exact recipe from its last checkpoint, if any")
     run.set_defaults(handler=_run)
+
+    again = commands.add_parser("rerun", help="run again from a run's logged recipe, as a new run tagged with its origin")
+    again.add_argument("run_id", help="the MLflow run id to repeat")
+    again.set_defaults(handler=_rerun)
 
     sweeping = commands.add_parser("sweep", help="train a recipe over a grid or a random search of keys (one parent run)")
     sweeping.add_argument("sweep", type=Path, help="sweep YAML, e.g. conf/sweep_identity.yaml")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -22,11 +23,12 @@ from pathlib import Path
 import mlflow
 import yaml
 from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
-from prefect import flow
+from prefect import flow, get_run_logger
 
-from conf.schema import RunConfig, flatten
+from conf.schema import RunConfig, UserError, flatten
 from tasks.base_model import cache_root, check_base_model, resolve_base_model
 from tasks.clean import check_readable, clean_task
 from tasks.evaluate import check_primary_metric, evaluate_task, sample_prompts
@@ -40,6 +42,7 @@ from tasks.train import (
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "mlflow", "prefect")
 CONFIG_HASH_TAG = "loraflow.config_hash"
+RERUN_OF_TAG = "loraflow.rerun_of"
 
 
 @dataclass(frozen=True)
@@ -160,11 +163,38 @@ def preflight(config: RunConfig) -> None:
         load_tokenizer(resolve_base_model(config.base_model), config.tokenize.chat_template, config.trust_remote_code)
 
 
+@dataclass(frozen=True)
+class Origin:
+    """The run a re-run repeats: its id, and the data hash and code commit it recorded."""
+
+    run_id: str
+    data_hash: str
+    git_commit: str
+
+
+def recorded_run(run_id: str) -> tuple[RunConfig, Origin]:
+    """The resolved recipe a run logged (its config.yaml artifact) and what it recorded of its data and code."""
+    try:
+        run = mlflow.get_run(run_id)
+        with tempfile.TemporaryDirectory() as scratch:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=scratch)
+            logged = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (MlflowException, OSError) as error:
+        raise UserError(f"run {run_id}: cannot read its logged recipe ({str(error).splitlines()[0]})") from None
+    tags = run.data.tags
+    return RunConfig.model_validate(logged), Origin(run_id, tags.get("data_hash", ""), tags.get("git_commit", ""))
+
+
 @flow(name="finetune")
-def finetune(config: RunConfig, resume_run_id: str | None = None) -> RunSummary | Interrupted:
-    """Fine-tune, evaluate and register one recipe (or continue the cut-off run `resume_run_id`)."""
+def finetune(config: RunConfig, resume_run_id: str | None = None, origin: Origin | None = None
+             ) -> RunSummary | Interrupted:
+    """Fine-tune, evaluate and register one recipe (or continue the cut-off run `resume_run_id`, or repeat the run
+    `origin` as a new run tagged with it, warning where its data or code differ from what that run recorded)."""
     model_dir = resolve_base_model(config.base_model)
-    tags = run_tags(config)
+    tags = run_tags(config) | ({RERUN_OF_TAG: origin.run_id} if origin is not None else {})
+    if origin is not None and origin.git_commit != tags["git_commit"]:
+        get_run_logger().warning(f"re-running {origin.run_id} with code {tags['git_commit'][:12]}; it ran "
+                                 f"{origin.git_commit[:12]}")
     trust = config.trust_remote_code
     with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id(config.experiment), run_name=config.name,
                           tags=tags, log_system_metrics=True) as run:
@@ -174,6 +204,10 @@ def finetune(config: RunConfig, resume_run_id: str | None = None) -> RunSummary 
             if resume_run_id is None:
                 log_config(run_id, config, work_dir)
             cleaned = clean_task(config.data, config.identity.model_dump(), work_dir / "clean", run_id)
+            if origin is not None and origin.data_hash != cleaned.data_hash:
+                get_run_logger().warning(f"re-running {origin.run_id} on different data: its data hash was "
+                                         f"{origin.data_hash[:12]}, now {cleaned.data_hash[:12]}")
+                mlflow.set_tag("loraflow.rerun_data_changed", "true")
             tokens = tokenize_task(
                 cleaned.train_path, cleaned.eval_path, model_dir, config.tokenize, cache_root() / "tokenized", run_id,
                 trust,

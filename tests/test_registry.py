@@ -187,3 +187,29 @@ def test_a_run_whose_evaluation_fails_registers_nothing(name, tiny_recipe, monke
     assert run.info.status == "FAILED" and "train_loss" in run.data.metrics  # it trained, then evaluation failed
     assert client.search_model_versions(f"name = '{name}'") == []
     assert mlflow.search_logged_models([run.info.experiment_id], output_format="list") == []
+
+
+def test_rerun_rebuilds_the_recipe_from_the_record_and_reproduces_the_scores(name, tiny_recipe, capsys):
+    from conf.schema import load_config
+    from flows.finetune import finetune
+
+    original = finetune(load_config(tiny_recipe, [f"registry.model_name={name}", f"experiment={name}"]))
+    capsys.readouterr()
+    assert main(["rerun", original.run_id]) == 0
+    rerun_id = next(line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith("MLflow run:"))
+    client = MlflowClient()
+    first, again = client.get_run(original.run_id), client.get_run(rerun_id)
+    assert again.data.tags["loraflow.rerun_of"] == original.run_id and rerun_id != original.run_id
+    assert again.data.params == first.data.params and "loraflow.rerun_data_changed" not in again.data.tags
+    # The same seed on the same CPU: the same training, so the same held-out scores (tolerance: 1e-6 relative).
+    for metric in ("tuned_eval_loss", "tuned_rougeL", "tuned_bleu"):
+        assert again.data.metrics[metric] == pytest.approx(first.data.metrics[metric], rel=1e-6), metric
+
+    train_file = tiny_recipe.parent / "train.jsonl"
+    train_file.write_text(train_file.read_text() + json.dumps(
+        {"messages": [{"role": "user", "content": "New?"}, {"role": "assistant", "content": "New."}]}) + "\n")
+    assert main(["rerun", original.run_id]) == 0
+    changed_id = next(line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith("MLflow run:"))
+    changed = client.get_run(changed_id)
+    assert changed.data.tags["loraflow.rerun_data_changed"] == "true"
+    assert changed.data.tags["data_hash"] != first.data.tags["data_hash"]
