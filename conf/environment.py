@@ -29,5 +29,10 @@ def tool_defaults(project_dir: Path) -> dict[str, str]:
 
 
 def apply_tool_defaults(project_dir: Path | None = None) -> None:
-    for key, value in tool_defaults(project_dir or Path.cwd()).items():
+    """Set what the user has not. A user's own MLFLOW_TRACKING_URI (a tracking server) keeps its own artifact
+    store: the local artifact folder is then not set."""
+    defaults = tool_defaults(project_dir or Path.cwd())
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        del defaults["LORAFLOW_ARTIFACT_ROOT"]
+    for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -19,6 +19,7 @@ from tasks.base_model import cache_root
 from tasks.clean import check_readable, clean_task
 from tasks.evaluate import evaluate_model_task, metric_names
 from tasks.logged_model import fetch_model
+from tasks.tracking import check_tracking_store
 from tasks.tokenize import tokenize_task
 from tasks.train import choose_precision
 
@@ -34,6 +35,7 @@ class EvalSummary:
 
 def preflight_evaluation(config: RunConfig) -> None:
     """The data sources are readable and the metric modules load, before any model is fetched."""
+    check_tracking_store()
     check_readable([*config.data.train, *config.data.eval])
     metric_names(config.evaluate, config.tokenize.mode == "chat")
 

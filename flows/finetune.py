@@ -34,7 +34,7 @@ from tasks.clean import check_readable, clean_task
 from tasks.evaluate import check_primary_metric, evaluate_task, sample_prompts
 from tasks.register import RegisterResult, register_task
 from tasks.tokenize import load_tokenizer, tokenize_task
-from tasks.tracking import log_artifact
+from tasks.tracking import check_tracking_store, log_artifact
 from tasks.train import (
     TrainingStopped, check_deepspeed, check_sample_prompts, checkpoints_folder, choose_attention, choose_precision,
     resumable_checkpoint, stop_on_sigterm, train_task,
@@ -152,6 +152,7 @@ def preflight(config: RunConfig) -> None:
     A UserError raised inside the flow would still stop it, but Prefect logs it with a traceback; here it
     is one line.
     """
+    check_tracking_store()
     check_base_model(config.base_model)
     check_readable([*config.data.train, *config.data.eval])
     choose_precision(config.train.precision)

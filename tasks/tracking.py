@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,9 +16,31 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from conf.schema import UserError
+
+
+class TrackingUnreachable(UserError):
+    """The MLflow tracking server named by MLFLOW_TRACKING_URI does not answer."""
+
 
 STEP_METRIC = "train_loss"
 SAMPLES_TABLE = "eval/during_training.json"
+
+
+def check_tracking_store(timeout: float = 10.0) -> None:
+    """Before any work: a tracking server answers its health check (MLflow's own client would retry for minutes).
+
+    Local stores (sqlite, files) need no check.
+    """
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            response.read()
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise TrackingUnreachable(f"MLFLOW_TRACKING_URI {uri}: the tracking server does not answer ({reason})") from None
 
 
 def step_logger(run_id: str) -> Callable[[int, dict[str, float]], None]:

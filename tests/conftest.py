@@ -27,6 +27,21 @@ importlib.import_module("prefect")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def wait_for_http(url: str, server, seconds: float = 120) -> None:
+    """Until `url` answers, or fail the test when the `server` process exits or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, f"{url} did not come up"
+            time.sleep(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def quiet_prefect_at_exit():
     """A flow run in the test process starts Prefect's embedded server, which is stopped (and says so) at exit,

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conf.schema import flatten, load_config
 from flows.cli import main
-from tests.conftest import REPO, STATE_DIR
+from tests.conftest import REPO, STATE_DIR, wait_for_http
 
 pytestmark = pytest.mark.slow
 SECRET = "hf_NOT_A_REAL_TOKEN_1234567890"
@@ -184,14 +183,7 @@ def test_ui_serves_the_run_and_its_champion(finished_run):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(base, timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "MLflow UI did not come up"
-                time.sleep(1)
+        wait_for_http(base, server)
         name = load_config(RECIPE, OVERRIDES).registry.model_name
         query = urllib.parse.urlencode({"name": name, "alias": "champion"})
         with urllib.request.urlopen(f"{base}/ajax-api/2.0/mlflow/registered-models/alias?{query}") as response:

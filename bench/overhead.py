@@ -1,0 +1,107 @@
+"""What Prefect and MLflow cost on top of the stages' own work, for the default recipe.
+
+One run of the fine-tuning flow in this process, on the default recipe (into experiment and registered model
+`loraflow-bench`, so the user's own registry is left alone). The plain stage functions the tasks call (clean,
+tokenize, train, evaluate, register) are timed where the tasks call them; training's per-step MLflow logging
+is timed apart and counted as overhead. The baseline, measured in the same run, is the sum of those stage
+times; the overhead is the flow's wall time minus it: Prefect's embedded server start and its task and flow
+runs, MLflow's run, parameters, metrics, artifacts and data-set inputs.
+
+    python bench/overhead.py [--max-steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import logging  # noqa: E402
+
+from conf.environment import apply_tool_defaults  # noqa: E402
+
+apply_tool_defaults()
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # as the command line does
+
+import tasks.clean  # noqa: E402
+import tasks.evaluate  # noqa: E402
+import tasks.register  # noqa: E402
+import tasks.tokenize  # noqa: E402
+import tasks.train  # noqa: E402
+from conf.schema import load_config  # noqa: E402
+from flows.finetune import finetune, preflight  # noqa: E402
+
+RECIPE = Path(__file__).resolve().parents[1] / "conf" / "identity_sft.yaml"
+seconds: dict[str, float] = defaultdict(float)
+
+
+def timed(module, name: str, key: str) -> None:
+    """Replace `module.name` with a wrapper adding its wall time to seconds[key]."""
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds[key] += time.perf_counter() - started
+
+    setattr(module, name, wrapper)
+
+
+def timed_logger_factory(module, name: str, key: str) -> None:
+    """Replace a factory of per-step logging callbacks so that the callbacks it makes are timed."""
+    factory = getattr(module, name)
+
+    def make(*args, **kwargs):
+        log = factory(*args, **kwargs)
+
+        def timed_log(*log_args):
+            started = time.perf_counter()
+            log(*log_args)
+            seconds[key] += time.perf_counter() - started
+
+        return timed_log
+
+    setattr(module, name, make)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-steps", type=int, help="train this many steps instead of the recipe's")
+    args = parser.parse_args()
+    overrides = ["experiment=loraflow-bench", "registry.model_name=loraflow-bench"]
+    overrides += [f"train.max_steps={args.max_steps}"] if args.max_steps else []
+    config = load_config(RECIPE, overrides)
+    preflight(config)
+    timed(tasks.clean, "clean", "clean")
+    timed(tasks.tokenize, "tokenize", "tokenize")
+    timed(tasks.train, "train", "train")
+    timed(tasks.evaluate, "evaluate_tuned", "evaluate")
+    timed(tasks.register, "register", "register")
+    timed_logger_factory(tasks.train, "step_logger", "train_step_logging")
+
+    started = time.perf_counter()
+    summary = finetune(config)
+    wall = time.perf_counter() - started
+
+    train_compute = seconds["train"] - seconds["train_step_logging"]
+    stages = seconds["clean"] + seconds["tokenize"] + train_compute + seconds["evaluate"] + seconds["register"]
+    overhead = wall - stages
+    print(f"run {summary.run_id}, {config.train.max_steps} steps")
+    for key in ("clean", "tokenize", "evaluate", "register"):
+        print(f"stage {key:<9} {seconds[key]:7.1f} s")
+    print(f"stage train     {train_compute:7.1f} s (its per-step MLflow logging, {seconds['train_step_logging']:.1f} s, "
+          "counted as overhead)")
+    print(f"stages (baseline) {stages:7.1f} s")
+    print(f"flow wall time    {wall:7.1f} s")
+    print(f"overhead          {overhead:7.1f} s")
+    print(f"overhead_share: {overhead / wall:.3f}")
+
+
+if __name__ == "__main__":
+    main()
