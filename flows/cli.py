@@ -16,10 +16,12 @@ apply_tool_defaults()
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from conf.schema import UserError, load_config  # noqa: E402  (after the tool settings, on purpose)
+from flows.prefect_server import start_in_background  # noqa: E402
 
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.override)
+    wait_for_prefect = start_in_background()
     from flows.finetune import cut_off_run, finetune, preflight
 
     preflight(config)
@@ -28,15 +30,18 @@ def _run(args: argparse.Namespace) -> int:
         print(f"loraflow: resuming run {resume_run_id}" if resume_run_id
               else "loraflow: no cut-off run of this recipe to resume; starting a new run", flush=True)
     resume_command = f"loraflow run {args.config}{''.join(f' -o {o}' for o in args.override)} --resume"
+    wait_for_prefect()
     return _report(config, finetune(config, resume_run_id), resume_command)
 
 
 def _rerun(args: argparse.Namespace) -> int:
+    wait_for_prefect = start_in_background()
     from flows.finetune import finetune, preflight, recorded_run
 
     config, origin = recorded_run(args.run_id)
     preflight(config)
     print(f"loraflow: re-running {origin.run_id} from its logged recipe as a new run", flush=True)
+    wait_for_prefect()
     summary = finetune(config, origin=origin)
     return _report(config, summary, f"loraflow run {config.output_dir / summary.run_id / 'config.yaml'} --resume")
 
@@ -80,9 +85,10 @@ def _sweep(args: argparse.Namespace) -> int:
     sweep_config = load_sweep(args.sweep)
     if args.override:
         sweep_config = sweep_config.model_copy(update={"overrides": [*sweep_config.overrides, *args.override]})
+    wait_for_prefect = start_in_background()
     from flows.sweep import run_sweep
 
-    summary = run_sweep(sweep_config)
+    summary = run_sweep(sweep_config, wait_for_prefect)
     print(f"\nsweep run:  {summary.run_id} (store {os.environ['MLFLOW_TRACKING_URI']})")
     for result in summary.results:
         scores = ", ".join(f"{key.removeprefix('tuned_')} {value:.4f}" for key, value in result.metrics.items()
@@ -98,9 +104,11 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.override)
+    wait_for_prefect = start_in_background()
     from flows.evaluate_model import evaluate_model, preflight_evaluation
 
     preflight_evaluation(config)
+    wait_for_prefect()
     summary = evaluate_model(config, args.model)
     print(f"\nMLflow run:        {summary.run_id} (experiment {config.experiment}, store {os.environ['MLFLOW_TRACKING_URI']})")
     for name, value in sorted(summary.metrics.items()):
@@ -136,6 +144,41 @@ def _rollback(args: argparse.Namespace) -> int:
 
     demoted, restored = rollback(args.name)
     print(f"{args.name}: champion moved back from version {demoted} to version {restored}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+
+    load_config(args.config, args.override)  # a bad recipe stops here, not at 2 a.m.
+    server = None
+    if os.environ.get("PREFECT_API_URL"):
+        print(f"loraflow: scheduling on the Prefect server at {os.environ['PREFECT_API_URL']}", flush=True)
+    else:
+        from flows.prefect_server import start_server
+
+        server = start_server(args.prefect_port)
+        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{args.prefect_port}/api"
+        print(f"loraflow: started a Prefect server on http://127.0.0.1:{args.prefect_port} (its UI too); "
+              "it stops with this command", flush=True)
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.nightly import nightly
+
+    # SIGTERM (systemd, Kubernetes, kill) stops serving as Ctrl-C does, at once.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        nightly.serve(
+            name=args.name or f"{load_config(args.config).name}-nightly", cron=args.cron,
+            parameters={"recipe": str(args.config.resolve()), "overrides": args.override, "force": False},
+            entrypoint_type=EntrypointType.MODULE_PATH, print_starting_message=True,
+        )
+    except KeyboardInterrupt:
+        print("loraflow: serving stopped", file=sys.stderr)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
     return 0
 
 
@@ -238,6 +281,14 @@ def _ui(args: argparse.Namespace) -> int:
     os.execv(command[0], command)
 
 
+def _prefect_ui(args: argparse.Namespace) -> int:
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(args.port)]
+    print(f"Prefect server and UI on http://127.0.0.1:{args.port} (state in {os.environ['PREFECT_HOME']}); "
+          "Ctrl-C stops it. For commands to use it: export PREFECT_API_URL=http://127.0.0.1:"
+          f"{args.port}/api", flush=True)
+    os.execv(command[0], command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraflow", description="Fine-tune chat models with LoRA, tracked in MLflow.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     again = commands.add_parser("rerun", help="run again from a run's logged recipe, as a new run tagged with its origin")
     again.add_argument("run_id", help="the MLflow run id to repeat")
     again.set_defaults(handler=_rerun)
+
+    serving = commands.add_parser("serve", help="serve the recipe as a Prefect deployment on a cron schedule (nightly)")
+    serving.add_argument("config", type=Path, help="recipe YAML, re-read at every run")
+    serving.add_argument("--cron", default="0 2 * * *", help="when to run (cron, the server's time zone; default 02:00)")
+    serving.add_argument("--name", help="deployment name (default: <recipe name>-nightly)")
+    serving.add_argument("--prefect-port", type=int, default=4200,
+                         help="port of the Prefect server started when PREFECT_API_URL is not set (default 4200)")
+    serving.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="as for run")
+    serving.set_defaults(handler=_serve)
 
     sweeping = commands.add_parser("sweep", help="train a recipe over a grid or a random search of keys (one parent run)")
     sweeping.add_argument("sweep", type=Path, help="sweep YAML, e.g. conf/sweep_identity.yaml")
@@ -310,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(handler=_ui)
+
+    prefect_ui = commands.add_parser("prefect-ui", help="start a Prefect server and its UI on 127.0.0.1")
+    prefect_ui.add_argument("--port", type=int, default=4200)
+    prefect_ui.set_defaults(handler=_prefect_ui)
     return parser
 
 

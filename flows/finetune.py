@@ -125,6 +125,19 @@ def cut_off_run(config: RunConfig) -> str | None:
     return None
 
 
+def last_finished_run(config: RunConfig):
+    """The newest FINISHED run of exactly this resolved recipe, or None."""
+    experiment = mlflow.get_experiment_by_name(config.experiment)
+    if experiment is None:
+        return None
+    runs = mlflow.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{CONFIG_HASH_TAG}` = '{config_hash(config)}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
+    )
+    return runs[0] if runs else None
+
+
 def experiment_id(name: str) -> str:
     """The experiment's id, creating it with artifacts under mlruns/ when the store is the local default."""
     existing = mlflow.get_experiment_by_name(name)
@@ -186,7 +199,7 @@ def recorded_run(run_id: str) -> tuple[RunConfig, Origin]:
     return RunConfig.model_validate(logged), Origin(run_id, tags.get("data_hash", ""), tags.get("git_commit", ""))
 
 
-@flow(name="finetune")
+@flow(name="finetune", validate_parameters=False)  # given a validated RunConfig; nothing to coerce
 def finetune(config: RunConfig, resume_run_id: str | None = None, origin: Origin | None = None
              ) -> RunSummary | Interrupted:
     """Fine-tune, evaluate and register one recipe (or continue the cut-off run `resume_run_id`, or repeat the run

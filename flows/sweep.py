@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,10 +184,11 @@ def sweep(sweep_config: SweepConfig, points: list[dict[str, Any]], configs: list
     return SweepSummary(parent_run_id, results, best, registered)
 
 
-def run_sweep(sweep_config: SweepConfig) -> SweepSummary:
+def run_sweep(sweep_config: SweepConfig, wait_for_prefect: Callable[[], float] = lambda: 0.0) -> SweepSummary:
     """Check everything cheap first, then run the sweep flow with `max_concurrency` points at a time."""
     points, configs = point_configs(sweep_config)
     for config in configs:
         preflight(config)
+    wait_for_prefect()
     runner = ThreadPoolTaskRunner(max_workers=sweep_config.max_concurrency)
     return sweep.with_options(task_runner=runner)(sweep_config, points, configs)

@@ -143,7 +143,7 @@ def test_cli_reports_a_missing_recipe(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.parametrize("command", ["run", "rerun", "sweep", "data", "preview", "chat", "export", "eval", "models", "promote", "rollback", "ui"])
+@pytest.mark.parametrize("command", ["run", "rerun", "sweep", "data", "preview", "chat", "export", "eval", "models", "promote", "rollback", "serve", "ui", "prefect-ui"])
 def test_every_command_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0
