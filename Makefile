@@ -16,7 +16,10 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(BIN)/loraflow run $(RECIPE)
 
+# The browser tests drive Debian's Chromium (headless); installed here when missing (needs root, as CI has).
 test: $(VENV)/.installed
+	command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+		|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 	$(BIN)/pytest
 
 test-fast: $(VENV)/.installed

@@ -27,6 +27,14 @@ importlib.import_module("prefect")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def wait_for_http(url: str, server, seconds: float = 120) -> None:
     """Until `url` answers, or fail the test when the `server` process exits or time runs out."""
     import time
@@ -82,18 +90,22 @@ def tokenize_rows(model_dir, tmp_path_factory):
     return tokenized
 
 
-@pytest.fixture
-def tiny_recipe(tmp_path):
+def write_tiny_recipe(folder: Path) -> Path:
     """A chat recipe on six made-up conversations (four to train, two held out), quick to run end to end."""
     import json
 
     rows = [{"messages": [{"role": "user", "content": f"Question {n}?"}, {"role": "assistant", "content": f"Answer {n}."}]}
             for n in range(6)]
     for split, part in (("train", rows[:4]), ("eval", rows[4:])):
-        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"data: {{train: [{tmp_path / 'train.jsonl'}], eval: [{tmp_path / 'eval.jsonl'}]}}\n"
-                      f"output_dir: {tmp_path / 'outputs'}\n"
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(f"data: {{train: [{folder / 'train.jsonl'}], eval: [{folder / 'eval.jsonl'}]}}\n"
+                      f"output_dir: {folder / 'outputs'}\n"
                       "tokenize: {max_length: 64}\ntrain: {max_steps: 2, batch_size: 2}\n"
                       "evaluate: {max_new_tokens: 8}\nregistry: {primary_metric: rougeL}\n")
     return recipe
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    return write_tiny_recipe(tmp_path)

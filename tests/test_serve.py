@@ -14,8 +14,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.conftest import STATE_DIR
-from tests.test_tracking_server import free_port
+from tests.conftest import STATE_DIR, free_port
 
 pytestmark = pytest.mark.slow
 

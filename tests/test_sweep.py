@@ -1,12 +1,18 @@
 """Sweeps: which points a grid or a random search makes, and a real sweep's runs read back through MLflow."""
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conf.schema import ConfigError, SweepConfig, load_sweep
 from flows.sweep import RESULTS_TABLE, run_sweep, sweep_points
+from tests.conftest import STATE_DIR, free_port, wait_for_http, write_tiny_recipe
 
 
 def test_a_grid_is_every_combination():
@@ -44,14 +50,21 @@ def test_a_bad_sweep_file_is_one_line_naming_file_and_key(tmp_path, text, expect
     assert str(error.value).startswith(f"{path}: ") and expected in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_sweep_runs_each_point_as_a_child_records_a_failed_point_and_registers_the_best(tiny_recipe):
-    name = f"sweep-{tiny_recipe.parent.name[-8:]}"
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A two-point sweep of the tiny recipe; one point names a LoRA target module no layer has, as a typo would
+    (it passes validation and fails in PEFT)."""
+    folder = tmp_path_factory.mktemp("sweep")
+    name = f"sweep-{folder.name[-8:]}"
     sweep = SweepConfig(
-        recipe=tiny_recipe, overrides=[f"experiment={name}", f"registry.model_name={name}"],
-        # A target module no layer has passes validation and fails in PEFT, as a user's typo would.
+        recipe=write_tiny_recipe(folder), overrides=[f"experiment={name}", f"registry.model_name={name}"],
         parameters={"train.learning_rate": [2e-3], "train.lora.target_modules": ["all-linear", ["no_such_layer"]]},
     )
-    summary = run_sweep(sweep)
+    return name, run_sweep(sweep)
+
+
+def test_a_sweep_runs_each_point_as_a_child_records_a_failed_point_and_registers_the_best(swept):
+    name, summary = swept
     client = MlflowClient()
     parent = client.get_run(summary.run_id)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{summary.run_id}'")
@@ -67,3 +80,45 @@ def test_a_sweep_runs_each_point_as_a_child_records_a_failed_point_and_registers
     assert parent.data.tags["loraflow.best_run_id"] == finished.info.run_id
     assert client.get_model_version(name, summary.registered.version).run_id == finished.info.run_id
     assert client.get_run(finished.info.run_id).info.status == "FINISHED"  # registering left its status alone
+
+
+SCREENSHOTS = os.environ.get("LORAFLOW_SCREENSHOTS")  # a folder: the pages are also saved there as PNGs (README's)
+
+
+def chromium(url: str, height: int = 1000, screenshot: str = "") -> str:
+    """The page's DOM after its scripts ran, in headless Chromium (Debian's; `make test` installs it)."""
+    with tempfile.TemporaryDirectory() as profile:
+        command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                   f"--user-data-dir={profile}", "--virtual-time-budget=10000", f"--window-size=1400,{height}"]
+        if SCREENSHOTS and screenshot:
+            subprocess.run([*command, f"--screenshot={Path(SCREENSHOTS) / screenshot}", url], capture_output=True,
+                           timeout=120, check=True)
+        return subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+def test_the_mlflow_ui_shows_a_points_run_and_compares_the_sweeps_children_in_a_browser(swept):
+    name, summary = swept
+    client = MlflowClient()
+    experiment = client.get_run(summary.run_id).info.experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{summary.run_id}'")
+    best = summary.best.run_id
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--port", str(port)], cwd=STATE_DIR,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{best}"
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}", server)
+        overview = chromium(base, screenshot="run.png")
+        assert "train.learning_rate" in overview and "train.lora.target_modules" in overview
+        charts = chromium(f"{base}/model-metrics", height=5000, screenshot="charts.png")
+        loss_chart = charts[charts.index(">train_loss<"):][:20000]
+        assert "js-line" in loss_chart  # the chart titled train_loss draws a line
+        assert "adapter_peft" in chromium(f"{base}/artifacts", screenshot="artifacts.png")
+        ids = json.dumps([child.info.run_id for child in children])
+        compare = f"http://127.0.0.1:{port}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment])}"
+        page = chromium(compare, screenshot="compare.png")
+        assert all(child.info.run_name in page for child in children) and "train.lora.target_modules" in page
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

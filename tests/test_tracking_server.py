@@ -1,7 +1,6 @@
 """Against a real `mlflow server` process (loopback, SQLite backend, artifacts served by the server): a run,
 its artifacts, the registry and its aliases; and an unreachable server stops a run before any work."""
 
-import socket
 import subprocess
 import sys
 
@@ -11,15 +10,9 @@ from mlflow.tracking import MlflowClient
 
 from conf.schema import load_config
 from flows.cli import main
-from tests.conftest import wait_for_http
+from tests.conftest import free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
