@@ -15,13 +15,14 @@ and then waiting for it is counted.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # bench/ itself must not be on the path (bench/tokenize.py)
+
+import logging  # noqa: E402
 
 from conf.environment import apply_tool_defaults  # noqa: E402
 

@@ -34,6 +34,7 @@ def test_serve_schedules_runs_registers_skips_unchanged_data_and_stops_on_sigter
     name = f"nightly-{tiny_recipe.parent.name[-8:]}"
     port = free_port()
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env["PREFECT_RUNNER_POLL_FREQUENCY"] = "2"  # the served process looks for triggered runs every 2 s, not 10
     serving = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "serve", str(tiny_recipe), "--cron", "0 2 * * *", "--name", name,
          "--prefect-port", str(port), "-o", f"experiment={name}", "-o", f"registry.model_name={name}"],
