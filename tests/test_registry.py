@@ -169,6 +169,7 @@ def test_a_logged_version_loads_through_mlflow_pyfunc(name, weights):
     assert result.version == alias(name, CHAMPION)
 
 
+@pytest.mark.slow
 def test_a_run_whose_evaluation_fails_registers_nothing(name, tiny_recipe, monkeypatch):
     import tasks.evaluate
     from conf.schema import load_config
@@ -189,6 +190,7 @@ def test_a_run_whose_evaluation_fails_registers_nothing(name, tiny_recipe, monke
     assert mlflow.search_logged_models([run.info.experiment_id], output_format="list") == []
 
 
+@pytest.mark.slow
 def test_rerun_rebuilds_the_recipe_from_the_record_and_reproduces_the_scores(name, tiny_recipe, capsys):
     from conf.schema import load_config
     from flows.finetune import finetune

@@ -55,6 +55,7 @@ def uninterrupted(tokens, model_dir, tmp_path_factory):
     return losses, load_file(result.weights_dir / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_an_interrupted_run_resumes_to_the_same_adapter(how, tokens, model_dir, uninterrupted, tmp_path):
     spec = {"train_dir": str(tokens.train_dir), "tokenizer_dir": str(tokens.tokenizer_dir), "model_dir": model_dir,
@@ -95,6 +96,7 @@ def test_a_checkpoint_cut_off_mid_save_is_skipped(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_answering_sample_prompts_while_training_changes_nothing_in_training(tokens, model_dir, uninterrupted, tmp_path):
     prompts = [[{"role": "user", "content": "Question 99: who are you?"}], [{"role": "user", "content": "Hi!"}]]
     samples = SamplePrompts(prompts, ["Question 99: who are you?", "Hi!"], chat=True, every_steps=2, max_new_tokens=12)
