@@ -93,11 +93,15 @@ def promotion_lock(name: str) -> Iterator[None]:
         yield
 
 
-def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
+def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    return _alias(client, name, CHAMPION)
 
 
 def _version(client: MlflowClient, name: str, version: str) -> ModelVersion:
@@ -136,6 +140,14 @@ def _make_champion(client: MlflowClient, name: str, version: str) -> None:
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
 
 
+def _mark_challenger(client: MlflowClient, name: str, version: str) -> None:
+    """`challenger` marks the newest version; called under the lock (MLflow's SQL store fails on two alias writes
+    at once: a unique-constraint error), so a version registered earlier but locked later does not take it."""
+    current = _alias(client, name, CHALLENGER)
+    if current is None or int(version) > int(current.version):
+        client.set_registered_model_alias(name, CHALLENGER, version)
+
+
 def register(
     run_id: str, weights_dir: Path, base_model: str, metrics: dict[str, float], tags: dict[str, str],
     config: RegistryConfig, trust_remote_code: bool = False,
@@ -165,8 +177,8 @@ def register(
     }
     registered = mlflow.register_model(info.model_uri, config.model_name, tags=version_tags)
     name, number = config.model_name, str(registered.version)
-    client.set_registered_model_alias(name, CHALLENGER, number)
     with promotion_lock(name):
+        _mark_challenger(client, name, number)
         decision = _judge(client, name, _version(client, name, number))
         client.set_model_version_tag(name, number, PROMOTION_TAG, decision.reason)
         if decision.promote:
