@@ -150,7 +150,7 @@ def _rollback(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import signal
 
-    load_config(args.config, args.override)  # a bad recipe stops here, not at 2 a.m.
+    config = load_config(args.config, args.override)  # a bad recipe stops here, not at 2 a.m.
     server = None
     if os.environ.get("PREFECT_API_URL"):
         print(f"loraflow: scheduling on the Prefect server at {os.environ['PREFECT_API_URL']}", flush=True)
@@ -169,7 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         nightly.serve(
-            name=args.name or f"{load_config(args.config).name}-nightly", cron=args.cron,
+            name=args.name or f"{config.name}-nightly", cron=args.cron,
             parameters={"recipe": str(args.config.resolve()), "overrides": args.override, "force": False},
             entrypoint_type=EntrypointType.MODULE_PATH, print_starting_message=True,
         )
