@@ -21,6 +21,10 @@ def tool_defaults(project_dir: Path) -> dict[str, str]:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # MLflow retries a failed request 7 times over about 4 minutes, holding training still; loraflow gives up
+        # after about 10 s and carries on offline (tasks/tracking.py).
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
         "DO_NOT_TRACK": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "MLFLOW_TRACKING_URI": f"sqlite:///{tracking_dir / 'mlflow.db'}",

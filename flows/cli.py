@@ -15,7 +15,7 @@ apply_tool_defaults()
 # missing, on every command; it falls back to its built-in CPU kernel, which is what runs here.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from conf.schema import UserError, load_config  # noqa: E402  (after the tool settings, on purpose)
+from conf.schema import RunConfig, UserError, load_config  # noqa: E402  (after the tool settings, on purpose)
 from flows.prefect_server import start_in_background  # noqa: E402
 
 
@@ -46,14 +46,24 @@ def _rerun(args: argparse.Namespace) -> int:
     return _report(config, summary, f"loraflow run {config.output_dir / summary.run_id / 'config.yaml'} --resume")
 
 
+EXIT_STOPPED = 143  # stopped by SIGTERM, as a shell reports it
+EXIT_OFFLINE = 75  # EX_TEMPFAIL: trained, but the tracking server went away; `loraflow sync` finishes the job
+
+
 def _report(config, summary, resume_command: str) -> int:
-    """What a finished run prints (or, for a run stopped by SIGTERM, how to continue it: exit code 143)."""
-    from flows.finetune import Interrupted
+    """What a finished run prints (or, for a run stopped by SIGTERM, how to continue it; for a run whose tracking
+    server went away, where its weights and its unlogged record are)."""
+    from flows.finetune import Interrupted, Offline
 
     if isinstance(summary, Interrupted):
         print(f"loraflow: stopped at step {summary.step} (run {summary.run_id}); checkpoint {summary.checkpoint}; "
               f"continue with: {resume_command}", file=sys.stderr)
-        return 143
+        return EXIT_STOPPED
+    if isinstance(summary, Offline):
+        print(f"loraflow: run {summary.run_id} finished offline: the tracking server went away; weights in "
+              f"{summary.weights_dir}; what was not logged (and registration) in {summary.record}; send it with: "
+              f"loraflow sync {summary.run_id} --output-dir {config.output_dir}", file=sys.stderr)
+        return EXIT_OFFLINE
     m, reg = summary.metrics, summary.registered
     print(
         "\n".join(
@@ -74,6 +84,18 @@ def _report(config, summary, resume_command: str) -> int:
             ]
         )
     )
+    return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from flows.finetune import sync_run
+
+    synced = sync_run(args.run_id, args.output_dir)
+    print(f"run {synced.run_id}: sent " + ", ".join(f"{count} {op}" for op, count in synced.applied.items()))
+    if synced.registered is not None:
+        reg = synced.registered
+        print(f"registered: {reg.model_name} version {reg.version}"
+              + (" -> champion" if reg.promoted else " (not promoted)") + f": {reg.reason}")
     return 0
 
 
@@ -304,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     again = commands.add_parser("rerun", help="run again from a run's logged recipe, as a new run tagged with its origin")
     again.add_argument("run_id", help="the MLflow run id to repeat")
     again.set_defaults(handler=_rerun)
+
+    syncing = commands.add_parser("sync", help="send what a run kept while its tracking server was away, and register it")
+    syncing.add_argument("run_id", help="the run, as `loraflow run` printed it")
+    syncing.add_argument("--output-dir", type=Path, default=RunConfig.model_fields["output_dir"].default,
+                         help="the recipe's output_dir (default: outputs)")
+    syncing.set_defaults(handler=_sync)
 
     serving = commands.add_parser("serve", help="serve the recipe as a Prefect deployment on a cron schedule (nightly)")
     serving.add_argument("config", type=Path, help="recipe YAML, re-read at every run")

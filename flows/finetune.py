@@ -3,7 +3,8 @@
 The flow owns the run: it opens it, records the whole resolved config, tags and lineage, hands the run id to
 every stage explicitly, and closes it FINISHED, FAILED, or KILLED when training was stopped by SIGTERM. A
 failed stage never reaches register. A run cut off before it finished can be resumed: the same MLflow run and
-work folder, training from its newest checkpoint.
+work folder, training from its newest checkpoint. A run whose tracking server went away finishes training and
+evaluation offline, keeping what it could not log (registration included) for `sync_run`.
 """
 
 from __future__ import annotations
@@ -15,26 +16,28 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
 import yaml
-from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from prefect import flow, get_run_logger
 
-from conf.schema import RunConfig, UserError, flatten
+from conf.schema import RegistryConfig, RunConfig, UserError, flatten
 from tasks.base_model import cache_root, check_base_model, resolve_base_model
 from tasks.clean import check_readable, clean_task
 from tasks.evaluate import check_primary_metric, evaluate_task, sample_prompts
 from tasks.register import RegisterResult, register_task
+from tasks.tracking import (
+    UNLOGGED_FILE, check_tracking_store, end_run, flow_run, keep_unlogged, log_artifact, log_params, offline_record,
+    read_record, replay, set_tags,
+)
 from tasks.tokenize import load_tokenizer, tokenize_task
-from tasks.tracking import check_tracking_store, log_artifact
 from tasks.train import (
     TrainingStopped, check_deepspeed, check_sample_prompts, checkpoints_folder, choose_attention, choose_precision,
     resumable_checkpoint, stop_on_sigterm, train_task,
@@ -52,6 +55,17 @@ class RunSummary:
     metrics: dict[str, float]
     registered: RegisterResult
     samples_path: Path
+
+
+@dataclass(frozen=True)
+class Offline:
+    """The tracking server went away during the run: training and evaluation finished, the weights are on disk, and
+    what could not be logged (registration included) is in `record`; `loraflow sync RUN_ID` sends it."""
+
+    run_id: str
+    metrics: dict[str, float]
+    weights_dir: Path
+    record: Path
 
 
 @dataclass(frozen=True)
@@ -116,7 +130,7 @@ def cut_off_run(config: RunConfig) -> str | None:
         if run.info.status == "FINISHED":
             continue
         work_dir = config.output_dir / run.info.run_id
-        if not work_dir.exists():
+        if not work_dir.exists() or (work_dir / UNLOGGED_FILE).exists():  # an offline run waits for sync, not resume
             continue
         # The lock first: resumable_checkpoint removes half-written checkpoints, which a live run may be writing.
         with run_lock(work_dir) as free:
@@ -148,11 +162,10 @@ def experiment_id(name: str) -> str:
 
 def log_config(run_id: str, config: RunConfig, work_dir: Path) -> None:
     """Every resolved key as a param; a value past MLflow's length limit points to config.yaml, which has it whole."""
-    params = [
-        Param(key, value if len(value) <= MAX_PARAM_VAL_LENGTH else f"<{len(value)} chars: see config.yaml>")
+    log_params(run_id, {
+        key: value if len(value) <= MAX_PARAM_VAL_LENGTH else f"<{len(value)} chars: see config.yaml>"
         for key, value in flatten(config).items()
-    ]
-    MlflowClient().log_batch(run_id, params=params)
+    })
     work_dir.mkdir(parents=True, exist_ok=True)
     config_path = work_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
@@ -201,7 +214,7 @@ def recorded_run(run_id: str) -> tuple[RunConfig, Origin]:
 
 @flow(name="finetune", validate_parameters=False)  # given a validated RunConfig; nothing to coerce
 def finetune(config: RunConfig, resume_run_id: str | None = None, origin: Origin | None = None
-             ) -> RunSummary | Interrupted:
+             ) -> RunSummary | Interrupted | Offline:
     """Fine-tune, evaluate and register one recipe (or continue the cut-off run `resume_run_id`, or repeat the run
     `origin` as a new run tagged with it, warning where its data or code differ from what that run recorded)."""
     model_dir = resolve_base_model(config.base_model)
@@ -210,8 +223,8 @@ def finetune(config: RunConfig, resume_run_id: str | None = None, origin: Origin
         get_run_logger().warning(f"re-running {origin.run_id} with code {tags['git_commit'][:12]}; it ran "
                                  f"{origin.git_commit[:12]}")
     trust = config.trust_remote_code
-    with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id(config.experiment), run_name=config.name,
-                          tags=tags, log_system_metrics=True) as run:
+    with flow_run(config.output_dir, run_id=resume_run_id, experiment_id=experiment_id(config.experiment),
+                  run_name=config.name, tags=tags, log_system_metrics=True) as run:
         run_id = run.info.run_id
         work_dir = config.output_dir / run_id
         with run_lock(work_dir):
@@ -221,7 +234,7 @@ def finetune(config: RunConfig, resume_run_id: str | None = None, origin: Origin
             if origin is not None and origin.data_hash != cleaned.data_hash:
                 get_run_logger().warning(f"re-running {origin.run_id} on different data: its data hash was "
                                          f"{origin.data_hash[:12]}, now {cleaned.data_hash[:12]}")
-                mlflow.set_tag("loraflow.rerun_data_changed", "true")
+                set_tags(run_id, {"loraflow.rerun_data_changed": "true"})
             tokens = tokenize_task(
                 cleaned.train_path, cleaned.eval_path, model_dir, config.tokenize, cache_root() / "tokenized", run_id,
                 trust,
@@ -234,14 +247,56 @@ def finetune(config: RunConfig, resume_run_id: str | None = None, origin: Origin
                         samples=sample_prompts(config.evaluate, cleaned.eval_path),
                     )
             except TrainingStopped as stopped:
-                mlflow.end_run(status="KILLED")
+                end_run(run_id, "KILLED")
                 return Interrupted(run_id, stopped.step, stopped.checkpoint)
             evaluated = evaluate_task(
                 cleaned.eval_path, tokens.eval_dir, model_dir, trained.weights_dir, config.identity.name,
                 config.evaluate, work_dir / "eval", run_id, trained.precision, trust,
             )
-            registered = register_task(
-                run_id, trained.weights_dir, config.base_model, evaluated.metrics,
-                tags | {"data_hash": cleaned.data_hash}, config.registry, trust,
-            )
+            register_args = {
+                "weights_dir": str(trained.weights_dir), "base_model": config.base_model, "metrics": evaluated.metrics,
+                "tags": tags | {"data_hash": cleaned.data_hash}, "registry": config.registry.model_dump(mode="json"),
+                "trust_remote_code": trust,
+            }
+            if (record := offline_record(run_id)) is not None:
+                keep_unlogged(run_id, {"op": "register"} | register_args)
+                return Offline(run_id, evaluated.metrics, trained.weights_dir, record)
+            registered = _register(run_id, register_args)
     return RunSummary(run_id, run.info.experiment_id, evaluated.metrics, registered, evaluated.markdown_path)
+
+
+def _register(run_id: str, args: dict, register: Callable[..., RegisterResult] = register_task) -> RegisterResult:
+    """The register stage, given its arguments in the JSON form an offline run keeps in its record."""
+    return register(run_id, Path(args["weights_dir"]), args["base_model"], args["metrics"], args["tags"],
+                         RegistryConfig.model_validate(args["registry"]), args["trust_remote_code"])
+
+
+@dataclass(frozen=True)
+class Synced:
+    run_id: str
+    applied: dict[str, int]
+    registered: RegisterResult | None
+
+
+def sync_run(run_id: str, output_dir: Path) -> Synced:
+    """Send what an offline run kept (output_dir/<run id>/unlogged.jsonl) to the tracking server, in order, and
+    register its model as the run would have."""
+    record = output_dir / run_id / UNLOGGED_FILE
+    if not record.exists():
+        raise UserError(f"{record}: no unlogged record, so run {run_id} has nothing to sync")
+    check_tracking_store()
+    lost = read_record(record)[0]
+    if lost["op"] == "lost" and lost["uri"] != mlflow.get_tracking_uri():
+        raise UserError(f"{record}: run {run_id} lost {lost['uri']}, but MLFLOW_TRACKING_URI is "
+                        f"{mlflow.get_tracking_uri()}; sync to the server the run was made on")
+    registered: list[RegisterResult] = []
+
+    def register_entry(client: MlflowClient, run_id: str, entry: dict) -> None:
+        registered.append(_register(run_id, entry, register_task.fn))  # a plain call: no Prefect flow runs here
+
+    try:
+        applied = replay(run_id, record, {"register": register_entry})
+    except MlflowException as error:
+        raise UserError(f"{record}: sync stopped, its unsent entries kept ({str(error).splitlines()[0]})") from None
+    record.rename(record.with_name("synced.jsonl"))
+    return Synced(run_id, applied, registered[0] if registered else None)

@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from conf.schema import load_config
-from flows.finetune import Interrupted, finetune, last_finished_run, preflight
+from flows.finetune import Interrupted, Offline, finetune, last_finished_run, preflight
 from tasks.clean import clean
 
 
@@ -35,4 +35,7 @@ def nightly(recipe: str, overrides: list[str] | None = None, force: bool = False
     summary = finetune(config)
     if isinstance(summary, Interrupted):
         return f"run {summary.run_id} stopped at step {summary.step}; the next night starts it afresh"
+    if isinstance(summary, Offline):
+        raise RuntimeError(f"run {summary.run_id} trained, but the tracking server went away: `loraflow sync "
+                           f"{summary.run_id}` sends what it kept in {summary.record} and registers the model")
     return f"run {summary.run_id}: {summary.registered.model_name} version {summary.registered.version}"

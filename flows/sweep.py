@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from prefect import flow, task
@@ -34,7 +33,7 @@ from tasks.clean import CleanResult, clean_task
 from tasks.evaluate import evaluate_task
 from tasks.register import RegisterResult, register_task
 from tasks.tokenize import TokenizedData, tokenize_task
-from tasks.tracking import log_metrics, set_tags
+from tasks.tracking import log_metrics, log_table, set_tags
 from tasks.train import train_task
 
 RESULTS_TABLE = "sweep/results.json"
@@ -137,13 +136,13 @@ def best_point(results: list[PointResult], metric: str, direction: str) -> Point
     return max(finished, key=lambda result: sign * result.metrics[f"tuned_{metric}"])
 
 
-def results_table(results: list[PointResult], metric: str) -> pd.DataFrame:
-    return pd.DataFrame([
+def results_table(results: list[PointResult], metric: str) -> list[dict[str, Any]]:
+    return [
         {**result.point, "run_id": result.run_id, "status": result.status,
          f"tuned_{metric}": result.metrics.get(f"tuned_{metric}"), "tuned_eval_loss": result.metrics.get("tuned_eval_loss"),
          "error": result.error}
         for result in results
-    ])
+    ]
 
 
 @flow(name="sweep")
@@ -166,8 +165,7 @@ def sweep(sweep_config: SweepConfig, points: list[dict[str, Any]], configs: list
         futures = [run_point.submit(config, point, parent_run_id, tags, cleaned, tokens, model_dir)
                    for config, point in zip(configs, points)]
         results = [future.result() for future in futures]
-        MlflowClient().log_table(parent_run_id, data=results_table(results, registry.primary_metric),
-                                 artifact_file=RESULTS_TABLE)
+        log_table(parent_run_id, results_table(results, registry.primary_metric), RESULTS_TABLE)
         log_metrics(parent_run_id, {"sweep_points_finished": sum(r.status == "FINISHED" for r in results),
                                     "sweep_points_failed": sum(r.status == "FAILED" for r in results)})
         best = best_point(results, registry.primary_metric, registry.direction)

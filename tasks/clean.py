@@ -23,20 +23,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
-import pandas as pd
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 from datasketch.minhash import _fmix  # private, so datasketch is pinned; a test compares with MinHash
-from mlflow.entities import DatasetInput, InputTag
-from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import DataConfig, UserError
 from tasks.builtin_data import BUILTIN_SOURCES
-from tasks.tracking import log_artifact, log_metrics, set_tags
+from tasks.tracking import log_artifact, log_inputs, log_metrics, set_tags
 
 ROLE_ALIASES = {
     "user": "user", "human": "user",
@@ -430,13 +425,5 @@ def clean_task(data: DataConfig, values: dict[str, str], out_dir: Path, run_id: 
     log_metrics(run_id, {"data_train_rows": result.train_rows, "data_eval_rows": result.eval_rows,
                          "data_rejected_rows": result.rejected_rows})
     set_tags(run_id, {"data_hash": result.data_hash})
-    inputs = [
-        DatasetInput(
-            mlflow.data.from_pandas(pd.read_json(path, lines=True), source=str(path.resolve()), name=split,
-                                    digest=result.data_hash[:16])._to_mlflow_entity(),
-            [InputTag(MLFLOW_DATASET_CONTEXT, split)],
-        )
-        for split, path in (("train", result.train_path), ("eval", result.eval_path))
-    ]
-    MlflowClient().log_inputs(run_id, datasets=inputs)
+    log_inputs(run_id, {"train": result.train_path, "eval": result.eval_path}, result.data_hash[:16])
     return result

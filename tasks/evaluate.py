@@ -13,17 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import evaluate
-import pandas as pd
 import torch
 from datasets import load_from_disk
-from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import AutoTokenizer, PreTrainedModel
 
 from conf.schema import EvaluateConfig, UserError
 from tasks.base_model import load_model, load_tuned_model
-from tasks.tracking import log_artifact, log_metrics
+from tasks.tracking import log_artifact, log_metrics, log_table
 
 BUILTIN_METRICS = Path(__file__).parent / "metrics"
 DOCUMENT_SAMPLES, DOCUMENT_PROMPT_CHARS = 8, 200  # pretraining: continue this many held-out openings
@@ -286,8 +284,8 @@ def evaluate_model(
 def _log_evaluation(run_id: str, result: EvalResult) -> None:
     log_metrics(run_id, result.metrics)
     log_artifact(run_id, result.markdown_path, "eval")
-    table = pd.read_json(result.samples_path, lines=True)
-    MlflowClient().log_table(run_id, data=table, artifact_file="eval/samples_table.json")
+    rows = [json.loads(line) for line in result.samples_path.read_text(encoding="utf-8").splitlines()]
+    log_table(run_id, rows, "eval/samples_table.json")
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

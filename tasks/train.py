@@ -46,7 +46,9 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as PaddingFr
 
 from conf.schema import TrainConfig, UserError, zero_optimization
 from tasks.evaluate import SamplePrompts, autocast
-from tasks.tracking import log_artifact, log_loss_plot, log_metrics, sample_logger, set_tags, step_logger
+from tasks.tracking import (
+    log_artifact, log_loss_plot, log_metrics, sample_logger, set_tags, step_logger, unlogged_record_path,
+)
 
 StepLogger = Callable[[int, dict[str, float]], None]
 SampleLogger = Callable[[int, list[dict]], None]
@@ -417,6 +419,7 @@ def train_in_workers(
         "resume_from": str(resume_from) if resume_from else None, "trust_remote_code": trust_remote_code,
         "result_path": str(result_path.resolve()),
         "samples": dataclasses.asdict(samples) if samples is not None else None,
+        "unlogged_record": str(record) if (record := unlogged_record_path(run_id)) is not None else None,
     }
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={config.processes}",

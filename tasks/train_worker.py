@@ -1,7 +1,8 @@
 """The train stage as one `torchrun` worker process: `python -m torch.distributed.run ... -m tasks.train_worker SPEC`.
 
 train_in_workers (tasks/train.py) writes SPEC (a JSON of train()'s arguments) and launches the workers. Rank 0
-logs each step to the MLflow run named in SPEC and writes the result where SPEC says; other ranks log nothing.
+logs each step to the MLflow run named in SPEC (or, should its tracking server go away, to the run's unlogged
+record) and writes the result where SPEC says; other ranks log nothing.
 """
 
 from __future__ import annotations
@@ -14,12 +15,18 @@ from pathlib import Path
 
 from conf.schema import TrainConfig
 from tasks.evaluate import SamplePrompts
-from tasks.tracking import sample_logger, step_logger
+from tasks.tracking import recording_unlogged, sample_logger, step_logger
 from tasks.train import STOP_REQUESTED, TrainingStopped, result_as_json, train
 
 
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    record = Path(spec["unlogged_record"]) if spec["unlogged_record"] else None
+    with recording_unlogged(spec["run_id"], record):
+        return _train(spec)
+
+
+def _train(spec: dict) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: STOP_REQUESTED.set())
     is_rank_zero = int(os.environ.get("RANK", "0")) == 0
     on_step = step_logger(spec["run_id"]) if is_rank_zero else (lambda step, metrics: None)

@@ -1,8 +1,13 @@
 """Against a real `mlflow server` process (loopback, SQLite backend, artifacts served by the server): a run,
-its artifacts, the registry and its aliases; and an unreachable server stops a run before any work."""
+its artifacts, the registry and its aliases; an unreachable server stops a run before any work; and a server that
+goes away mid-run leaves the run to finish offline, with what it kept sent by `loraflow sync` once it is back."""
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import mlflow
 import pytest
@@ -10,27 +15,36 @@ from mlflow.tracking import MlflowClient
 
 from conf.schema import load_config
 from flows.cli import main
-from tests.conftest import free_port, wait_for_http
+from tests.conftest import free_port, wait_for_http, write_tiny_recipe
 
 pytestmark = pytest.mark.slow
+
+
+def start_server(folder, port: int) -> subprocess.Popen:
+    """`mlflow server` on loopback with its state in `folder`, in its own process group (it starts workers)."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    wait_for_http(f"http://127.0.0.1:{port}/health", server)
+    return server
+
+
+def kill_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
+    server = start_server(folder, port)
     try:
-        wait_for_http(f"{uri}/health", server)
-        yield uri, folder
+        yield f"http://127.0.0.1:{port}", folder
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        kill_server(server)
 
 
 @pytest.fixture
@@ -73,3 +87,64 @@ def test_an_unreachable_server_stops_the_run_before_any_work_in_one_line(tiny_re
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"loraflow: error: MLFLOW_TRACKING_URI {uri}: the tracking server")
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_run_outlives_its_tracking_server_and_sync_sends_what_it_kept(tmp_path, monkeypatch, capsys, model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder, port = tmp_path / "server", free_port()
+    folder.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(folder, port)
+    name = f"offline-{tmp_path.name[-8:]}"
+    env = {key: value for key, value in os.environ.items() if key != "LORAFLOW_ARTIFACT_ROOT"} | {"MLFLOW_TRACKING_URI": uri}
+    training = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(write_tiny_recipe(tmp_path)), "-o", "train.max_steps=30",
+         "-o", f"experiment={name}", "-o", f"registry.model_name={name}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    client = MlflowClient(uri)
+    try:
+        run_id, deadline = None, time.monotonic() + 300
+        while run_id is None or len(client.get_metric_history(run_id, "train_loss")) < 3:
+            assert training.poll() is None and time.monotonic() < deadline, "training never logged 3 steps"
+            experiment = client.get_experiment_by_name(name)
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            run_id = runs[0].info.run_id if runs else None
+            time.sleep(0.3)
+    finally:
+        kill_server(server)
+    _, stderr = training.communicate(timeout=600)
+
+    assert training.returncode == 75, stderr[-3000:]
+    assert f"loraflow sync {run_id}" in stderr.splitlines()[-1]
+    record_path = tmp_path / "outputs" / run_id / "unlogged.jsonl"
+    record = [json.loads(line) for line in record_path.read_text().splitlines()]
+    assert record[0]["op"] == "lost" and record[0]["uri"] == uri
+    kept_steps = [step for entry in record if entry["op"] == "metrics" for _, _, _, step in entry["metrics"]]
+    assert kept_steps and max(kept_steps) == 30
+    assert {"path": str(tmp_path / "outputs" / run_id / "train" / "adapter"), "artifact_path": "adapter_peft",
+            "op": "artifact"} in record
+    assert [entry["op"] for entry in record[-2:]] == ["register", "end"] and record[-1]["status"] == "FINISHED"
+    weights_dir = record[-2]["weights_dir"]  # the adapter on disk loads with PEFT's own loader
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), weights_dir)
+    assert tuned.peft_config["default"].r == 16
+
+    server = start_server(folder, port)  # back, on the same store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        assert main(["sync", run_id, "--output-dir", str(tmp_path / "outputs")]) == 0
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert sorted(metric.step for metric in client.get_metric_history(run_id, "train_loss")) == list(range(1, 31))
+        assert "tuned_eval_loss" in run.data.metrics and "adapter_config.json" in {
+            os.path.basename(f.path) for f in client.list_artifacts(run_id, "adapter_peft")}
+        assert client.get_model_version_by_alias(name, "challenger").run_id == run_id
+        assert not record_path.exists() and (record_path.parent / "synced.jsonl").exists()
+        assert main(["sync", run_id, "--output-dir", str(tmp_path / "outputs")]) == 2  # nothing is sent twice
+    finally:
+        mlflow.set_tracking_uri(None)
+        kill_server(server)
+    assert "nothing to sync" in capsys.readouterr().err
