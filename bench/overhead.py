@@ -5,9 +5,9 @@ One run of the fine-tuning flow in this process, on the default recipe (into exp
 tokenize, train, evaluate, register) are timed where the tasks call them; training's per-step MLflow logging
 is timed apart and counted as overhead. The baseline, measured in the same run, is the sum of those stage
 times; the overhead is the flow's wall time minus it (Prefect's task and flow runs; MLflow's run, parameters,
-metrics, artifacts and data-set inputs), plus what starting Prefect's embedded server cost the command: as
-`loraflow run` does, it is started in the background before the heavy imports, and the time spent starting it
-and then waiting for it is counted.
+metrics, artifacts and data-set inputs), plus what starting Prefect's server cost the command: as `loraflow run`
+does, it is started as a subprocess before the heavy imports, and the time spent starting it and then waiting for
+it is counted. The MLflow calls are also timed by kind, to show where the overhead goes.
 
     python bench/overhead.py [--max-steps N]
 """
@@ -39,6 +39,7 @@ import tasks.clean  # noqa: E402
 import tasks.evaluate  # noqa: E402
 import tasks.register  # noqa: E402
 import tasks.tokenize  # noqa: E402
+import tasks.tracking  # noqa: E402
 import tasks.train  # noqa: E402
 from conf.schema import load_config  # noqa: E402
 from flows.finetune import finetune, preflight  # noqa: E402
@@ -78,6 +79,19 @@ def timed_logger_factory(module, name: str, key: str) -> None:
     setattr(module, name, make)
 
 
+def timed_tracking_calls() -> None:
+    """Time each kind of MLflow call the stages make (tasks/tracking.py applies every one through APPLY)."""
+    for op, apply in list(tasks.tracking.APPLY.items()):
+        def timed_apply(client, run_id, entry, apply=apply, op=op):
+            started = time.perf_counter()
+            try:
+                return apply(client, run_id, entry)
+            finally:
+                seconds[f"mlflow {op}"] += time.perf_counter() - started
+
+        tasks.tracking.APPLY[op] = timed_apply
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-steps", type=int, help="train this many steps instead of the recipe's")
@@ -85,13 +99,16 @@ def main() -> None:
     overrides = ["experiment=loraflow-bench", "registry.model_name=loraflow-bench"]
     overrides += [f"train.max_steps={args.max_steps}"] if args.max_steps else []
     config = load_config(RECIPE, overrides)
+    began = time.perf_counter()
     preflight(config)
+    preflight_seconds = time.perf_counter() - began
     timed(tasks.clean, "clean", "clean")
     timed(tasks.tokenize, "tokenize", "tokenize")
     timed(tasks.train, "train", "train")
     timed(tasks.evaluate, "evaluate_tuned", "evaluate")
     timed(tasks.register, "register", "register")
     timed_logger_factory(tasks.train, "step_logger", "train_step_logging")
+    timed_tracking_calls()
 
     prefect_wait_seconds = wait_for_prefect()
     started = time.perf_counter()
@@ -103,6 +120,8 @@ def main() -> None:
     prefect_server = prefect_start_seconds + prefect_wait_seconds
     overhead = wall - stages + prefect_server
     print(f"run {summary.run_id}, {config.train.max_steps} steps")
+    print(f"preflight         {preflight_seconds:7.1f} s (before the flow, as in `loraflow run`; not counted: it checks the "
+          "recipe, the data files, the tokenizer and opens the tracking store)")
     for key in ("clean", "tokenize", "evaluate", "register"):
         print(f"stage {key:<9} {seconds[key]:7.1f} s")
     print(f"stage train     {train_compute:7.1f} s (its per-step MLflow logging, {seconds['train_step_logging']:.1f} s, "
@@ -112,6 +131,9 @@ def main() -> None:
     print(f"Prefect server    {prefect_server:7.1f} s (started in the background before the imports: "
           f"{prefect_start_seconds:.1f} s to begin, {prefect_wait_seconds:.1f} s waited for)")
     print(f"overhead          {overhead:7.1f} s (flow wall time - stages + Prefect server)")
+    calls = {key.removeprefix("mlflow "): value for key, value in seconds.items() if key.startswith("mlflow ")}
+    print(f"  of which MLflow logging calls {sum(calls.values()):.1f} s: "
+          + ", ".join(f"{op} {value:.2f}" for op, value in sorted(calls.items(), key=lambda item: -item[1])))
     print(f"overhead_share: {overhead / (wall + prefect_server):.3f}")
 
 

@@ -177,7 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
     if os.environ.get("PREFECT_API_URL"):
         print(f"loraflow: scheduling on the Prefect server at {os.environ['PREFECT_API_URL']}", flush=True)
     else:
-        from flows.prefect_server import start_server
+        from flows.prefect_server import start_server, stop_server
 
         server = start_server(args.prefect_port)
         os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{args.prefect_port}/api"
@@ -199,8 +199,7 @@ def _serve(args: argparse.Namespace) -> int:
         print("loraflow: serving stopped", file=sys.stderr)
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
+            stop_server(server)
     return 0
 
 

@@ -1,68 +1,94 @@
-"""Prefect's embedded server, started early: Prefect's embedded mode starts a temporary local server when a
-process runs its first flow (about 13 s on this 2-core machine). Started in the background when a command
-begins, it comes up while the command imports its libraries and checks the recipe, on the other core.
+"""The Prefect server a command's flow runs report to.
 
-With PREFECT_API_URL set (a running Prefect server) there is nothing to start. Prefect's notices that it starts
-and stops that server are dropped: a command that stops early with one line for a user's mistake stays one line.
+Left alone, Prefect's embedded mode starts a temporary server inside the process when the first flow runs (about
+13 s on this 2-core machine, all of it waited for). Instead, a command starts `prefect server start` (API only) on
+a free loopback port as its first act and points PREFECT_API_URL at it: the server comes up on the other core
+while the command imports torch and transformers and checks the recipe, and it stops when the command ends.
+
+With PREFECT_API_URL set (a running Prefect server), nothing is started. `loraflow serve` starts a full server
+(scheduler and UI) with `start_server`.
 """
 
 from __future__ import annotations
 
-import logging
+import atexit
+import ctypes
 import os
+import signal
+import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
 
 
-def _not_a_server_notice(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(("Starting temporary server", "Stopping temporary server"))
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
-def start_in_background() -> Callable[[], float]:
-    """Begin starting the embedded server; the returned function waits for it and returns the seconds it waited."""
-    if os.environ.get("PREFECT_API_URL"):
-        return lambda: 0.0
-    # Prefect logs the notices on its top logger itself; a logger's filter does not touch its children's records
-    # (the flow and task run logs).
-    logging.getLogger("prefect").addFilter(_not_a_server_notice)
-
-    # Imported here, not in the thread: two threads importing one package's modules can deadlock on import locks.
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-
-    def start() -> None:
-        # The same server object Prefect's client starts on its own when the first flow runs (one per process).
-        SubprocessASGIServer().start(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
-
-    starter = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-    starter.start()
-
-    def wait() -> float:
-        began = time.perf_counter()
-        starter.join()
-        return time.perf_counter() - began
-
-    return wait
+def _die_with_parent() -> None:
+    """In the server's process before it runs: stop it when the command dies, even by SIGKILL (Linux only)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def start_server(port: int, timeout: float = 120) -> subprocess.Popen:
-    """`prefect server start` on 127.0.0.1:`port`, returned once its API answers (scheduling needs a real server:
-    the embedded one refuses deployments with schedules)."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+def launch_server(port: int, *options: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), *options],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
+
+
+def wait_for_server(server: subprocess.Popen, port: int, timeout: float = 120) -> None:
+    """Until the server's API answers; a server that exits or takes too long is stopped with a one-line error."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-            return server
+            return
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
                 raise RuntimeError(f"the Prefect server on 127.0.0.1:{port} did not start (is the port taken?)") from None
-            time.sleep(0.5)
+            time.sleep(0.2)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def start_server(port: int, timeout: float = 120) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:`port` with its services and UI, returned once its API answers
+    (scheduling needs a real server: the embedded one refuses deployments with schedules)."""
+    server = launch_server(port)
+    wait_for_server(server, port, timeout)
+    return server
+
+
+def start_in_background() -> Callable[[], float]:
+    """Start the command's Prefect server; the returned function waits for it and returns the seconds it waited.
+
+    Prefect reads PREFECT_API_URL once, when it is imported: in a process that has imported it already, Prefect is
+    left to start its embedded server itself.
+    """
+    if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+        return lambda: 0.0
+    port = free_port()
+    server = launch_server(port, "--no-services", "--no-ui")
+    atexit.register(stop_server, server)
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+
+    def wait() -> float:
+        began = time.perf_counter()
+        wait_for_server(server, port)
+        return time.perf_counter() - began
+
+    return wait

@@ -33,7 +33,8 @@ from conf.schema import UserError
 
 
 class TrackingUnreachable(UserError):
-    """The MLflow tracking server named by MLFLOW_TRACKING_URI does not answer."""
+    """The MLflow tracking store named by MLFLOW_TRACKING_URI cannot be used: a server that does not answer, or a
+    local store that cannot be opened."""
 
 
 STEP_METRIC = "train_loss"
@@ -49,14 +50,19 @@ _record_lock = threading.Lock()
 
 
 def check_tracking_store(timeout: float = 10.0) -> None:
-    """Before any work: a tracking server answers its health check (MLflow's own client would retry for minutes).
-
-    Local stores (sqlite, files) need no check.
-    """
-    reason = _unanswered(timeout)
-    if reason is not None:
-        raise TrackingUnreachable(
-            f"MLFLOW_TRACKING_URI {mlflow.get_tracking_uri()}: the tracking server does not answer ({reason})")
+    """Before any work: the tracking store can be used. A server must answer its health check (MLflow's own client
+    would retry for minutes); a local store (SQLite) is opened, which also sets up its tables on first use."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        reason = _unanswered(timeout)
+        if reason is not None:
+            raise TrackingUnreachable(f"MLFLOW_TRACKING_URI {uri}: the tracking server does not answer ({reason})")
+        return
+    try:
+        MlflowClient().search_experiments(max_results=1)
+    except Exception as error:  # MLflow raises its own errors and SQLAlchemy's alike for a store it cannot open
+        reason = str(error).strip().splitlines()[0][:300]
+        raise TrackingUnreachable(f"MLFLOW_TRACKING_URI {uri}: the tracking store cannot be opened ({reason})") from None
 
 
 def _unanswered(timeout: float) -> str | None:

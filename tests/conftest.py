@@ -27,14 +27,6 @@ importlib.import_module("prefect")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def wait_for_http(url: str, server, seconds: float = 120) -> None:
     """Until `url` answers, or fail the test when the `server` process exits or time runs out."""
     import time

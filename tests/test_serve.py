@@ -14,7 +14,8 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.conftest import STATE_DIR, free_port
+from flows.prefect_server import free_port
+from tests.conftest import STATE_DIR
 
 pytestmark = pytest.mark.slow
 

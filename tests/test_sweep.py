@@ -11,8 +11,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conf.schema import ConfigError, SweepConfig, load_sweep
+from flows.prefect_server import free_port
 from flows.sweep import RESULTS_TABLE, run_sweep, sweep_points
-from tests.conftest import STATE_DIR, free_port, wait_for_http, write_tiny_recipe
+from tests.conftest import STATE_DIR, wait_for_http, write_tiny_recipe
 
 
 def test_a_grid_is_every_combination():

@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from conf.schema import load_config
 from flows.cli import main
-from tests.conftest import free_port, wait_for_http, write_tiny_recipe
+from flows.prefect_server import free_port
+from tests.conftest import wait_for_http, write_tiny_recipe
 
 pytestmark = pytest.mark.slow
 
