@@ -35,9 +35,9 @@ class EvalSummary:
 
 def preflight_evaluation(config: RunConfig) -> None:
     """The data sources are readable and the metric modules load, before any model is fetched."""
-    check_tracking_store()
     check_readable([*config.data.train, *config.data.eval])
     metric_names(config.evaluate, config.tokenize.mode == "chat")
+    check_tracking_store()
 
 
 @flow(name="evaluate-model")

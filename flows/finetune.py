@@ -178,7 +178,6 @@ def preflight(config: RunConfig) -> None:
     A UserError raised inside the flow would still stop it, but Prefect logs it with a traceback; here it
     is one line.
     """
-    check_tracking_store()
     check_base_model(config.base_model)
     check_readable([*config.data.train, *config.data.eval])
     choose_precision(config.train.precision)
@@ -188,6 +187,7 @@ def preflight(config: RunConfig) -> None:
     check_primary_metric(config.evaluate, config.tokenize.mode == "chat", config.registry.primary_metric)
     if config.tokenize.mode == "chat":
         load_tokenizer(resolve_base_model(config.base_model), config.tokenize.chat_template, config.trust_remote_code)
+    check_tracking_store()  # last: opening a new SQLite store prints MLflow's own notices, which a user error should not
 
 
 @dataclass(frozen=True)
