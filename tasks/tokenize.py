@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator
@@ -231,7 +232,7 @@ def tokenize(
     sample_count = len(train)
     if config.mode == "chat" and config.packing:
         train = pack_dataset(train, config.max_length, strategy="bfd")
-    staging = cache_dir / f"{key}.partial"
+    staging = cache_dir / f"{key}.partial-{os.getpid()}"  # two processes may make the same entry at once
     shutil.rmtree(staging, ignore_errors=True)
     train.save_to_disk(staging / "train")
     evaluation.save_to_disk(staging / "eval")
@@ -246,8 +247,12 @@ def tokenize(
         "cache_key": key,
     }
     (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)  # a crash never leaves a half-written cache entry under its key
+    try:
+        staging.rename(target)  # a crash never leaves a half-written cache entry under its key
+    except OSError:
+        if not (target / "summary.json").exists():
+            raise
+        shutil.rmtree(staging)  # another process made the same entry first; it is the same data
     return TokenizedData(**_read_summary(target) | {"cache_hit": False})
 
 

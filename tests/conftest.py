@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Two test processes share the 2 cores: one compute thread each (torch would take both, in each).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 STATE_DIR = Path(tempfile.mkdtemp(prefix="loraflow-tests-"))
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{STATE_DIR / 'mlruns' / 'mlflow.db'}"
 os.environ["LORAFLOW_ARTIFACT_ROOT"] = (STATE_DIR / "mlruns" / "artifacts").as_uri()
