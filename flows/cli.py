@@ -76,8 +76,7 @@ def _report(config, summary, resume_command: str) -> int:
                 f" (perplexity {m['base_perplexity']:.2f} -> {m['tuned_perplexity']:.2f})",
                 *([f"ROUGE-L, BLEU:     base {m['base_rougeL']:.3f}, {m['base_bleu']:.3f} -> tuned "
                    f"{m['tuned_rougeL']:.3f}, {m['tuned_bleu']:.3f}"] if "base_rougeL" in m and "base_bleu" in m else []),
-                f"registered:        {reg.model_name} version {reg.version}"
-                + (" -> champion" if reg.promoted else " (not promoted)") + f": {reg.reason}",
+                f"registered:        {_registration(reg)}",
                 f"sample answers:    {summary.samples_path}",
                 f"chat with it:      loraflow chat models:/{reg.model_name}/{reg.version}",
                 "look at the run:   make ui   (then open http://127.0.0.1:5000)",
@@ -87,15 +86,19 @@ def _report(config, summary, resume_command: str) -> int:
     return 0
 
 
+def _registration(reg) -> str:
+    """A RegisterResult in one line: the version, whether it became champion, and why."""
+    outcome = " -> champion" if reg.promoted else " (not promoted)"
+    return f"{reg.model_name} version {reg.version}{outcome}: {reg.reason}"
+
+
 def _sync(args: argparse.Namespace) -> int:
     from flows.finetune import sync_run
 
     synced = sync_run(args.run_id, args.output_dir)
     print(f"run {synced.run_id}: sent " + ", ".join(f"{count} {op}" for op, count in synced.applied.items()))
     if synced.registered is not None:
-        reg = synced.registered
-        print(f"registered: {reg.model_name} version {reg.version}"
-              + (" -> champion" if reg.promoted else " (not promoted)") + f": {reg.reason}")
+        print(f"registered: {_registration(synced.registered)}")
     return 0
 
 
@@ -117,10 +120,8 @@ def _sweep(args: argparse.Namespace) -> int:
                            if key.startswith("tuned_"))
         print(f"  {result.status:<8} {result.run_id}  {json.dumps(result.point)}  {scores or result.error}")
     if summary.best is not None:
-        reg = summary.registered
         print(f"best:       {json.dumps(summary.best.point)} (run {summary.best.run_id})")
-        print(f"registered: {reg.model_name} version {reg.version}"
-              + (" -> champion" if reg.promoted else " (not promoted)") + f": {reg.reason}")
+        print(f"registered: {_registration(summary.registered)}")
     return 0
 
 

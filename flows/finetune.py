@@ -268,7 +268,7 @@ def finetune(config: RunConfig, resume_run_id: str | None = None, origin: Origin
 def _register(run_id: str, args: dict, register: Callable[..., RegisterResult] = register_task) -> RegisterResult:
     """The register stage, given its arguments in the JSON form an offline run keeps in its record."""
     return register(run_id, Path(args["weights_dir"]), args["base_model"], args["metrics"], args["tags"],
-                         RegistryConfig.model_validate(args["registry"]), args["trust_remote_code"])
+                    RegistryConfig.model_validate(args["registry"]), args["trust_remote_code"])
 
 
 @dataclass(frozen=True)
