@@ -211,17 +211,19 @@ def read_record(record: Path) -> list[Entry]:
 
 def replay(run_id: str, record: Path, handlers: dict[str, Apply]) -> dict[str, int]:
     """Apply a run's unlogged record in order (`handlers` add entry kinds the flows record); returns the count of
-    each kind applied. The record is rewritten after every entry, so a replay cut short resumes where it stopped."""
+    each kind applied. The record is rewritten after every entry, its "lost" line kept, so a replay cut short
+    resumes where it stopped and still knows which server the run lost."""
     entries = read_record(record)
+    header = [entry for entry in entries if entry["op"] == "lost"]
+    calls = [entry for entry in entries if entry["op"] != "lost"]
     apply = APPLY | handlers
     client = MlflowClient()
     applied: dict[str, int] = {}
-    for done, entry in enumerate(entries, start=1):
-        if entry["op"] != "lost":
-            apply[entry["op"]](client, run_id, entry)
-            applied[entry["op"]] = applied.get(entry["op"], 0) + 1
+    for done, entry in enumerate(calls, start=1):
+        apply[entry["op"]](client, run_id, entry)
+        applied[entry["op"]] = applied.get(entry["op"], 0) + 1
         rest = record.with_suffix(".rest")
-        rest.write_text("".join(json.dumps(later) + "\n" for later in entries[done:]), encoding="utf-8")
+        rest.write_text("".join(json.dumps(kept) + "\n" for kept in header + calls[done:]), encoding="utf-8")
         rest.replace(record)
     return applied
 
