@@ -21,8 +21,8 @@ def tool_defaults(project_dir: Path) -> dict[str, str]:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
-        # MLflow retries a failed request 7 times over about 4 minutes, holding training still; loraflow gives up
-        # after about 10 s and carries on offline (tasks/tracking.py).
+        # MLflow retries a failed request 7 times, with back-off sleeps adding up to about 4 minutes, holding
+        # training still; with these it gives up after about 7 s and loraflow carries on offline (tasks/tracking.py).
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
         "DO_NOT_TRACK": "1",
