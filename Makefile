@@ -30,5 +30,6 @@ test-fast: $(VENV)/.installed
 ui: $(VENV)/.installed
 	$(BIN)/loraflow ui
 
-clean-outputs:
-	rm -rf outputs
+# Refuses (naming them) while a run there holds records its tracking server never got: `loraflow sync` first.
+clean-outputs: $(VENV)/.installed
+	$(BIN)/loraflow clean-outputs

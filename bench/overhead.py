@@ -42,7 +42,8 @@ import tasks.tokenize  # noqa: E402
 import tasks.tracking  # noqa: E402
 import tasks.train  # noqa: E402
 from conf.schema import load_config  # noqa: E402
-from flows.finetune import finetune, preflight  # noqa: E402
+from flows.finetune import finetune  # noqa: E402
+from flows.runs import preflight  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "conf" / "identity_sft.yaml"
 seconds: dict[str, float] = defaultdict(float)

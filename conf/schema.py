@@ -172,6 +172,14 @@ class RegistryConfig(_Section):
     min_improvement: float = Field(default=0.0, ge=0.0)
 
 
+class NotifyConfig(_Section):
+    """Who hears about a nightly run that fails, is skipped or promotes nothing."""
+
+    webhook_url: str | None = Field(
+        default=None, description="Slack-compatible incoming webhook; unset: the LORAFLOW_WEBHOOK_URL variable, if any"
+    )
+
+
 class RunConfig(_Section):
     name: str = Field(default="identity_sft", min_length=1)
     experiment: str = Field(default="loraflow", min_length=1)
@@ -190,6 +198,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
+    notify: NotifyConfig = NotifyConfig()
 
     @field_validator("base_model")
     @classmethod
@@ -270,8 +279,9 @@ class SearchRange(_Section):
 class SweepConfig(_Section):
     """A sweep over recipe keys: every combination (grid), or `budget` points drawn at random (random).
 
-    Each point is the recipe with `overrides`, then the point's own values, applied. Data and tokenize keys are
-    not swept: every point trains on the one cleaned, tokenized data set.
+    Each point is the recipe with `overrides`, then the point's own values, applied. Keys that change the data
+    (data, tokenize, identity) are not swept: every point trains on the one cleaned, tokenized data set. Points run
+    one at a time: training sets process-wide state (seeds, torch threads) that concurrent points would share.
     """
 
     recipe: Path
@@ -280,18 +290,21 @@ class SweepConfig(_Section):
     parameters: dict[str, list[Any] | SearchRange] = Field(min_length=1)
     budget: int | None = Field(default=None, gt=0, description="random: how many points")
     seed: int = 0
-    max_concurrency: int = Field(default=1, gt=0, description="points trained at once (Prefect task runner threads)")
+    max_concurrency: int = Field(default=1, gt=0, description="points trained at once; only 1 (see the docstring)")
 
     @model_validator(mode="after")
     def _well_formed(self) -> "SweepConfig":
         for key, values in self.parameters.items():
-            if key.split(".")[0] in ("data", "tokenize", "base_model", "experiment", "output_dir"):
+            if key.split(".")[0] in ("data", "tokenize", "identity", "base_model", "experiment", "output_dir"):
                 raise ValueError(f"parameters.{key}: a sweep shares one data set and experiment; sweep train, "
                                  "evaluate or registry keys")
             if isinstance(values, SearchRange) and self.method == "grid":
                 raise ValueError(f"parameters.{key}: a grid needs a list of values (ranges are for method random)")
             if isinstance(values, list) and not values:
                 raise ValueError(f"parameters.{key}: no values")
+        if self.max_concurrency > 1:
+            raise ValueError(f"max_concurrency {self.max_concurrency}: points share one process's seeds and torch threads, so they run one at a time; fan a "
+                             "sweep out with one `loraflow sweep` per machine or Prefect worker instead")
         if self.method == "random" and self.budget is None:
             raise ValueError("budget: method random needs a budget (how many points to draw)")
         return self

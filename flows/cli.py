@@ -21,22 +21,29 @@ from flows.prefect_server import start_in_background  # noqa: E402
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.override)
+    if args.force and not args.resume:
+        raise UserError("--force goes with --resume: it continues a cut-off run on data that changed since")
     wait_for_prefect = start_in_background()
-    from flows.finetune import cut_off_run, finetune, preflight
+    from flows.finetune import Resume, finetune
+    from flows.runs import check_resume_data, claimed_cut_off_run, current_data_hash, preflight
 
     preflight(config)
-    resume_run_id = cut_off_run(config) if args.resume else None
-    if args.resume:
-        print(f"loraflow: resuming run {resume_run_id}" if resume_run_id
-              else "loraflow: no cut-off run of this recipe to resume; starting a new run", flush=True)
     resume_command = f"loraflow run {args.config}{''.join(f' -o {o}' for o in args.override)} --resume"
-    wait_for_prefect()
-    return _report(config, finetune(config, resume_run_id), resume_command)
+    if not args.resume:
+        wait_for_prefect()
+        return _report(config, finetune(config), resume_command)
+    with claimed_cut_off_run(config) as run_id:  # its lock held until training ends
+        resume = Resume(run_id, check_resume_data(run_id, current_data_hash(config), args.force)) if run_id else None
+        print(f"loraflow: resuming run {run_id}" if run_id
+              else "loraflow: no cut-off run of this recipe to resume; starting a new run", flush=True)
+        wait_for_prefect()
+        return _report(config, finetune(config, resume), resume_command)
 
 
 def _rerun(args: argparse.Namespace) -> int:
     wait_for_prefect = start_in_background()
-    from flows.finetune import finetune, preflight, recorded_run
+    from flows.finetune import finetune
+    from flows.runs import preflight, recorded_run
 
     config, origin = recorded_run(args.run_id)
     preflight(config)
@@ -48,6 +55,7 @@ def _rerun(args: argparse.Namespace) -> int:
 
 EXIT_STOPPED = 143  # stopped by SIGTERM, as a shell reports it
 EXIT_OFFLINE = 75  # EX_TEMPFAIL: trained, but the tracking server went away; `loraflow sync` finishes the job
+EXIT_UNDECIDED = 3  # registered, but the registry could not be read to judge promotion: kept as challenger
 
 
 def _report(config, summary, resume_command: str) -> int:
@@ -83,6 +91,10 @@ def _report(config, summary, resume_command: str) -> int:
             ]
         )
     )
+    if not reg.decided:
+        print(f"loraflow: {reg.model_name} version {reg.version} not judged for promotion: {reg.reason}",
+              file=sys.stderr)
+        return EXIT_UNDECIDED
     return 0
 
 
@@ -93,12 +105,33 @@ def _registration(reg) -> str:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from flows.finetune import sync_run
+    from flows.runs import sync_run
 
     synced = sync_run(args.run_id, args.output_dir)
     print(f"run {synced.run_id}: sent " + ", ".join(f"{count} {op}" for op, count in synced.applied.items()))
+    if synced.torn:
+        print(f"skipped {synced.torn} torn line(s) of the record (a crash while writing it)", file=sys.stderr)
     if synced.registered is not None:
         print(f"registered: {_registration(synced.registered)}")
+        if not synced.registered.decided:
+            return EXIT_UNDECIDED
+    return 0
+
+
+def _clean_outputs(args: argparse.Namespace) -> int:
+    import shutil
+
+    from flows.runs import unsynced_runs
+
+    if not args.output_dir.exists():
+        print(f"{args.output_dir}: nothing to delete")
+        return 0
+    unsynced = unsynced_runs(args.output_dir)
+    if unsynced:
+        raise UserError(f"{args.output_dir}: not deleted: {len(unsynced)} run(s) kept records their tracking server "
+                        f"never got ({', '.join(path.name for path in unsynced)}); `loraflow sync RUN_ID` them first")
+    shutil.rmtree(args.output_dir)
+    print(f"{args.output_dir}: deleted")
     return 0
 
 
@@ -127,6 +160,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.override)
+    if args.trust_remote_code:
+        config = config.model_copy(update={"trust_remote_code": True})
     wait_for_prefect = start_in_background()
     from flows.evaluate_model import evaluate_model, preflight_evaluation
 
@@ -272,6 +307,9 @@ def _chat(args: argparse.Namespace) -> int:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from tasks.chat_model import TRUST_REMOTE_CODE_ENV
+
+    os.environ[TRUST_REMOTE_CODE_ENV] = "1" if args.trust_remote_code else "0"
     try:
         model = mlflow.pyfunc.load_model(args.model, model_config={"max_new_tokens": args.max_new_tokens})
     except (MlflowException, OSError) as error:
@@ -291,7 +329,7 @@ def _chat(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from tasks.export import export_merged
 
-    print(f"merged model: {export_merged(args.model, args.merged)}")
+    print(f"merged model: {export_merged(args.model, args.merged, args.trust_remote_code)}")
     return 0
 
 
@@ -321,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a recipe key, e.g. -o train.max_steps=10 (repeatable)")
     run.add_argument("--resume", action="store_true",
                      help="continue the newest cut-off run of this exact recipe from its last checkpoint, if any")
+    run.add_argument("--force", action="store_true",
+                     help="with --resume: continue even though the data changed since the checkpoint (recorded)")
     run.set_defaults(handler=_run)
 
     again = commands.add_parser("rerun", help="run again from a run's logged recipe, as a new run tagged with its origin")
@@ -353,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--model", required=True,
                             help="a hub id, a model folder, pip:<package>, a run id, runs:/<id>/adapter or models:/name@alias")
     evaluation.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="as for run")
+    evaluation.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model (never taken from the logged model itself)")
     evaluation.set_defaults(handler=_eval)
 
     models = commands.add_parser("models", help="list a registered model's versions, metrics and aliases")
@@ -388,12 +429,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("model", help="an MLflow model URI, e.g. models:/loraflow-identity@champion or runs:/<id>/adapter")
     chat.add_argument("-p", "--prompt", action="append", help="answer these prompts and exit (repeatable)")
     chat.add_argument("--max-new-tokens", type=int, default=96)
+    chat.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model (never taken from the logged model itself)")
     chat.set_defaults(handler=_chat)
 
     export = commands.add_parser("export", help="write a model as one merged Hugging Face folder (base + adapter)")
     export.add_argument("model", help="a run id, or an MLflow model URI such as models:/loraflow-identity@champion")
     export.add_argument("--merged", type=Path, required=True, metavar="OUT", help="the folder to write (new or empty)")
+    export.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model (never taken from the logged model itself)")
     export.set_defaults(handler=_export)
+
+    cleaning = commands.add_parser("clean-outputs", help="delete the output folder, unless a run in it is not synced")
+    cleaning.add_argument("--output-dir", type=Path, default=RunConfig.model_fields["output_dir"].default,
+                          help="the recipes' output_dir (default: outputs)")
+    cleaning.set_defaults(handler=_clean_outputs)
 
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)

@@ -14,7 +14,7 @@ import mlflow
 from prefect import flow
 
 from conf.schema import RunConfig
-from flows.finetune import CONFIG_HASH_TAG, experiment_id, log_config, run_tags
+from flows.runs import CONFIG_HASH_TAG, experiment_id, log_config, run_tags
 from tasks.base_model import cache_root
 from tasks.clean import check_readable, clean_task
 from tasks.evaluate import evaluate_model_task, metric_names

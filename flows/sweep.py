@@ -1,11 +1,11 @@
 """The sweep flow: one recipe trained at many points (a grid, or a random search with a budget) over any train,
 evaluate or registry keys, as one parent MLflow run with a nested child run per point.
 
-The data is cleaned and tokenized once, in the parent, and every point trains on it. Points are Prefect tasks:
-the flow's task runner decides where they run (in order here, in threads with `max_concurrency`, or on a
-cluster with a Dask or Ray task runner). A point that fails is recorded as a FAILED child and the sweep goes on.
-The parent logs a results table and the best point; the best child alone goes through the normal promotion
-rule.
+The data is cleaned and tokenized once, in the parent, and every point trains on it (so a sweep refuses keys that
+change the data). Points are Prefect tasks run one at a time: training sets process-wide state (seeds, torch
+threads) that points sharing a process would trample. A point that fails is recorded as a FAILED child and the
+sweep goes on. Each child carries its own point's config hash, so resume, nightly skip and rerun find it. The parent
+logs a results table and the best point; the best child alone goes through the normal promotion rule.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from conf.schema import RunConfig, SearchRange, SweepConfig, load_config
-from flows.finetune import experiment_id, log_config, preflight, run_tags
+from flows.finetune import score_champion_head_to_head
+from flows.runs import CONFIG_HASH_TAG, experiment_id, log_config, preflight, run_tags
 from tasks.base_model import cache_root, resolve_base_model
 from tasks.clean import CleanResult, clean_task
-from tasks.evaluate import evaluate_task
-from tasks.register import RegisterResult, register_task
+from tasks.evaluate import evaluate_task, metric_version
+from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, PRIMARY_METRIC_TAG, RegisterResult, register_task
 from tasks.tokenize import TokenizedData, tokenize_task
 from tasks.tracking import log_metrics, log_table, set_tags
 from tasks.train import train_task
@@ -47,6 +47,7 @@ class PointResult:
     metrics: dict[str, float]
     weights_dir: Path | None
     error: str
+    precision: str = ""  # what training ran in; the champion's head-to-head scoring runs in it too
 
 
 @dataclass(frozen=True)
@@ -100,15 +101,16 @@ def _point_name(point: dict[str, Any]) -> str:
 
 @task(name="sweep-point", cache_policy=NO_CACHE)
 def run_point(
-    config: RunConfig, point: dict[str, Any], parent_run_id: str, tags: dict[str, str], cleaned: CleanResult,
-    tokens: TokenizedData, model_dir: str,
+    config: RunConfig, point: dict[str, Any], parent_run_id: str, cleaned: CleanResult, tokens: TokenizedData,
+    model_dir: str,
 ) -> PointResult:
-    """Train and evaluate one point as a child run of the sweep; any failure is recorded and returned, not raised."""
+    """Train and evaluate one point as a child run of the sweep (tagged with its own config's hash); any failure is
+    recorded and returned, not raised."""
     client = MlflowClient()
     child = client.create_run(
         client.get_run(parent_run_id).info.experiment_id, run_name=_point_name(point),
-        tags=tags | {MLFLOW_PARENT_RUN_ID: parent_run_id, "loraflow.sweep_point": json.dumps(point),
-                     "data_hash": cleaned.data_hash},
+        tags=run_tags(config) | {MLFLOW_PARENT_RUN_ID: parent_run_id, "loraflow.sweep_point": json.dumps(point),
+                                 "data_hash": cleaned.data_hash},
     )
     run_id = child.info.run_id
     work_dir = config.output_dir / run_id
@@ -125,7 +127,7 @@ def run_point(
         client.set_terminated(run_id, "FAILED")
         return PointResult(point, run_id, "FAILED", {}, None, reason)
     client.set_terminated(run_id, "FINISHED")
-    return PointResult(point, run_id, "FINISHED", evaluated.metrics, trained.weights_dir, "")
+    return PointResult(point, run_id, "FINISHED", evaluated.metrics, trained.weights_dir, "", trained.precision)
 
 
 def best_point(results: list[PointResult], metric: str, direction: str) -> PointResult | None:
@@ -150,7 +152,8 @@ def sweep(sweep_config: SweepConfig, points: list[dict[str, Any]], configs: list
     """Run every point (one child run each) on data prepared once; register the best point's model."""
     base = configs[0]
     model_dir = resolve_base_model(base.base_model)
-    tags = run_tags(base)
+    # The parent is no run of any one point's recipe: without a config hash, nothing takes it for one.
+    tags = {key: value for key, value in run_tags(base).items() if key != CONFIG_HASH_TAG}
     registry = base.registry
     with mlflow.start_run(experiment_id=experiment_id(base.experiment), run_name=f"sweep {base.name}",
                           tags=tags | {"loraflow.kind": "sweep"}) as parent:
@@ -162,9 +165,8 @@ def sweep(sweep_config: SweepConfig, points: list[dict[str, Any]], configs: list
         cleaned = clean_task(base.data, base.identity.model_dump(), work_dir / "clean", parent_run_id)
         tokens = tokenize_task(cleaned.train_path, cleaned.eval_path, model_dir, base.tokenize,
                                cache_root() / "tokenized", parent_run_id, base.trust_remote_code)
-        futures = [run_point.submit(config, point, parent_run_id, tags, cleaned, tokens, model_dir)
+        results = [run_point(config, point, parent_run_id, cleaned, tokens, model_dir)
                    for config, point in zip(configs, points)]
-        results = [future.result() for future in futures]
         log_table(parent_run_id, results_table(results, registry.primary_metric), RESULTS_TABLE)
         log_metrics(parent_run_id, {"sweep_points_finished": sum(r.status == "FINISHED" for r in results),
                                     "sweep_points_failed": sum(r.status == "FAILED" for r in results)})
@@ -174,19 +176,23 @@ def sweep(sweep_config: SweepConfig, points: list[dict[str, Any]], configs: list
         log_metrics(parent_run_id, {f"best_tuned_{registry.primary_metric}": best.metrics[f"tuned_{registry.primary_metric}"]})
         set_tags(parent_run_id, {"loraflow.best_run_id": best.run_id, "loraflow.best_point": json.dumps(best.point)})
         best_config = configs[points.index(best.point)]
+        basis = (best_config.registry.primary_metric, cleaned.eval_hash,
+                 metric_version(best_config.evaluate, best_config.tokenize.mode == "chat"))
+        champion_score = score_champion_head_to_head(best_config, basis, cleaned, base.output_dir / best.run_id,
+                                                     best.run_id, best.precision)
         registered = register_task(
             best.run_id, best.weights_dir, base.base_model, best.metrics,
-            tags | {"data_hash": cleaned.data_hash, "loraflow.sweep_run_id": parent_run_id}, best_config.registry,
-            base.trust_remote_code,
+            run_tags(best_config) | dict(zip((PRIMARY_METRIC_TAG, EVAL_DATA_TAG, METRIC_VERSION_TAG), basis))
+            | {"data_hash": cleaned.data_hash, "loraflow.sweep_run_id": parent_run_id},
+            best_config.registry, champion_score,
         )
     return SweepSummary(parent_run_id, results, best, registered)
 
 
 def run_sweep(sweep_config: SweepConfig, wait_for_prefect: Callable[[], float] = lambda: 0.0) -> SweepSummary:
-    """Check everything cheap first, then run the sweep flow with `max_concurrency` points at a time."""
+    """Check everything cheap first, then run the sweep flow."""
     points, configs = point_configs(sweep_config)
     for config in configs:
         preflight(config)
     wait_for_prefect()
-    runner = ThreadPoolTaskRunner(max_workers=sweep_config.max_concurrency)
-    return sweep.with_options(task_runner=runner)(sweep_config, points, configs)
+    return sweep(sweep_config, points, configs)

@@ -69,7 +69,8 @@ class CleanResult:
     train_rows: int
     eval_rows: int
     rejected_rows: int
-    data_hash: str
+    data_hash: str  # of the train and eval rows together: what a run trained and was scored on
+    eval_hash: str  # of the eval rows alone: two scores compare only when measured on the same held-out rows
 
 
 def _suffix(path: Path) -> str:
@@ -317,13 +318,14 @@ class NearDuplicates:
         a, b = self.permutations
         return np.minimum.reduceat(_fmix(selected, 32)[:, None] * a + b, firsts, axis=0)
 
-    def seen_or_add(self, signature: np.ndarray) -> bool:
-        minhash = LeanMinHash(seed=1, hashvalues=signature, scheme="affine32")
-        if self.lsh.query(minhash):
-            return True
-        self.lsh.insert(self.count, minhash, check_duplication=False)
+    def matches(self, signature: np.ndarray) -> list[int]:
+        """The ids of the added rows this close to `signature`."""
+        return self.lsh.query(LeanMinHash(seed=1, hashvalues=signature, scheme="affine32"))
+
+    def add(self, signature: np.ndarray) -> int:
+        self.lsh.insert(self.count, LeanMinHash(seed=1, hashvalues=signature, scheme="affine32"), check_duplication=False)
         self.count += 1
-        return False
+        return self.count - 1
 
 
 def _normalised(pairs: Iterable[tuple[str, object]], data: DataConfig, values: dict[str, str],
@@ -361,58 +363,87 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 
 def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResult:
-    """Read the train and eval sources into clean JSONL files plus rejects and a per-source report."""
-    seen: set[str] = set()
+    """Read the train and eval sources into clean JSONL files plus rejects and a per-source report.
+
+    The held-out rows stay fixed as training data grows: eval sources are read first, and a train row that
+    duplicates or nearly duplicates a held-out row is the one dropped (`in_eval`). With `eval_fraction`, a row the
+    split holds out evicts the train rows already kept that it nearly duplicates.
+    """
     near = NearDuplicates(data.near_duplicate_threshold) if data.near_duplicate_threshold < 1 else None
-    kept: dict[str, list[str]] = {"train": [], "eval": []}
+    split_of: dict[str, str] = {}  # exact key of each kept row -> its split
+    near_rows: dict[int, tuple[str, int]] = {}  # near-duplicate id -> (split, index in kept[split])
+    kept: dict[str, list[str | None]] = {"train": [], "eval": []}  # None: a train row evicted by a held-out one
+    kept_from: list[tuple[str, str]] = []  # (source, origin) of each kept train row, for eviction
     rejects: list[dict] = []
-    report: dict[str, dict] = {}
-    for split, sources in (("train", data.train), ("eval", data.eval)):
+    counts: dict[str, Counter] = {}
+    formats: dict[str, Counter] = {}
+
+    def reject(source: str, origin: str, reason: str, row: object) -> None:
+        counts[source][reason] += 1
+        rejects.append({"origin": origin, "reason": reason, "row": row})
+
+    for split, sources in (("eval", data.eval), ("train", data.train)):
         for source in sources:
-            counts, formats = Counter(), Counter()
+            counts[source], formats[source] = Counter(), Counter()
             for origin, raw, row_format, row, signature in _normalised(read_source(source), data, values, near):
-                counts["read"] += 1
-                try:
-                    if isinstance(row, RowRejected):
-                        raise row
-                    formats[row_format] += 1
-                    # Clean rows are built with a fixed key order, so their JSON line is canonical: it is both
-                    # the duplicate key and the line written out.
-                    line = json.dumps(row, ensure_ascii=False)
-                    key = hashlib.sha256(line.encode()).hexdigest()
-                    if data.dedup and key in seen:
-                        raise RowRejected("duplicate")
-                    if near is not None and near.seen_or_add(signature):
-                        raise RowRejected("near_duplicate")
-                except RowRejected as rejected:
-                    counts[str(rejected)] += 1
-                    rejects.append({"origin": origin, "reason": str(rejected),
-                                    "row": None if isinstance(raw, RowRejected) else raw})
+                counts[source]["read"] += 1
+                if isinstance(row, RowRejected):
+                    reject(source, origin, str(row), None if isinstance(raw, RowRejected) else raw)
                     continue
-                seen.add(key)
-                counts["kept"] += 1
+                # Clean rows are built with a fixed key order, so their JSON line is canonical: it is both
+                # the duplicate key and the line written out.
+                line = json.dumps(row, ensure_ascii=False)
+                key = hashlib.sha256(line.encode()).hexdigest()
                 target = "eval" if split == "eval" or in_eval_split(key, data.eval_fraction) else "train"
+                close = near.matches(signature) if near is not None else []
+                if data.dedup and key in split_of:
+                    reject(source, origin, "in_eval" if split_of[key] == "eval" != target else "duplicate", raw)
+                    continue
+                if any(near_rows[match][0] == "eval" for match in close):
+                    reject(source, origin, "in_eval" if target == "train" else "near_duplicate", raw)
+                    continue
+                if close and target == "train":
+                    reject(source, origin, "near_duplicate", raw)
+                    continue
+                for match in close:  # a held-out row takes the place of the train rows it nearly duplicates
+                    _, index = near_rows[match]
+                    near_rows[match] = ("eval", -1)  # what nearly repeats the evicted row is held out as well
+                    evicted, kept["train"][index] = kept["train"][index], None
+                    evicted_source, evicted_origin = kept_from[index]
+                    split_of[hashlib.sha256(evicted.encode()).hexdigest()] = "eval"  # its copies are held out too
+                    counts[evicted_source]["kept"] -= 1
+                    reject(evicted_source, evicted_origin, "in_eval", json.loads(evicted))
+                split_of[key] = target
+                if near is not None:
+                    near_rows[near.add(signature)] = (target, len(kept[target]))
+                if target == "train":
+                    kept_from.append((source, origin))
                 kept[target].append(line)
-            report[source] = {
-                "format": "+".join(sorted(formats)) or "none",
-                "read": counts.pop("read", 0),
-                "kept": counts.pop("kept", 0),
-                "rejected": dict(sorted(counts.items())),
-            }
+                counts[source]["kept"] += 1
+                formats[source][row_format] += 1
+    report = {
+        source: {"format": "+".join(sorted(formats[source])) or "none", "read": counts[source].pop("read", 0),
+                 "kept": counts[source].pop("kept", 0),
+                 "rejected": dict(sorted((reason, n) for reason, n in counts[source].items() if n))}
+        for source in [*data.train, *data.eval]
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {split: out_dir / f"{split}.jsonl" for split in kept}
-    for split, lines in kept.items():
-        _write_lines(paths[split], lines)
+    lines = {split: [line for line in rows if line is not None] for split, rows in kept.items()}
+    paths = {split: out_dir / f"{split}.jsonl" for split in lines}
+    for split, split_lines in lines.items():
+        _write_lines(paths[split], split_lines)
     rejects_path = out_dir / "rejects.jsonl"
     _write_lines(rejects_path, [json.dumps(r, ensure_ascii=False, default=str) for r in rejects])
     data_hash = hashlib.sha256(paths["train"].read_bytes() + b"\0" + paths["eval"].read_bytes()).hexdigest()
-    summary = {"sources": report, "train_rows": len(kept["train"]), "eval_rows": len(kept["eval"]),
-               "rejected_rows": len(rejects), "data_hash": data_hash}
+    eval_hash = hashlib.sha256(paths["eval"].read_bytes()).hexdigest()
+    summary = {"sources": report, "train_rows": len(lines["train"]), "eval_rows": len(lines["eval"]),
+               "rejected_rows": len(rejects), "data_hash": data_hash, "eval_hash": eval_hash}
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return CleanResult(
         train_path=paths["train"], eval_path=paths["eval"], rejects_path=rejects_path, report_path=report_path,
-        train_rows=len(kept["train"]), eval_rows=len(kept["eval"]), rejected_rows=len(rejects), data_hash=data_hash,
+        train_rows=len(lines["train"]), eval_rows=len(lines["eval"]), rejected_rows=len(rejects), data_hash=data_hash,
+        eval_hash=eval_hash,
     )
 
 

@@ -7,6 +7,7 @@ unless the recipe names hub ones), and chat answers by the recipe's identity che
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -21,10 +22,10 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from conf.schema import EvaluateConfig, UserError
 from tasks.base_model import load_model, load_tuned_model
+from tasks.generation import HeldOut, autocast, held_out
 from tasks.tracking import log_artifact, log_metrics, log_table
 
 BUILTIN_METRICS = Path(__file__).parent / "metrics"
-DOCUMENT_SAMPLES, DOCUMENT_PROMPT_CHARS = 8, 200  # pretraining: continue this many held-out openings
 LOSS_METRICS = ("eval_loss", "perplexity")
 
 
@@ -79,6 +80,18 @@ class GenerationMetrics:
         }
 
 
+def metric_version(config: EvaluateConfig, chat: bool) -> str:
+    """The version of the code that measures this recipe's scores: the `evaluate` library's, and each local metric
+    module's source hash (a hub module by its name). Scores measured by different versions do not compare."""
+    parts = [f"evaluate {evaluate.__version__}"]
+    for name in [*config.metrics, *([config.identity_metric] if chat else [])]:
+        module = Path(resolve_metric(name))
+        sources = sorted(module.rglob("*.py")) if module.is_dir() else [module] if module.is_file() else []
+        digest = hashlib.sha256(b"".join(source.read_bytes() for source in sources)).hexdigest()[:12]
+        parts.append(f"{name}={digest}" if sources else name)
+    return "; ".join(parts)
+
+
 def metric_names(config: EvaluateConfig, chat: bool) -> set[str]:
     """The metrics an evaluation of this recipe logs (per model), found by scoring one made-up answer."""
     metrics = GenerationMetrics(config, chat, identity_name="Ember")
@@ -106,102 +119,6 @@ def heldout_loss(model: PreTrainedModel, samples: list[dict]) -> float:
         total += torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
         count += int((targets != -100).sum())
     return total / count
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers to each prompt conversation, rendered with the tokenizer's chat template."""
-    tokenizer.padding_side = "left"
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer.apply_chat_template(
-            prompts[start : start + batch_size], add_generation_prompt=True, padding=True,
-            return_tensors="pt", return_dict=True,
-        )
-        output = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-        answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [answer.strip() for answer in answers]
-
-
-@torch.no_grad()
-def continue_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations of plain-text prompts (pretraining: no chat template)."""
-    tokenizer.padding_side = "left"
-    continuations = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], padding=True, return_tensors="pt",
-                          split_special_tokens=True)
-        output = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-        continuations += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [continuation.strip() for continuation in continuations]
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """What is asked of a model: chat prompts (with the reference answers) or document openings (with the text
-    that really follows them)."""
-
-    prompts: list
-    shown: list[str]
-    references: list[str]
-    chat: bool
-
-    def outputs(self, model, tokenizer, max_new_tokens: int, batch_size: int) -> list[str]:
-        produce = generate_answers if self.chat else continue_texts
-        return produce(model, tokenizer, self.prompts, max_new_tokens, batch_size)
-
-
-def held_out(eval_path: Path) -> HeldOut:
-    rows = [json.loads(line) for line in eval_path.read_text(encoding="utf-8").splitlines()]
-    if all("messages" in row for row in rows):
-        prompts = [row["messages"][:-1] for row in rows]
-        return HeldOut(prompts, [p[-1]["content"] for p in prompts], [r["messages"][-1]["content"] for r in rows], True)
-    documents = [row["text"] for row in rows if "text" in row][:DOCUMENT_SAMPLES]
-    openings = [document[:DOCUMENT_PROMPT_CHARS].rsplit(" ", 1)[0] for document in documents]
-    references = [document[len(opening) :][:DOCUMENT_PROMPT_CHARS].strip() for document, opening in zip(documents, openings)]
-    return HeldOut(openings, openings, references, False)
-
-
-@dataclass(frozen=True)
-class SamplePrompts:
-    """Fixed prompts answered every `every_steps` training steps, to watch a run learn (XTuner's EvaluateChatHook)."""
-
-    prompts: list
-    shown: list[str]
-    chat: bool
-    every_steps: int
-    max_new_tokens: int
-
-    def answer(self, model, tokenizer) -> list[str]:
-        questions = HeldOut(self.prompts, self.shown, [], self.chat)
-        return questions.outputs(model, tokenizer, self.max_new_tokens, batch_size=len(self.prompts))
-
-
-def sample_prompts(config: EvaluateConfig, eval_path: Path) -> SamplePrompts | None:
-    """The recipe's `evaluate.sample_prompts` (as user turns, or text openings), else the first held-out prompts."""
-    if config.every_steps is None:
-        return None
-    questions = held_out(eval_path)
-    if config.sample_prompts:
-        shown = list(config.sample_prompts)
-        prompts = [[{"role": "user", "content": text}] for text in shown] if questions.chat else shown
-    else:
-        prompts, shown = questions.prompts[: config.sample_count], questions.shown[: config.sample_count]
-    return SamplePrompts(prompts, shown, questions.chat, config.every_steps, config.max_new_tokens)
-
-
-def autocast(precision: str):
-    """Evaluation runs in the precision training used (bf16 or fp16 autocast over fp32 weights, or plain fp32).
-
-    On this CPU bf16 scores 38 blocks of 256 tokens in 17.7 s instead of 29.0 s; the loss moved by 0.0004.
-    """
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device, dtype=dtype, enabled=precision in ("bf16", "fp16"))
 
 
 def _score(model, tokenizer, samples: list[dict], questions: HeldOut, metrics: GenerationMetrics,
@@ -281,11 +198,13 @@ def evaluate_model(
     return EvalResult(metrics=scores, samples_path=samples_path, markdown_path=markdown_path)
 
 
-def _log_evaluation(run_id: str, result: EvalResult) -> None:
-    log_metrics(run_id, result.metrics)
-    log_artifact(run_id, result.markdown_path, "eval")
+def _log_evaluation(run_id: str, result: EvalResult, label: str = "") -> None:
+    """Metrics (prefixed `<label>_` when labelled), the Markdown report and the answers table (under eval/<label>)."""
+    log_metrics(run_id, {f"{label}_{name}" if label else name: value for name, value in result.metrics.items()})
+    folder = f"eval/{label}" if label else "eval"
+    log_artifact(run_id, result.markdown_path, folder)
     rows = [json.loads(line) for line in result.samples_path.read_text(encoding="utf-8").splitlines()]
-    log_table(run_id, rows, "eval/samples_table.json")
+    log_table(run_id, rows, f"{folder}/samples_table.json")
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -304,10 +223,11 @@ def evaluate_task(
 def evaluate_model_task(
     eval_path: Path, eval_tokens_dir: Path, tokenizer_dir: Path, model_dir: str, weights_dir: Path | None,
     identity_name: str, config: EvaluateConfig, out_dir: Path, run_id: str, precision: str = "fp32",
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, label: str = "",
 ) -> EvalResult:
-    """evaluate_model(), with metrics, the Markdown report and the answers table logged to the run."""
+    """evaluate_model(), with metrics, the Markdown report and the answers table logged to the run (labelled, for a
+    second model scored in the same run: the champion in a head-to-head)."""
     result = evaluate_model(eval_path, eval_tokens_dir, tokenizer_dir, model_dir, weights_dir, identity_name, config,
                             out_dir, precision, trust_remote_code)
-    _log_evaluation(run_id, result)
+    _log_evaluation(run_id, result, label)
     return result

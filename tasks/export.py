@@ -16,14 +16,15 @@ from tasks.base_model import load_tuned_model
 from tasks.logged_model import fetch_model, is_logged_model
 
 
-def export_merged(source: str, out_dir: Path) -> Path:
-    """Write the tuned model (adapter merged into its base) with its tokenizer to `out_dir`, all or nothing."""
+def export_merged(source: str, out_dir: Path, trust_remote_code: bool = False) -> Path:
+    """Write the tuned model (adapter merged into its base) with its tokenizer to `out_dir`, all or nothing; the
+    model's own code runs only with `trust_remote_code` from the user."""
     if not is_logged_model(source):
         raise UserError(f"{source}: not a logged model (a run id, runs:/<id>/adapter or models:/name@alias)")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir}: already exists and is not empty; name a new folder")
     with tempfile.TemporaryDirectory(prefix="loraflow-export-") as scratch:
-        tuned = fetch_model(source, Path(scratch) / "model")
+        tuned = fetch_model(source, Path(scratch) / "model", trust_remote_code)
         model = load_tuned_model(tuned.model_dir, tuned.weights_dir, tuned.trust_remote_code)
         if isinstance(model, PeftModel):
             model = model.merge_and_unload()

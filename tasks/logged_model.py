@@ -33,7 +33,7 @@ def model_uri(source: str) -> str:
 
 
 def download_tuned(source: str, dst: Path) -> tuple[Path, dict]:
-    """The tuned weights folder of a loraflow model and its model config (base model, trust_remote_code)."""
+    """The tuned weights folder of a loraflow model and its model config (base model, answer length)."""
     uri = model_uri(source)
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
@@ -66,8 +66,8 @@ def is_logged_model(spec: str) -> bool:
 
 def fetch_model(spec: str, dst: Path, trust_remote_code: bool = False) -> ModelSource:
     """A hub id, local folder, .gguf or pip:<package> as a base model; a logged model (URI or run id) downloaded
-    to `dst`."""
+    to `dst`. Its code runs only with the caller's `trust_remote_code`: a flag stored in a logged model is ignored."""
     if not is_logged_model(spec):
         return ModelSource(resolve_base_model(spec), None, trust_remote_code)
     weights_dir, config = download_tuned(spec, dst)
-    return ModelSource(resolve_base_model(config["base_model"]), weights_dir, bool(config.get("trust_remote_code", False)))
+    return ModelSource(resolve_base_model(config["base_model"]), weights_dir, trust_remote_code)

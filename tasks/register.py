@@ -4,10 +4,12 @@ The adapter is logged as a pyfunc model (tasks/chat_model.py) holding the PEFT a
 training, the whole model folder) and the base model reference, so
 `mlflow.pyfunc.load_model("models:/<name>@champion")` loads the tuned model and generates.
 
-Every version carries its primary metric, the base model's value of it and the promotion rule it was registered
-under, so the rule can be applied again later (`loraflow promote`). The newest version takes the `challenger`
-alias; `champion` moves only to a version that beats the base model and the current champion. The registered
-model keeps the champions in order in a tag, which is how `loraflow rollback` finds the previous one.
+Every version carries its primary metric, the base model's value of it, the promotion rule it was registered
+under and what its score was measured on (held-out data hash, metric code version, base model), so the rule can be
+applied again later (`loraflow promote`). The newest version takes the `challenger` alias; `champion` moves only to
+a version that beats the base model and the current champion, compared on the same held-out data: a champion
+scored on other data is scored again by the flow (a head-to-head) or not compared at all. The registered model
+keeps the champions in order in a tag, which is how `loraflow rollback` finds the previous one.
 """
 
 from __future__ import annotations
@@ -43,24 +45,43 @@ BASE_VALUE_TAG = "loraflow.base_value"
 RULE_TAG = "loraflow.promotion_rule"
 PROMOTION_TAG = "loraflow.promotion"
 HISTORY_TAG = "loraflow.champion_history"  # on the registered model: the versions that held champion, in order
+EVAL_DATA_TAG = "loraflow.eval_data_hash"  # the held-out rows the version's score was measured on
+METRIC_VERSION_TAG = "loraflow.metric_version"  # the metric modules' code that measured it
+COMPARED_TAG = "loraflow.compared_with"  # which comparison with the champion decided the promotion
 
 
 class RegistryError(UserError):
     """A registry request that cannot be done as asked; one line for the user."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry could not be read (server error, timeout): the champion is unknown, not absent."""
+
+
 @dataclass(frozen=True)
 class RegisterResult:
+    """`decided` is False when the registry could not be read to judge the promotion: the version stays challenger."""
+
     model_name: str
     version: str
     promoted: bool
     reason: str
+    decided: bool = True
 
 
 @dataclass(frozen=True)
 class Promotion:
     promote: bool
     reason: str
+    compared_with: str = "base model only (no champion)"
+
+
+@dataclass(frozen=True)
+class ChampionScore:
+    """The champion's score measured again in the candidate's run, on the candidate's held-out data."""
+
+    version: str
+    value: float
 
 
 def decide_promotion(
@@ -94,14 +115,35 @@ def promotion_lock(name: str) -> Iterator[None]:
 
 
 def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version holding `alias`; None only when MLflow says there is none. Any other failure to read it raises
+    RegistryUnavailable: an unreadable champion must never be taken for no champion."""
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") and (
+                "alias" in str(error).lower() or "not found" in str(error).lower()):
+            return None
+        raise RegistryUnavailable(f"{name}: cannot read its {alias!r} alias ({str(error).splitlines()[0]})") from None
 
 
 def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
     return _alias(client, name, CHAMPION)
+
+
+def score_basis(tags: dict[str, str]) -> tuple[str, str, str] | None:
+    """What a score was measured on: (metric, held-out data hash, metric code version); None for a version
+    registered without them (its score cannot be matched with another's)."""
+    basis = tuple(tags.get(tag) for tag in (PRIMARY_METRIC_TAG, EVAL_DATA_TAG, METRIC_VERSION_TAG))
+    return basis if all(basis) else None
+
+
+def champion_to_rescore(name: str, basis: tuple[str, str, str]) -> ModelVersion | None:
+    """The current champion, when its score was measured on another basis than `basis` (held-out data, metric or
+    metric code) and so must be measured again on the candidate's held-out data before the two compare."""
+    champion = _champion(MlflowClient(), name)
+    if champion is None or score_basis(champion.tags) == basis:
+        return None
+    return champion
 
 
 def _version(client: MlflowClient, name: str, version: str) -> ModelVersion:
@@ -111,23 +153,33 @@ def _version(client: MlflowClient, name: str, version: str) -> ModelVersion:
         raise RegistryError(f"{name}: no version {version}") from None
 
 
-def _judge(client: MlflowClient, name: str, candidate: ModelVersion) -> Promotion:
-    """The promotion rule the candidate was registered under, against its base model and the current champion."""
+def _judge(client: MlflowClient, name: str, candidate: ModelVersion, rescored: ChampionScore | None = None
+           ) -> Promotion:
+    """The promotion rule the candidate was registered under, against its base model and the current champion: the
+    champion's stored score when it was measured on the same basis, else its score measured again in the
+    candidate's run (`rescored`); with neither, the two are not compared and the candidate is not promoted."""
     tags = candidate.tags
     if not {PRIMARY_METRIC_TAG, PRIMARY_VALUE_TAG, BASE_VALUE_TAG, RULE_TAG} <= set(tags):
         return Promotion(False, f"version {candidate.version} was not registered by loraflow (no metric tags)")
-    metric, rule = tags[PRIMARY_METRIC_TAG], json.loads(tags[RULE_TAG])
+    rule = json.loads(tags[RULE_TAG])
     champion = _champion(client, name)
     if champion is not None and str(champion.version) == str(candidate.version):
         return Promotion(False, f"version {candidate.version} is already the champion")
-    champion_value = None
+    champion_value, compared_with = None, "base model only (no champion)"
     if champion is not None:
-        if champion.tags.get(PRIMARY_METRIC_TAG) != metric:
-            return Promotion(False, f"the champion (version {champion.version}) is measured by "
-                                    f"{champion.tags.get(PRIMARY_METRIC_TAG)}, this version by {metric}")
-        champion_value = float(champion.tags[PRIMARY_VALUE_TAG])
-    return decide_promotion(float(tags[PRIMARY_VALUE_TAG]), float(tags[BASE_VALUE_TAG]), champion_value,
-                            rule["direction"], rule["min_improvement"])
+        if rescored is not None and rescored.version == str(champion.version):
+            champion_value = rescored.value
+            compared_with = f"head to head: champion version {champion.version} scored again on this held-out data"
+        elif score_basis(tags) is not None and score_basis(champion.tags) == score_basis(tags):
+            champion_value = float(champion.tags[PRIMARY_VALUE_TAG])
+            compared_with = f"champion version {champion.version}'s stored score (same held-out data and metric)"
+        else:
+            return Promotion(False, f"the champion (version {champion.version}) was scored on other held-out data or "
+                                    "metric code and was not scored again on this version's; not compared",
+                             "not compared")
+    decision = decide_promotion(float(tags[PRIMARY_VALUE_TAG]), float(tags[BASE_VALUE_TAG]), champion_value,
+                                rule["direction"], rule["min_improvement"])
+    return Promotion(decision.promote, decision.reason, compared_with)
 
 
 def _champion_history(client: MlflowClient, name: str) -> list[str]:
@@ -150,40 +202,60 @@ def _mark_challenger(client: MlflowClient, name: str, version: str) -> None:
 
 def register(
     run_id: str, weights_dir: Path, base_model: str, metrics: dict[str, float], tags: dict[str, str],
-    config: RegistryConfig, trust_remote_code: bool = False,
+    config: RegistryConfig, champion_score: dict | None = None,
 ) -> RegisterResult:
     """Log the tuned weights as a model of `run_id`, register it as the challenger, and make it champion if the
-    promotion rule holds. A candidate without a finite primary metric is not registered at all."""
+    promotion rule holds. A candidate without a finite primary metric is not registered at all.
+
+    Registering a run that already has a version of this model (a sync run again after a crash) judges that version
+    instead of making a second. `champion_score` ({version, value}) is the champion measured in this run on this
+    run's held-out data. When the registry cannot be read to judge, the version stays challenger, undecided.
+    """
     candidate = metrics.get(f"tuned_{config.primary_metric}", math.nan)
     base = metrics.get(f"base_{config.primary_metric}", math.nan)
     if not (math.isfinite(candidate) and math.isfinite(base)):
         raise RegistryError(f"registry.primary_metric {config.primary_metric}: tuned {candidate}, base {base}; "
                             "a model without a finite score is not registered")
     client = MlflowClient()
-    with attached_run(run_id):
-        info = mlflow.pyfunc.log_model(
-            name="adapter" if is_adapter(weights_dir) else "model",
-            python_model=CHAT_MODEL_CODE,
-            artifacts={"weights": str(weights_dir)},
-            model_config={"base_model": base_model, "max_new_tokens": 128, "trust_remote_code": trust_remote_code},
-            pip_requirements=_requirements(),
-        )
-    version_tags = tags | {
-        PRIMARY_METRIC_TAG: config.primary_metric,
-        PRIMARY_VALUE_TAG: repr(candidate),
-        BASE_VALUE_TAG: repr(base),
-        RULE_TAG: json.dumps({"direction": config.direction, "min_improvement": config.min_improvement}),
-        "loraflow.run_id": run_id,
-    }
-    registered = mlflow.register_model(info.model_uri, config.model_name, tags=version_tags)
-    name, number = config.model_name, str(registered.version)
+    name = config.model_name
+    existing = _version_of_run(client, name, run_id)
+    if existing is None:
+        with attached_run(run_id):
+            info = mlflow.pyfunc.log_model(
+                name="adapter" if is_adapter(weights_dir) else "model",
+                python_model=CHAT_MODEL_CODE,
+                artifacts={"weights": str(weights_dir)},
+                model_config={"base_model": base_model, "max_new_tokens": 128},
+                pip_requirements=_requirements(),
+            )
+        version_tags = tags | {
+            PRIMARY_METRIC_TAG: config.primary_metric,
+            PRIMARY_VALUE_TAG: repr(candidate),
+            BASE_VALUE_TAG: repr(base),
+            RULE_TAG: json.dumps({"direction": config.direction, "min_improvement": config.min_improvement}),
+            "loraflow.run_id": run_id,
+        }
+        existing = mlflow.register_model(info.model_uri, name, tags=version_tags)
+    number = str(existing.version)
+    rescored = ChampionScore(str(champion_score["version"]), float(champion_score["value"])) if champion_score else None
     with promotion_lock(name):
-        _mark_challenger(client, name, number)
-        decision = _judge(client, name, _version(client, name, number))
+        try:
+            _mark_challenger(client, name, number)
+            decision = _judge(client, name, _version(client, name, number), rescored)
+        except RegistryUnavailable as error:
+            client.set_model_version_tag(name, number, PROMOTION_TAG, f"undecided: {error}")
+            return RegisterResult(name, number, False, f"undecided, kept as challenger: {error}", decided=False)
         client.set_model_version_tag(name, number, PROMOTION_TAG, decision.reason)
+        client.set_model_version_tag(name, number, COMPARED_TAG, decision.compared_with)
         if decision.promote:
             _make_champion(client, name, number)
     return RegisterResult(name, number, decision.promote, decision.reason)
+
+
+def _version_of_run(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
+    """The version of `name` registered from `run_id`, if one was."""
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
 def promote(name: str, version: str, force: bool = False, reason: str = "") -> Promotion:
@@ -272,10 +344,10 @@ def _requirements() -> list[str]:
 @task(name="register", cache_policy=NO_CACHE)
 def register_task(
     run_id: str, weights_dir: Path, base_model: str, metrics: dict[str, float], tags: dict[str, str],
-    config: RegistryConfig, trust_remote_code: bool = False,
+    config: RegistryConfig, champion_score: dict | None = None,
 ) -> RegisterResult:
     """register(), recording the outcome on the run as well as on the model version."""
-    result = register(run_id, weights_dir, base_model, metrics, tags, config, trust_remote_code)
+    result = register(run_id, weights_dir, base_model, metrics, tags, config, champion_score)
     set_tags(run_id, {"registered_model": f"{result.model_name}/{result.version}",
                       "promotion": result.reason})
     return result

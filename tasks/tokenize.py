@@ -24,6 +24,7 @@ import re
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import version
 from itertools import groupby
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from tasks.tracking import log_metrics, set_tags
 
 IGNORE_INDEX = -100
 CACHE_FORMAT = 1  # bump when the samples this module writes change for the same inputs
+TOKEN_SHAPING_PACKAGES = ("tokenizers", "transformers", "trl", "datasets")
 _DATA_MARK = re.compile("\ue000(\\d+)\ue001")  # private-use characters: stand-ins for message contents
 
 
@@ -190,11 +192,13 @@ def _documents(rows: list[dict], rejected: dict[str, int]) -> list[str]:
 
 
 def cache_key(train_path: Path, eval_path: Path, tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig) -> str:
-    """What the samples depend on: the clean data, the tokenizer and its template, and the tokenize settings."""
+    """What the samples depend on: the clean data, the tokenizer and its template, the tokenize settings, and the
+    versions of the libraries that shape tokens (an upgrade never reuses samples an older one made)."""
     digest = hashlib.sha256()
+    libraries = json.dumps({package: version(package) for package in TOKEN_SHAPING_PACKAGES})
     for part in (train_path.read_bytes(), eval_path.read_bytes(), tokenizer.backend_tokenizer.to_str().encode(),
                  str(tokenizer.chat_template).encode(), json.dumps(tokenizer.special_tokens_map, sort_keys=True).encode(),
-                 json.dumps(config.model_dump(), sort_keys=True).encode(), str(CACHE_FORMAT).encode()):
+                 json.dumps(config.model_dump(), sort_keys=True).encode(), str(CACHE_FORMAT).encode(), libraries.encode()):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()
 

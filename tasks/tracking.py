@@ -12,6 +12,8 @@ remote tracking server, so this record is hand-written.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from conf.schema import UserError
+from tasks.base_model import cache_root
 
 
 class TrackingUnreachable(UserError):
@@ -59,10 +62,23 @@ def check_tracking_store(timeout: float = 10.0) -> None:
             raise TrackingUnreachable(f"MLFLOW_TRACKING_URI {uri}: the tracking server does not answer ({reason})")
         return
     try:
-        MlflowClient().search_experiments(max_results=1)
+        with _store_setup_lock(uri):
+            MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # MLflow raises its own errors and SQLAlchemy's alike for a store it cannot open
         reason = str(error).strip().splitlines()[0][:300]
         raise TrackingUnreachable(f"MLFLOW_TRACKING_URI {uri}: the tracking store cannot be opened ({reason})") from None
+
+
+@contextlib.contextmanager
+def _store_setup_lock(uri: str) -> Iterator[None]:
+    """One process at a time opens a local store: MLflow creates and migrates a new SQLite store's tables on first
+    open, and two processes doing it at once fail ("Online migration expected to match one row")."""
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    path = cache_root() / "locks" / f"store-{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _unanswered(timeout: float) -> str | None:
@@ -175,10 +191,19 @@ def offline_record(run_id: str) -> Path | None:
 
 
 def keep_unlogged(run_id: str, entry: Entry) -> None:
-    """Append `entry` to the run's unlogged record (which then exists: the run is offline from now on)."""
+    """Append `entry` to the run's unlogged record (which then exists: the run is offline from now on).
+
+    One write of the whole line to a file opened for appending, then fsync: a crash leaves at most a torn last line,
+    which reading skips, never a line of one entry mixed with another's.
+    """
+    line = (json.dumps(entry) + "\n").encode()
     with _record_lock:
-        with open(_records[run_id], "a", encoding="utf-8") as record:
-            record.write(json.dumps(entry) + "\n")
+        descriptor = os.open(_records[run_id], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(descriptor, line)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def _go_offline_or_raise(run_id: str, error: Exception) -> None:
@@ -204,16 +229,30 @@ def _send(run_id: str, entry: Entry) -> None:
     keep_unlogged(run_id, entry)
 
 
-def read_record(record: Path) -> list[Entry]:
-    """The entries of an unlogged record; the first ("lost") says when, why and from which server."""
-    return [json.loads(line) for line in record.read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_record(record: Path) -> tuple[list[Entry], int]:
+    """The entries of an unlogged record (the first, "lost", says when, why and from which server), and how many
+    torn lines (a crash mid-write) were skipped."""
+    entries, torn = [], 0
+    for line in record.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if isinstance(entry, dict) and "op" in entry:
+            entries.append(entry)
+        else:
+            torn += 1
+    return entries, torn
 
 
 def replay(run_id: str, record: Path, handlers: dict[str, Apply]) -> dict[str, int]:
     """Apply a run's unlogged record in order (`handlers` add entry kinds the flows record); returns the count of
     each kind applied. The record is rewritten after every entry, its "lost" line kept, so a replay cut short
     resumes where it stopped and still knows which server the run lost."""
-    entries = read_record(record)
+    entries, _ = read_record(record)
     header = [entry for entry in entries if entry["op"] == "lost"]
     calls = [entry for entry in entries if entry["op"] != "lost"]
     apply = APPLY | handlers

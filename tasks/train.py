@@ -45,7 +45,7 @@ from transformers import (
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as PaddingFreeCollator
 
 from conf.schema import TrainConfig, UserError, zero_optimization
-from tasks.evaluate import SamplePrompts, autocast
+from tasks.generation import SamplePrompts, autocast
 from tasks.tracking import (
     log_artifact, log_loss_plot, log_metrics, sample_logger, set_tags, step_logger, unlogged_record_path,
 )
@@ -212,17 +212,21 @@ class _AnswerSamplePrompts(TrainerCallback):
 def stop_on_sigterm() -> Iterator[None]:
     """While training, SIGTERM asks for a checkpoint and a clean stop instead of killing the process.
 
-    Only the main thread can take signals; elsewhere the process's own handling stays as it was.
+    The request lasts for this training only: it is cleared when the block ends, so a long-lived process (a served
+    deployment) starts its next training unstopped. Only the main thread can take signals; elsewhere the process's
+    own handling stays as it was.
     """
+    STOP_REQUESTED.clear()
     try:
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: STOP_REQUESTED.set())
     except ValueError:
-        yield
-        return
+        previous = None
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        STOP_REQUESTED.clear()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def checkpoints_folder(out_dir: Path) -> Path:
@@ -384,7 +388,8 @@ def train(
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
-    if stopper.stopped:
+    # Asked during the last step: the Trainer saved its final checkpoint; stop before evaluation and registration.
+    if stopper.stopped or STOP_REQUESTED.is_set():
         raise TrainingStopped(output.global_step, checkpoints_dir / f"checkpoint-{output.global_step}")
     weights_dir = out_dir / ("model" if config.method == "full" else "adapter")
     trainer.save_model(str(weights_dir))  # on every process: under ZeRO-3 the weights are gathered first
@@ -435,6 +440,8 @@ def train_in_workers(
     outcome = json.loads(result_path.read_text(encoding="utf-8"))
     if "stopped_at" in outcome:
         raise TrainingStopped(outcome["stopped_at"], Path(outcome["checkpoint"]))
+    if STOP_REQUESTED.is_set():  # asked as the workers finished their last step: stop before evaluation
+        raise TrainingStopped(outcome["steps"], resumable_checkpoint(checkpoints_folder(out_dir)))
     return TrainResult(**outcome | {"weights_dir": Path(outcome["weights_dir"])})
 
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from conf.schema import TrainConfig
-from tasks.evaluate import SamplePrompts
+from tasks.generation import SamplePrompts
 from tasks.tracking import recording_unlogged, sample_logger, step_logger
 from tasks.train import STOP_REQUESTED, TrainingStopped, result_as_json, train
 

@@ -242,3 +242,37 @@ def test_data_command_exits_2_with_one_line_for_an_unreadable_file(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"loraflow: error: {bad}: not valid JSON (Expecting property name enclosed in double quotes at line 1)"]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def conversation(question, answer):
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def test_a_train_row_that_repeats_a_held_out_row_is_dropped_from_train_not_eval(tmp_path):
+    held = conversation("Which river flows through the old town of Prague?", "The Vltava flows through Prague.")
+    near = conversation("Which river flows through the old town of Prague ?", "The Vltava flows through Prague!")
+    other = conversation("Name a prime number.", "Seven.")
+    train = write_jsonl(tmp_path / "train.jsonl", [held, near, other])  # train sources are listed first
+    heldout = write_jsonl(tmp_path / "eval.jsonl", [held])
+    result = clean(data([train], [heldout]), {}, tmp_path / "out")
+    report = assert_accounted(result)
+    assert read_jsonl(result.eval_path) == [held] and read_jsonl(result.train_path) == [other]
+    assert report["sources"][str(train)]["rejected"] == {"in_eval": 2}
+    assert report["sources"][str(heldout)] == {"format": "openai", "read": 1, "kept": 1, "rejected": {}}
+
+
+def test_with_eval_fraction_a_held_out_row_evicts_the_train_rows_that_nearly_repeat_it(tmp_path):
+    rows = [conversation(f"Tell me fact number {i} about the planet Mars and its moons, please.",
+                         f"Fact {i}: Mars has two small moons called Phobos and Deimos, fact {i}.") for i in range(60)]
+    first = clean(data([write_jsonl(tmp_path / "a.jsonl", rows)], eval_fraction=0.3, near_duplicate_threshold=1.0),
+                  {}, tmp_path / "a")
+    held = read_jsonl(first.eval_path)[0]
+    # A near copy of a held-out row, listed before it: the held-out row still wins, whatever the order.
+    copy = json.loads(json.dumps(held).replace("please.", "please!"))
+    source = write_jsonl(tmp_path / "b.jsonl", [copy, *rows])
+    second = clean(data([source], eval_fraction=0.3, near_duplicate_threshold=0.7), {}, tmp_path / "b")
+    report = assert_accounted(second)
+    assert held in read_jsonl(second.eval_path) and copy not in read_jsonl(second.train_path)
+    assert report["sources"][str(source)]["rejected"].get("in_eval", 0) >= 1
+    rejected = {json.dumps(r["row"]) for r in read_jsonl(second.rejects_path) if r["reason"] == "in_eval"}
+    assert json.dumps(copy) in rejected

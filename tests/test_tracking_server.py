@@ -75,7 +75,9 @@ def test_a_run_its_artifacts_and_the_registry_live_on_the_server(use_server, tin
     assert '"r": 16' in open(adapter).read()
     assert list((folder / "artifacts").rglob("adapter_model.safetensors"))  # in the server's artifact store
     assert client.get_model_version_by_alias(name, "challenger").run_id == summary.run_id
-    assert str(client.get_model_version_by_alias(name, "champion").version) == summary.registered.version
+    # Whether 2 steps beat the base model differs between CPUs: what the registry shows must match what register said.
+    aliases = client.get_registered_model(name).aliases
+    assert (str(aliases.get("champion")) == summary.registered.version) is summary.registered.promoted
     assert main(["models", name]) == 0
 
 
