@@ -110,3 +110,18 @@ def test_answering_sample_prompts_while_training_changes_nothing_in_training(tok
     adapter = load_file(result.weights_dir / "adapter_model.safetensors")
     for name, tensor in adapter.items():
         torch.testing.assert_close(tensor, expected_adapter[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_stop_asked_during_the_last_step_still_stops_before_evaluation(tokens, model_dir, tmp_path):
+    from tasks.train import STOP_REQUESTED, TrainingStopped, stop_on_sigterm
+
+    def ask_to_stop_at_the_last_step(step, metrics):
+        if step == CONFIG.max_steps:  # logged after the step's own stop check: only the end of training sees it
+            STOP_REQUESTED.set()
+
+    with stop_on_sigterm(), pytest.raises(TrainingStopped) as stopped:
+        train(tokens.train_dir, tokens.tokenizer_dir, model_dir, CONFIG, 0, tmp_path, ask_to_stop_at_the_last_step)
+    assert stopped.value.step == CONFIG.max_steps
+    assert stopped.value.checkpoint == resumable_checkpoint(checkpoints_folder(tmp_path))  # resume finds it
+    assert not (tmp_path / "adapter").exists()  # nothing saved for evaluation or registration

@@ -212,3 +212,45 @@ def test_a_failed_night_posts_one_message_to_the_webhook(tiny_recipe, monkeypatc
     [message] = _Webhook.received
     assert message["outcome"] == "failed" and "train.jsonl" in message["reason"]
     assert message["recipe"] == str(tiny_recipe) and message["text"].startswith("loraflow nightly")
+
+
+@pytest.mark.slow
+def test_the_nightly_flow_resumes_its_cut_off_run_and_tells_the_webhook_what_each_night_did(tiny_recipe, monkeypatch):
+    import tasks.train
+    from flows.finetune import Interrupted, finetune
+    from flows.nightly import nightly
+
+    overrides = ["train.max_steps=4", "train.checkpoint_every=2"]
+    config = load_config(tiny_recipe, overrides)
+    step_end = tasks.train._StopWhenRequested.on_step_end
+
+    def stop_at_step_two(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            tasks.train.STOP_REQUESTED.set()  # as SIGTERM from a reboot does
+        return step_end(self, args, state, control, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks.train._StopWhenRequested, "on_step_end", stop_at_step_two)
+        cut_off = finetune(config)
+    assert isinstance(cut_off, Interrupted) and cut_off.step == 2
+
+    server = HTTPServer(("127.0.0.1", 0), _Webhook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Webhook.received.clear()
+    monkeypatch.setenv("LORAFLOW_WEBHOOK_URL", f"http://127.0.0.1:{server.server_port}/hook")
+    try:
+        night = nightly(str(tiny_recipe), overrides)
+        assert night.run_id == cut_off.run_id and night.outcome in ("promoted", "not_promoted")
+        client = MlflowClient()
+        assert sorted(m.step for m in client.get_metric_history(cut_off.run_id, "train_loss")) == [1, 2, 3, 4]
+        assert client.get_run(cut_off.run_id).info.status == "FINISHED"
+        skipped = nightly(str(tiny_recipe), overrides)
+    finally:
+        server.shutdown()
+    assert skipped.outcome == "skipped"
+    expected = (["not_promoted"] if night.outcome == "not_promoted" else []) + ["skipped"]
+    assert [message["outcome"] for message in _Webhook.received] == expected
+    assert _Webhook.received[-1]["run_id"] == cut_off.run_id and _Webhook.received[-1]["link"]
+
+    monkeypatch.setenv("LORAFLOW_WEBHOOK_URL", f"http://127.0.0.1:{server.server_port}/gone")  # nobody listens now
+    assert nightly(str(tiny_recipe), overrides).outcome == "skipped"  # the night's own work is unaffected
