@@ -221,7 +221,7 @@ def register_from_record(run_id: str, args: dict,
                          register: Callable[..., RegisterResult] = register_task) -> RegisterResult:
     """The register stage, given its arguments in the JSON form an offline run keeps in its record."""
     return register(run_id, Path(args["weights_dir"]), args["base_model"], args["metrics"], args["tags"],
-                    RegistryConfig.model_validate(args["registry"]), args.get("head_to_head"))
+                    RegistryConfig.model_validate(args["registry"]), args.get("champion_score"))
 
 
 @dataclass(frozen=True)

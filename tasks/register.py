@@ -237,6 +237,9 @@ def register(
         }
         existing = mlflow.register_model(info.model_uri, name, tags=version_tags)
     number = str(existing.version)
+    earlier = existing.tags.get(PROMOTION_TAG, "undecided")
+    if not earlier.startswith("undecided"):  # judged when first registered: that decision stands
+        return RegisterResult(name, number, _holds_champion(client, name, number), earlier)
     rescored = ChampionScore(str(champion_score["version"]), float(champion_score["value"])) if champion_score else None
     with promotion_lock(name):
         try:
@@ -250,6 +253,11 @@ def register(
         if decision.promote:
             _make_champion(client, name, number)
     return RegisterResult(name, number, decision.promote, decision.reason)
+
+
+def _holds_champion(client: MlflowClient, name: str, version: str) -> bool:
+    champion = _champion(client, name)
+    return champion is not None and str(champion.version) == version
 
 
 def _version_of_run(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:

@@ -121,7 +121,7 @@ def test_a_registry_that_cannot_be_read_is_never_taken_for_no_champion(name, wei
 def test_registering_a_run_again_judges_its_version_instead_of_making_a_second(name, weights):
     first = candidate(name, weights, 0.6)
     again = candidate(name, weights, 0.6, run_id=MlflowClient().get_model_version(name, first.version).run_id)
-    assert again.version == first.version
+    assert again.version == first.version and again.promoted and again.reason == first.reason  # its decision stands
     assert len(MlflowClient().search_model_versions(f"name = '{name}'")) == 1
 
 
@@ -269,3 +269,24 @@ def test_rerun_rebuilds_the_recipe_from_the_record_and_reproduces_the_scores(nam
     changed = client.get_run(changed_id)
     assert changed.data.tags["loraflow.rerun_data_changed"] == "true"
     assert changed.data.tags["data_hash"] != first.data.tags["data_hash"]
+
+
+@pytest.mark.slow
+def test_new_held_out_rows_make_the_run_score_the_champion_again_head_to_head(name, tiny_recipe):
+    from conf.schema import load_config
+    from flows.finetune import finetune
+
+    overrides = [f"registry.model_name={name}", f"experiment={name}"]
+    first = finetune(load_config(tiny_recipe, overrides))
+    if not first.registered.promoted:  # whether 2 steps beat the base is the CPU's business: make it champion
+        assert main(["promote", name, first.registered.version, "--force", "--reason", "test"]) == 0
+    eval_file = tiny_recipe.parent / "eval.jsonl"
+    eval_file.write_text(eval_file.read_text() + json.dumps(
+        {"messages": [{"role": "user", "content": "Question 9?"}, {"role": "assistant", "content": "Answer 9."}]}) + "\n")
+    second = finetune(load_config(tiny_recipe, overrides))
+    client = MlflowClient()
+    metrics = client.get_run(second.run_id).data.metrics
+    assert "champion_rougeL" in metrics and "tuned_rougeL" in metrics
+    tags = client.get_model_version(name, second.registered.version).tags
+    assert tags[COMPARED_TAG].startswith(f"head to head: champion version {first.registered.version}")
+    assert tags[EVAL_DATA_TAG] != client.get_model_version(name, first.registered.version).tags[EVAL_DATA_TAG]
