@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # bench/ itself must not be on the path (bench/tokenize.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import logging  # noqa: E402
 
