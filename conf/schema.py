@@ -36,8 +36,8 @@ class IdentityConfig(_Section):
 class DataConfig(_Section):
     """Where rows come from and how they are cleaned. `builtin:<name>` sources are made by loraflow itself.
 
-    Sources are files (.json, .jsonl, .parquet, .txt, each but Parquet also .gz), folders of them, or
-    folders saved by `datasets`. Rows of `eval` sources are held out; with no `eval` sources, a stable
+    Sources are files (.json, .jsonl, .parquet, .txt, .md, each but Parquet also .gz), folders of them, or
+    folders saved by `datasets`. Text files are split into documents by `text_split`. Rows of `eval` sources are held out; with no `eval` sources, a stable
     `eval_fraction` of the train rows is (by content hash, so new rows never move old ones).
     """
 
@@ -47,7 +47,10 @@ class DataConfig(_Section):
     format: Literal["auto", "alpaca", "sharegpt", "openai", "text"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict, description="our field name -> the file's, e.g. {output: answer}")
     normalize: bool = Field(default=True, description="NFC, control characters and BOM dropped, spaces collapsed")
-    max_chars: int = Field(default=100_000, gt=0, description="longer rows are rejected (token limits: tokenize)")
+    max_chars: int = Field(default=100_000, gt=0, description="longer chat rows are rejected; text documents never are")
+    text_split: Literal["line", "paragraph", "file"] = Field(
+        default="line", description=".txt/.md: a document per non-empty line, per blank-line paragraph, or per file"
+    )
     dedup: bool = True
     near_duplicate_threshold: float = Field(default=0.9, gt=0.0, le=1.0, description="MinHash Jaccard; 1 turns it off")
 
@@ -69,6 +72,9 @@ class TokenizeConfig(_Section):
     )
     too_long: Literal["reject", "truncate"] = "reject"
     packing: bool = Field(default=True, description="chat samples packed into rows, attention kept per sample")
+    tool_format: Literal["auto", "hermes"] = Field(
+        default="auto", description="tool calls: the tokenizer's own template when it knows tools, else hermes "
+        "(<tool_call> JSON in the assistant turn); hermes: always that")
 
 
 class LoraConfig(_Section):

@@ -246,7 +246,7 @@ def _data(args: argparse.Namespace) -> int:
     from conf.schema import DataConfig
     from tasks.clean import clean
 
-    data = DataConfig(train=[str(p) for p in args.paths], eval=[], format=args.format)
+    data = DataConfig(train=[str(p) for p in args.paths], eval=[], format=args.format, text_split=args.text_split)
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="loraflow-data-"))
     result = clean(data, {}, out_dir)
     report = json.loads(result.report_path.read_text(encoding="utf-8"))
@@ -256,6 +256,10 @@ def _data(args: argparse.Namespace) -> int:
     for source, counts in report["sources"].items():
         rejected = ", ".join(f"{reason} {n}" for reason, n in counts["rejected"].items()) or "none"
         print(f"{source}: {counts['format']}, read {counts['read']}, kept {counts['kept']}, rejected: {rejected}")
+        if "layout" in counts:
+            print(f"  {counts['layout']}")
+    for reason, hint in report["hints"].items():
+        print(f"hint: {reason}: {hint}")
     print(f"kept rows: {result.train_path}\nrejects:   {result.rejects_path}\nreport:    {result.report_path}")
     return 0
 
@@ -412,8 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     back.set_defaults(handler=_rollback)
 
     data = commands.add_parser("data", help="run the clean stage alone on files and print its report")
-    data.add_argument("paths", nargs="+", type=Path, help="files or folders of .json/.jsonl/.parquet/.txt(.gz) rows")
+    data.add_argument("paths", nargs="+", type=Path, help="files or folders of .json/.jsonl/.parquet/.txt/.md(.gz) rows")
     data.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "openai", "text"])
+    data.add_argument("--text-split", default="line", choices=["line", "paragraph", "file"],
+                      help=".txt/.md files: a document per non-empty line (default), per paragraph, or per file")
     data.add_argument("--out", type=Path, help="folder for the cleaned rows, rejects and report (default: a temp folder)")
     data.add_argument("--json", action="store_true", help="print one JSON object: per file, format and counts")
     data.set_defaults(handler=_data)

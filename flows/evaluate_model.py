@@ -35,7 +35,7 @@ class EvalSummary:
 
 def preflight_evaluation(config: RunConfig) -> None:
     """The data sources are readable and the metric modules load, before any model is fetched."""
-    check_readable([*config.data.train, *config.data.eval])
+    check_readable([*config.data.train, *config.data.eval], config.data.text_split)
     metric_names(config.evaluate, config.tokenize.mode == "chat")
     check_tracking_store()
 

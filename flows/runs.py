@@ -184,7 +184,7 @@ def preflight(config: RunConfig) -> None:
     is one line.
     """
     check_base_model(config.base_model)
-    check_readable([*config.data.train, *config.data.eval])
+    check_readable([*config.data.train, *config.data.eval], config.data.text_split)
     choose_precision(config.train.precision)
     choose_attention(config.train.attn)
     check_deepspeed(config.train)

@@ -2,7 +2,9 @@
 
 Every input row ends either in `train.jsonl` / `eval.jsonl` or in `rejects.jsonl` with a reason code and its
 origin (file and line, or index), and `report.json` counts both per source. Rows become a conversation
-(`{"messages": [{role, content}, ...]}`) or a text document (`{"text": ...}`).
+(`{"messages": [{role, content}, ...]}`, OpenAI's shape, tool calls and tool results included, with the row's
+`tools`) or a text document (`{"text": ...}`). Text files are split into documents (by line, paragraph or file).
+Whatever a single row holds, a failure to read or normalise it is that row's reject, never the stage's.
 
 Files are parsed row by row here rather than through `datasets.load_dataset`, which stops at the first broken
 row: a broken row must be counted and rejected, never fatal. Parquet and saved `datasets` folders are read
@@ -37,13 +39,26 @@ ROLE_ALIASES = {
     "user": "user", "human": "user",
     "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
     "system": "system",
+    "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",  # a tool's result
 }
+CALL_ROLES = ("function_call", "tool_call")  # ShareGPT: an assistant turn that calls tools (its value is JSON)
+# Rows that cannot be trained as text: media they refer to (a field, or a placeholder in a message).
+MEDIA_FIELDS = {"images": "has_images", "image": "has_images", "videos": "has_video", "video": "has_video",
+                "audios": "has_audio", "audio": "has_audio"}
+MEDIA_PLACEHOLDERS = {"<image>": "has_images", "<video>": "has_video", "<audio>": "has_audio"}
+MEDIA_PARTS = {"image": "has_images", "image_url": "has_images", "input_image": "has_images",
+               "video": "has_video", "video_url": "has_video", "audio": "has_audio", "input_audio": "has_audio"}
+HINTS = {"preference_pair": "chosen/rejected pairs need a preference-tuning recipe (DPO, ORPO); SFT cannot train them",
+         "has_images": "multimodal rows need a vision-language model and its processor",
+         "has_video": "multimodal rows need a video-language model and its processor",
+         "has_audio": "multimodal rows need an audio-language model and its processor"}
 # Control characters other than newline and tab (NUL and ESC among them) and the BOM.
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")
 PUNCTUATION_TO_SPACE = str.maketrans(dict.fromkeys(string.punctuation, " "))
 SPACES = re.compile(r"[ \t\u00a0]+")
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
-ROW_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
+TEXT_SUFFIXES = (".txt", ".md")
+ROW_SUFFIXES = (".json", ".jsonl", ".parquet", *TEXT_SUFFIXES)
 SUPPORTED_SUFFIXES = ROW_SUFFIXES + tuple(s + ".gz" for s in ROW_SUFFIXES if s != ".parquet")
 NEAR_DUPLICATE_PERMUTATIONS = 32
 GRAM_MIX = (0x9E3779B1, 0x85EBCA77)  # odd multipliers that make a 3-gram's hash depend on word order
@@ -118,7 +133,33 @@ def _decode(data: bytes, what: str) -> str:
         raise DataError(f"{what}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
-def _rows_of_file(path: Path) -> Iterator[tuple[str, object]]:
+def _text_documents(path: Path, data: bytes, split: str) -> Iterator[tuple[str, object]]:
+    """A text file's documents: each non-empty line (as `datasets`' text loader), each blank-line separated
+    paragraph, or the whole file. A document that is not UTF-8 is that document's reject."""
+
+    def document(origin: str, raw: bytes) -> tuple[str, object]:
+        try:
+            return origin, {"text": raw.decode("utf-8-sig")}
+        except UnicodeDecodeError:
+            return origin, RowRejected("not_utf8")
+
+    if split == "file":
+        yield document(str(path), data)
+        return
+    lines = data.split(b"\n")
+    if split == "line":
+        yield from (document(f"{path}:{number}", line) for number, line in enumerate(lines, start=1) if line.strip())
+        return
+    start, paragraph = 0, []
+    for number, line in enumerate([*lines, b""], start=1):
+        if line.strip():
+            start, paragraph = start or number, [*paragraph, line]
+        elif paragraph:
+            yield document(f"{path}:{start}", b"\n".join(paragraph))
+            start, paragraph = 0, []
+
+
+def _rows_of_file(path: Path, text_split: str) -> Iterator[tuple[str, object]]:
     """(origin, raw row) pairs of one file; a row that cannot even be parsed comes as a RowRejected."""
     suffix = _suffix(path).removesuffix(".gz")
     if suffix == ".parquet":
@@ -131,8 +172,8 @@ def _rows_of_file(path: Path) -> Iterator[tuple[str, object]]:
         yield from ((f"{path}[{i}]", row) for i, row in enumerate(table.to_pylist()))
         return
     data = _read_bytes(path)
-    if suffix == ".txt":
-        yield f"{path}", {"text": _decode(data, str(path))}
+    if suffix in TEXT_SUFFIXES:
+        yield from _text_documents(path, data, text_split)
     elif suffix == ".jsonl":
         for number, line in enumerate(data.split(b"\n"), start=1):
             if not line.strip():
@@ -141,19 +182,21 @@ def _rows_of_file(path: Path) -> Iterator[tuple[str, object]]:
                 yield f"{path}:{number}", json.loads(line.decode("utf-8-sig"))
             except UnicodeDecodeError:
                 yield f"{path}:{number}", RowRejected("not_utf8")
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # broken JSON, a number past Python's digit limit, deep nesting
                 yield f"{path}:{number}", RowRejected("invalid_json")
     else:
         try:
             rows = json.loads(_decode(data, str(path)))
         except json.JSONDecodeError as error:
             raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        except (ValueError, RecursionError) as error:
+            raise DataError(f"{path}: not readable as JSON ({type(error).__name__}: {error})") from None
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON array of rows, got {type(rows).__name__}")
         yield from ((f"{path}[{i}]", row) for i, row in enumerate(rows))
 
 
-def read_source(source: str) -> Iterator[tuple[str, object]]:
+def read_source(source: str, text_split: str = "line") -> Iterator[tuple[str, object]]:
     """(origin, raw row) pairs of a builtin set, a file, a folder of files or a saved `datasets` folder."""
     check_source(source)
     if source.startswith("builtin:"):
@@ -167,25 +210,36 @@ def read_source(source: str) -> Iterator[tuple[str, object]]:
         yield from ((f"{path}[{i}]", row) for i, row in enumerate(load_from_disk(str(path))))
     elif path.is_dir():
         for file in _files_in(path):
-            yield from _rows_of_file(file)
+            yield from _rows_of_file(file, text_split)
     else:
-        yield from _rows_of_file(path)
+        yield from _rows_of_file(path, text_split)
 
 
-def check_readable(sources: list[str]) -> None:
+def reads_text_files(source: str) -> bool:
+    """Whether a source is (or holds) .txt/.md files, which `text_split` cuts into documents."""
+    path = Path(source)
+    files = _files_in(path) if path.is_dir() and not _is_saved_dataset(path) else [path] if path.is_file() else []
+    return any(_suffix(file).removesuffix(".gz") in TEXT_SUFFIXES for file in files)
+
+
+def check_readable(sources: list[str], text_split: str = "line") -> None:
     """Read every source through once, so a file that is unreadable as a whole stops a run before any work.
 
     Broken rows are not errors here (they are counted by clean); only whole-file problems raise DataError.
     """
     for source in sources:
-        for _ in read_source(source):
+        for _ in read_source(source, text_split):
             pass
 
 
 def _clean_text(text: object, data: DataConfig, values: dict[str, str]) -> str:
     if isinstance(text, list):  # OpenAI content parts
-        if not all(isinstance(p, dict) and p.get("type") == "text" for p in text):
-            raise RowRejected("unsupported_content")
+        for part in text:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in MEDIA_PARTS:
+                raise RowRejected(MEDIA_PARTS[kind])
+            if kind != "text":
+                raise RowRejected("unsupported_content")
         text = "\n".join(str(p.get("text", "")) for p in text)
     if not isinstance(text, str):
         raise RowRejected("wrong_type")
@@ -213,14 +267,15 @@ def detect_format(row: dict) -> str:
     raise RowRejected("unknown_format")
 
 
-def _turns(row: dict, row_format: str) -> list[tuple[object, object]]:
-    """The row's raw (role, content) turns in its own format."""
+def _turns(row: dict, row_format: str) -> list[dict]:
+    """The row's raw turns as OpenAI-shaped dicts (role, content, and tool_calls where the source has them)."""
     if row_format in ("openai", "sharegpt"):
         turns = row["messages"] if row_format == "openai" else row["conversations"]
-        role_key, content_key = ("role", "content") if row_format == "openai" else ("from", "value")
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
             raise RowRejected("wrong_type")
-        return [(t.get(role_key), t.get(content_key)) for t in turns]
+        if row_format == "openai":
+            return turns
+        return [{"role": t.get("from"), "content": t.get("value")} for t in turns]
     history = row.get("history") or []
     if not isinstance(history, list) or not all(isinstance(h, list | tuple) and len(h) == 2 for h in history):
         raise RowRejected("wrong_type")
@@ -230,7 +285,75 @@ def _turns(row: dict, row_format: str) -> list[tuple[object, object]]:
     turns = [("system", row["system"])] if row.get("system") else []
     for question, answer in history:
         turns += [("user", question), ("assistant", answer)]
-    return turns + [("user", prompt), ("assistant", row["output"])]
+    return [{"role": role, "content": content} for role, content in turns + [("user", prompt), ("assistant", row["output"])]]
+
+
+def _json_value(value: object) -> object:
+    """A JSON value given as itself or as a JSON string (tool arguments and tool lists come both ways)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise RowRejected("invalid_tool_call") from None
+    return value
+
+
+def _tool_calls(value: object) -> list[dict]:
+    """Calls as OpenAI's `tool_calls`: [{"type": "function", "function": {"name", "arguments": {...}}}]; from
+    OpenAI's own shape or ShareGPT's function_call value ({"name", "arguments"}, or a list of them)."""
+    calls = _json_value(value)
+    calls = calls if isinstance(calls, list) else [calls]
+    normal = []
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise RowRejected("invalid_tool_call")
+        name, arguments = function.get("name"), _json_value(function.get("arguments", {}))
+        if not isinstance(name, str) or not name.strip() or not isinstance(arguments, dict):
+            raise RowRejected("invalid_tool_call")
+        normal.append({"type": "function", "function": {"name": name.strip(), "arguments": arguments}})
+    if not normal:
+        raise RowRejected("invalid_tool_call")
+    return normal
+
+
+def _tools(value: object) -> list[dict]:
+    """The row's tool list as OpenAI's `tools`: [{"type": "function", "function": {"name", ...}}]."""
+    tools = _json_value(value)
+    if not isinstance(tools, list):
+        raise RowRejected("invalid_tools")
+    normal = []
+    for tool in tools:
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RowRejected("invalid_tools")
+        normal.append({"type": "function", "function": function})
+    return normal
+
+
+def _message(turn: dict, data: DataConfig, values: dict[str, str]) -> dict:
+    role, content = turn.get("role"), turn.get("content")
+    role = role.lower() if isinstance(role, str) else None
+    if role in CALL_ROLES:  # ShareGPT's function_call turn: the assistant calling tools
+        return {"role": "assistant", "content": "", "tool_calls": _tool_calls(content)}
+    normal_role = ROLE_ALIASES.get(role)
+    if normal_role is None:
+        raise RowRejected("unknown_role")
+    if normal_role == "tool" and isinstance(content, dict | list) and not _is_content_parts(content):
+        content = json.dumps(content, ensure_ascii=False)  # a tool's structured result, as the text it returns
+    calls = _tool_calls(turn["tool_calls"]) if normal_role == "assistant" and turn.get("tool_calls") else None
+    if calls and not content:
+        return {"role": "assistant", "content": "", "tool_calls": calls}
+    text = _clean_text(content, data, values)
+    if normal_role != "tool":
+        for placeholder, reason in MEDIA_PLACEHOLDERS.items():
+            if placeholder in text:
+                raise RowRejected(reason)
+    return {"role": normal_role, "content": text} | ({"tool_calls": calls} if calls else {})
+
+
+def _is_content_parts(content: object) -> bool:
+    return isinstance(content, list) and all(isinstance(part, dict) and "type" in part for part in content)
 
 
 def normalise_row(raw: object, data: DataConfig, values: dict[str, str]) -> tuple[str, dict]:
@@ -243,30 +366,34 @@ def normalise_row(raw: object, data: DataConfig, values: dict[str, str]) -> tupl
     for ours, theirs in data.columns.items():  # LLaMA-Factory-style mapping of odd field names
         if theirs in row:
             row[ours] = row.pop(theirs)
+    for field, reason in MEDIA_FIELDS.items():
+        if row.get(field):
+            raise RowRejected(reason)
+    if "chosen" in row and "rejected" in row:
+        raise RowRejected("preference_pair")
     row_format = detect_format(row)
     if data.format != "auto" and row_format != data.format:
         raise RowRejected("wrong_format")
     if row_format == "text":
-        clean = {"text": _clean_text(row["text"], data, values)}
-    else:
-        messages = []
-        for role, content in _turns(row, row_format):
-            normal_role = ROLE_ALIASES.get(role.lower()) if isinstance(role, str) else None
-            if normal_role is None:
-                raise RowRejected("unknown_role")
-            messages.append({"role": normal_role, "content": _clean_text(content, data, values)})
-        if not any(m["role"] == "assistant" for m in messages):
-            raise RowRejected("no_assistant_turn")
-        if messages[-1]["role"] != "assistant":
-            raise RowRejected("ends_on_user_turn")
-        clean = {"messages": messages}
+        return row_format, {"text": _clean_text(row["text"], data, values)}  # documents: no length limit
+    messages = [_message(turn, data, values) for turn in _turns(row, row_format)]
+    for before, message in zip([None, *messages], messages):
+        if message["role"] == "tool" and (before is None or not ("tool_calls" in before or before["role"] == "tool")):
+            raise RowRejected("orphan_tool_result")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowRejected("no_assistant_turn")
+    if messages[-1]["role"] != "assistant":
+        raise RowRejected("ends_on_user_turn")
+    clean = {"messages": messages} | ({"tools": _tools(row["tools"])} if row.get("tools") else {})
     if len(_plain_text(clean)) > data.max_chars:
         raise RowRejected("too_long")
     return row_format, clean
 
 
 def _plain_text(row: dict) -> str:
-    return row["text"] if "text" in row else "\n".join(m["content"] for m in row["messages"])
+    if "text" in row:
+        return row["text"]
+    return "\n".join(m["content"] + (json.dumps(m["tool_calls"]) if "tool_calls" in m else "") for m in row["messages"])
 
 
 def in_eval_split(key: str, fraction: float) -> bool:
@@ -338,9 +465,15 @@ def _normalised(pairs: Iterable[tuple[str, object]], data: DataConfig, values: d
     for origin, raw in pairs:
         try:
             row_format, row = normalise_row(raw, data, values)
+            line = json.dumps(row, ensure_ascii=False)
+            line.encode()  # a lone surrogate (from JSON's \ud800 escapes) cannot be written out or tokenized
             chars += len(_plain_text(row))
         except RowRejected as rejected:
             row_format, row = "", rejected
+        except UnicodeEncodeError:
+            row_format, row = "", RowRejected("not_utf8")
+        except Exception:  # whatever a row holds (any structure, depth or size), its failure is its own reject
+            row_format, row = "", RowRejected("malformed_row")
         chunk.append((origin, raw, row_format, row))
         if len(chunk) >= CHUNK_ROWS or chars >= CHUNK_CHARS:
             yield from _signed(chunk, near)
@@ -358,8 +491,16 @@ def _signed(chunk: list[tuple[str, object, str, dict | RowRejected]], near: Near
 def _write_lines(path: Path, lines: list[str]) -> None:
     """Written beside the target and renamed into place, so a failed run leaves no half-written file."""
     staging = path.with_suffix(".partial")
-    staging.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    # backslashreplace: a rejected row's lone surrogate is written as its JSON escape, still valid JSON.
+    staging.write_text("".join(line + "\n" for line in lines), encoding="utf-8", errors="backslashreplace")
     staging.replace(path)
+
+
+def _reject_line(reject: dict) -> str:
+    try:
+        return json.dumps(reject, ensure_ascii=False, default=str)
+    except (ValueError, RecursionError):  # a raw row too deep or odd to write back: its origin says where it is
+        return json.dumps(reject | {"row": None}, ensure_ascii=False)
 
 
 def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResult:
@@ -377,6 +518,7 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResul
     rejects: list[dict] = []
     counts: dict[str, Counter] = {}
     formats: dict[str, Counter] = {}
+    documents: dict[str, Counter] = {}  # per source: text documents kept and their characters
 
     def reject(source: str, origin: str, reason: str, row: object) -> None:
         counts[source][reason] += 1
@@ -384,8 +526,9 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResul
 
     for split, sources in (("eval", data.eval), ("train", data.train)):
         for source in sources:
-            counts[source], formats[source] = Counter(), Counter()
-            for origin, raw, row_format, row, signature in _normalised(read_source(source), data, values, near):
+            counts[source], formats[source], documents[source] = Counter(), Counter(), Counter()
+            rows = read_source(source, data.text_split)
+            for origin, raw, row_format, row, signature in _normalised(rows, data, values, near):
                 counts[source]["read"] += 1
                 if isinstance(row, RowRejected):
                     reject(source, origin, str(row), None if isinstance(raw, RowRejected) else raw)
@@ -421,10 +564,13 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResul
                 kept[target].append(line)
                 counts[source]["kept"] += 1
                 formats[source][row_format] += 1
+                if row_format == "text":
+                    documents[source].update(documents=1, characters=len(row["text"]))
     report = {
         source: {"format": "+".join(sorted(formats[source])) or "none", "read": counts[source].pop("read", 0),
                  "kept": counts[source].pop("kept", 0),
                  "rejected": dict(sorted((reason, n) for reason, n in counts[source].items() if n))}
+        | ({"layout": _layout(source, data.text_split, documents[source])} if documents[source] else {})
         for source in [*data.train, *data.eval]
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -433,11 +579,15 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResul
     for split, split_lines in lines.items():
         _write_lines(paths[split], split_lines)
     rejects_path = out_dir / "rejects.jsonl"
-    _write_lines(rejects_path, [json.dumps(r, ensure_ascii=False, default=str) for r in rejects])
+    _write_lines(rejects_path, [_reject_line(r) for r in rejects])
     data_hash = hashlib.sha256(paths["train"].read_bytes() + b"\0" + paths["eval"].read_bytes()).hexdigest()
     eval_hash = hashlib.sha256(paths["eval"].read_bytes()).hexdigest()
+    reasons = {reason for counts_of in report.values() for reason in counts_of["rejected"]}
     summary = {"sources": report, "train_rows": len(lines["train"]), "eval_rows": len(lines["eval"]),
-               "rejected_rows": len(rejects), "data_hash": data_hash, "eval_hash": eval_hash}
+               "rejected_rows": len(rejects), "data_hash": data_hash, "eval_hash": eval_hash,
+               "max_chars": f"{data.max_chars} characters, for chat rows only; text documents are never rejected for "
+                            "length (tokenize cuts them into blocks)",
+               "hints": {reason: hint for reason, hint in HINTS.items() if reason in reasons}}
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return CleanResult(
@@ -445,6 +595,12 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResul
         train_rows=len(lines["train"]), eval_rows=len(lines["eval"]), rejected_rows=len(rejects), data_hash=data_hash,
         eval_hash=eval_hash,
     )
+
+
+def _layout(source: str, text_split: str, documents: Counter) -> str:
+    """How a source's text was read, in words: a corpus read in a way the user did not mean shows at once."""
+    how = f"split by {text_split}" if reads_text_files(source) else "a `text` field per row"
+    return f"text, {how}: {documents['documents']} documents, {documents['characters']} characters"
 
 
 @task(name="clean", cache_policy=NO_CACHE)

@@ -85,7 +85,7 @@ def test_openai_content_parts_and_role_aliases(tmp_path):
                           {"role": "assistant", "content": "A cat."}]}
     result = clean(data([write_jsonl(tmp_path / "parts.jsonl", [row, image])]), {}, tmp_path / "out")
     assert read_jsonl(result.train_path)[0]["messages"][0] == {"role": "user", "content": "Hi\nthere"}
-    assert [r["reason"] for r in read_jsonl(result.rejects_path)] == ["unsupported_content"]
+    assert [r["reason"] for r in read_jsonl(result.rejects_path)] == ["has_images"]  # an image part: not text
 
 
 @pytest.mark.parametrize("chunk_rows", [1024, 3])
@@ -102,7 +102,8 @@ def test_every_reject_reason_with_its_origin(tmp_path, monkeypatch, chunk_rows):
         {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]},
         {"something": "else"},
         [1, 2],
-        {"text": "x" * 200},
+        {"messages": [{"role": "user", "content": "x" * 200}, {"role": "assistant", "content": "y"}]},
+        {"text": "x" * 200},  # a document: never too long (tokenize cuts it into blocks)
     ]
     source = tmp_path / "rows.jsonl"
     source.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b"{broken json\n" + b'{"text": "\xff\xfe"}\n')
@@ -112,7 +113,8 @@ def test_every_reject_reason_with_its_origin(tmp_path, monkeypatch, chunk_rows):
         "duplicate", "near_duplicate", "no_assistant_turn", "ends_on_user_turn", "unknown_role", "empty_turn",
         "wrong_type", "unknown_format", "not_an_object", "too_long", "invalid_json", "not_utf8",
     ]
-    assert rejects[0]["origin"] == f"{source}:2" and rejects[-1]["origin"] == f"{source}:13"
+    assert rejects[0]["origin"] == f"{source}:2" and rejects[-1]["origin"] == f"{source}:14"
+    assert {"text": "x" * 200} in read_jsonl(result.train_path)
     assert rejects[0]["row"] == OPENAI
     assert_accounted(result)
 
@@ -173,13 +175,14 @@ def test_containers_compressed_parquet_text_folders_and_saved_datasets(tmp_path)
     (folder / "c.txt").write_text("A plain document.\nSecond line.")
     (folder / "d.txt.gz").write_bytes(gzip.compress(b"A compressed document."))
     pq.write_table(pa.Table.from_pylist([{"instruction": "Say hi", "input": "", "output": "Hi"}]), folder / "e.parquet")
-    (folder / "ignored.md").write_text("not data")
+    (folder / "notes.md").write_text("A markdown document.")
     saved = tmp_path / "saved"
     Dataset.from_list([{"text": "From a saved dataset."}]).save_to_disk(str(saved))
     result = clean(data([folder, saved]), {}, tmp_path / "out")
     rows = read_jsonl(result.train_path)
-    assert len(rows) == 6
-    assert {"text": "A plain document.\nSecond line."} in rows and {"text": "From a saved dataset."} in rows
+    assert len(rows) == 8  # c.txt is two documents: one per line, as `datasets`' text loader reads it
+    assert {"text": "A plain document."} in rows and {"text": "Second line."} in rows
+    assert {"text": "A markdown document."} in rows and {"text": "From a saved dataset."} in rows
     assert rows[0] == OPENAI
     assert_accounted(result)
 
@@ -276,3 +279,153 @@ def test_with_eval_fraction_a_held_out_row_evicts_the_train_rows_that_nearly_rep
     assert report["sources"][str(source)]["rejected"].get("in_eval", 0) >= 1
     rejected = {json.dumps(r["row"]) for r in read_jsonl(second.rejects_path) if r["reason"] == "in_eval"}
     assert json.dumps(copy) in rejected
+
+
+def article(n: int, words: int) -> str:
+    import random
+
+    rng = random.Random(n)
+    return " ".join(f"w{rng.randrange(50_000)}" for _ in range(words)) + f" (article {n})."
+
+
+def test_a_corpus_of_long_articles_one_per_line_reads_every_article(tmp_path, capsys):
+    articles = [article(n, 15_000) for n in range(30)]  # over 100,000 characters each: never too long
+    corpus = tmp_path / "wiki.txt"
+    corpus.write_text("\n".join(articles) + "\n\n")
+    result = clean(data([corpus], eval_fraction=0.1, near_duplicate_threshold=1.0), {}, tmp_path / "out")
+    report = assert_accounted(result)
+    kept = read_jsonl(result.train_path) + read_jsonl(result.eval_path)
+    assert sorted(row["text"] for row in kept) == sorted(articles) and min(map(len, articles)) > 100_000
+    assert report["sources"][str(corpus)]["layout"] == (
+        f"text, split by line: 30 documents, {sum(map(len, articles))} characters")
+    assert "chat rows only" in report["max_chars"]
+    assert main(["data", str(corpus), "--out", str(tmp_path / "printed")]) == 0
+    assert f"text, split by line: 30 documents" in capsys.readouterr().out
+
+
+def test_paragraph_and_file_splits_and_a_folder_corpus(tmp_path):
+    text = "First paragraph,\nits second line.\n\n\nSecond paragraph.\n  \nThird.\n"
+    (tmp_path / "a.txt").write_text(text)
+    paragraphs = clean(data([tmp_path / "a.txt"], text_split="paragraph"), {}, tmp_path / "p")
+    assert [row["text"] for row in read_jsonl(paragraphs.train_path)] == [
+        "First paragraph,\nits second line.", "Second paragraph.", "Third."]
+    assert read_jsonl(paragraphs.rejects_path) == []
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "one.txt").write_text(text)
+    (folder / "two.md").write_text("# Title\n\nBody.")
+    (folder / "three.txt.gz").write_bytes(gzip.compress(b"Gzipped\nbook."))
+    (folder / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    books = clean(data([folder], text_split="file"), {}, tmp_path / "f")
+    report = assert_accounted(books)
+    assert sorted(row["text"] for row in read_jsonl(books.train_path)) == sorted(
+        ["# Title\n\nBody.", "Gzipped\nbook.", "First paragraph,\nits second line.\n\n\nSecond paragraph.\n\nThird."])
+    assert report["sources"][str(folder)]["rejected"] == {"not_utf8": 1}  # that file's reject; the others go on
+    assert report["sources"][str(folder)]["layout"].startswith("text, split by file: 3 documents")
+
+
+def test_multimodal_and_preference_rows_get_their_own_reasons_and_hints(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": "<image>What is this?"}, {"role": "assistant", "content": "A cat."}],
+         "images": ["cat.jpg"]},
+        {"conversations": [{"from": "human", "value": "<image>Describe it."}, {"from": "gpt", "value": "Red."}]},
+        {"messages": [{"role": "user", "content": "<video>What happens?"}, {"role": "assistant", "content": "Rain."}]},
+        {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
+                      {"role": "assistant", "content": "Music."}]},
+        {"instruction": "Pick one", "input": "", "output": "", "chosen": "A", "rejected": "B"},
+        {"conversations": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "Hello"},
+         "rejected": {"from": "gpt", "value": "Go away"}},
+    ]
+    result = clean(data([write_jsonl(tmp_path / "mm.jsonl", rows)]), {}, tmp_path / "out")
+    report = assert_accounted(result)
+    assert [r["reason"] for r in read_jsonl(result.rejects_path)] == [
+        "has_images", "has_images", "has_video", "has_audio", "preference_pair", "preference_pair"]
+    assert "preference-tuning" in report["hints"]["preference_pair"] and "has_images" in report["hints"]
+
+
+GLAIVE_TOOLS = json.dumps([{"name": "get_weather", "description": "Weather in a city",
+                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}])
+SHAREGPT_TOOL_ROW = {
+    "conversations": [
+        {"from": "human", "value": "Weather in Oslo?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})},
+        {"from": "observation", "value": json.dumps({"temperature": 4})},
+        {"from": "gpt", "value": "It is 4 degrees in Oslo."},
+    ],
+    "tools": GLAIVE_TOOLS,
+}
+OPENAI_TOOL_ROW = {
+    "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": json.dumps({"city": "Oslo"})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temperature": 4})},
+        {"role": "assistant", "content": "It is 4 degrees in Oslo."},
+    ],
+    "tools": [{"type": "function", "function": json.loads(GLAIVE_TOOLS)[0]}],
+}
+
+
+def test_tool_calls_from_sharegpt_and_openai_normalise_to_one_shape(tmp_path):
+    sharegpt = clean(data([write_jsonl(tmp_path / "s.jsonl", [SHAREGPT_TOOL_ROW])]), {}, tmp_path / "s")
+    openai = clean(data([write_jsonl(tmp_path / "o.jsonl", [OPENAI_TOOL_ROW])]), {}, tmp_path / "o")
+    [row] = read_jsonl(sharegpt.train_path)
+    assert read_jsonl(openai.train_path) == [row]
+    assert row["messages"][1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}
+    assert row["messages"][2] == {"role": "tool", "content": '{"temperature": 4}'}
+    assert row["tools"][0]["function"]["name"] == "get_weather"
+
+
+def test_broken_tool_calls_are_rejected_with_their_reasons(tmp_path):
+    def with_turn(turn):
+        return {"conversations": [{"from": "human", "value": "Weather?"}, turn, {"from": "gpt", "value": "Fine."}]}
+
+    rows = [
+        with_turn({"from": "function_call", "value": '{"name": "get_weather", "arguments": '}),  # cut off
+        with_turn({"from": "function_call", "value": json.dumps({"arguments": {"city": "Oslo"}})}),  # no name
+        with_turn({"from": "observation", "value": "4 degrees"}),  # a result no call asked for
+        SHAREGPT_TOOL_ROW | {"tools": "[{"},
+    ]
+    result = clean(data([write_jsonl(tmp_path / "bad.jsonl", rows)]), {}, tmp_path / "out")
+    assert_accounted(result)
+    assert [r["reason"] for r in read_jsonl(result.rejects_path)] == [
+        "invalid_tool_call", "invalid_tool_call", "orphan_tool_result", "invalid_tool_call"]
+
+
+def garbage_lines(rng):
+    """Lines a real file may hold: random bytes, cut-off JSON, pathological structures, wrong types everywhere."""
+    good = [json.dumps(OPENAI), json.dumps(SHAREGPT), json.dumps(ALPACA), json.dumps(SHAREGPT_TOOL_ROW)]
+    shapes = [
+        lambda: bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 60))),
+        lambda: rng.choice(good).encode()[: rng.randint(1, 40)],
+        lambda: ("[" * 50_000 + "]" * 50_000).encode(),
+        lambda: ('{"messages": ' + "[" * 5_000 + "]" * 5_000 + "}").encode(),
+        lambda: ("9" * 5_000).encode(),
+        lambda: b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "x"}]}',
+        lambda: json.dumps({"messages": rng.choice([None, 5, "s", [None], [[]], [{"role": None}], {}])}).encode(),
+        lambda: json.dumps({"conversations": [{"from": rng.choice(["human", "gpt", 3, None]),
+                                               "value": rng.choice(["x", None, 7, [1], {"a": 1}])}]}).encode(),
+        lambda: json.dumps({"instruction": rng.choice([None, 1, "x"]), "output": rng.choice([None, [], "y"]),
+                            "history": rng.choice([None, 5, [[1]], [["a", "b"]], [["a", "b", "c"]]])}).encode(),
+        lambda: json.dumps({"messages": [{"role": "assistant", "content": None,
+                                          "tool_calls": rng.choice([5, "x", [None], [{"function": 3}], [{}]])}]}).encode(),
+        lambda: json.dumps({"text": rng.choice([None, 5, "", "   ", ["a"], {"b": 1}])}).encode(),
+        lambda: json.dumps({"tools": rng.choice(["[", 5, [1]]), **OPENAI}).encode(),
+        lambda: rng.choice(good).encode(),
+    ]
+    return [rng.choice(shapes)() for _ in range(300)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_row_crashes_the_reader_and_every_row_is_accounted_for(tmp_path, seed):
+    import random
+
+    lines = garbage_lines(random.Random(seed))
+    source = tmp_path / "garbage.jsonl"
+    source.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines) + b"\n")
+    result = clean(data([source]), {}, tmp_path / "out")
+    report = assert_accounted(result)
+    assert report["sources"][str(source)]["read"] == sum(1 for line in source.read_bytes().split(b"\n") if line.strip())
+    assert result.train_rows >= 1  # the good rows among the garbage are kept
