@@ -300,7 +300,7 @@ def test_a_corpus_of_long_articles_one_per_line_reads_every_article(tmp_path, ca
         f"text, split by line: 30 documents, {sum(map(len, articles))} characters")
     assert "chat rows only" in report["max_chars"]
     assert main(["data", str(corpus), "--out", str(tmp_path / "printed")]) == 0
-    assert f"text, split by line: 30 documents" in capsys.readouterr().out
+    assert "text, split by line: 30 documents" in capsys.readouterr().out
 
 
 def test_paragraph_and_file_splits_and_a_folder_corpus(tmp_path):
