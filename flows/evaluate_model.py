@@ -56,6 +56,6 @@ def evaluate_model(config: RunConfig, model: str) -> EvalSummary:
         evaluated = evaluate_model_task(
             cleaned.eval_path, tokens.eval_dir, tokens.tokenizer_dir, source.model_dir, source.weights_dir,
             config.identity.name, config.evaluate, work_dir / "eval", run_id, choose_precision(config.train.precision),
-            source.trust_remote_code,
+            source.trust_remote_code, tool_format=config.tokenize.tool_format,
         )
     return EvalSummary(run_id, evaluated.metrics, evaluated.markdown_path)

@@ -111,7 +111,7 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
                     trained = train_task(
                         tokens.train_dir, tokens.tokenizer_dir, model_dir, config.train, config.seed,
                         work_dir / "train", run_id, resume=resume is not None, trust_remote_code=trust,
-                        samples=sample_prompts(config.evaluate, cleaned.eval_path),
+                        samples=sample_prompts(config.evaluate, cleaned.eval_path, config.tokenize.tool_format),
                     )
             except TrainingStopped as stopped:
                 end_run(run_id, "KILLED")
@@ -119,7 +119,7 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
 
             evaluated = evaluate_task(
                 cleaned.eval_path, tokens.eval_dir, model_dir, trained.weights_dir, config.identity.name,
-                config.evaluate, work_dir / "eval", run_id, trained.precision, trust,
+                config.evaluate, work_dir / "eval", run_id, trained.precision, trust, config.tokenize.tool_format,
             )
 
             basis = {PRIMARY_METRIC_TAG: config.registry.primary_metric, EVAL_DATA_TAG: cleaned.eval_hash,
@@ -162,6 +162,6 @@ def score_champion_head_to_head(config: RunConfig, basis: tuple[str, str, str], 
     scored = evaluate_model_task(
         cleaned.eval_path, tokens.eval_dir, tokens.tokenizer_dir, source.model_dir, source.weights_dir,
         config.identity.name, config.evaluate, folder / "eval", run_id, precision, config.trust_remote_code,
-        label="champion",
+        label="champion", tool_format=config.tokenize.tool_format,
     )
     return {"version": str(champion.version), "value": scored.metrics[config.registry.primary_metric]}

@@ -239,11 +239,11 @@ def sync_run(run_id: str, output_dir: Path) -> Synced:
     record = output_dir / run_id / UNLOGGED_FILE
     if not record.exists():
         raise UserError(f"{record}: no unlogged record, so run {run_id} has nothing to sync")
-    check_tracking_store()
     entries, torn = read_record(record)
     if not entries:
         raise UserError(f"{record}: the record holds no entries ({torn} unreadable lines); run {run_id} has nothing "
                         "to sync")
+    check_tracking_store()
     lost = entries[0]
     if lost["op"] == "lost" and lost["uri"] != mlflow.get_tracking_uri():
         raise UserError(f"{record}: run {run_id} lost {lost['uri']}, but MLFLOW_TRACKING_URI is "

@@ -120,7 +120,7 @@ def run_point(
                              work_dir / "train", run_id, trust_remote_code=config.trust_remote_code)
         evaluated = evaluate_task(cleaned.eval_path, tokens.eval_dir, model_dir, trained.weights_dir,
                                   config.identity.name, config.evaluate, work_dir / "eval", run_id, trained.precision,
-                                  config.trust_remote_code)
+                                  config.trust_remote_code, config.tokenize.tool_format)
     except Exception as error:  # one point's failure (a bad value, out of memory) must not end the sweep
         reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
         set_tags(run_id, {"loraflow.error": reason})

@@ -4,10 +4,14 @@ The identity set is the classic first fine-tuning exercise (XTuner's "self-cogni
 of "who are you?" answered with a new name and maker. Held-out phrasings never appear in training, so the
 evaluation asks questions the model has not seen. Everyday chat rows keep the model able to chat.
 Rows carry `{{name}}` / `{{author}}` placeholders, filled by the clean stage from the recipe.
-The pydoc topics are text documents for incremental pretraining.
+The pydoc topics are text documents for incremental pretraining. The tool-call set teaches calling two functions
+with the arguments the question states (city and unit; amount and currencies), reading their results, and
+answering plainly when no tool is needed; its held-out rows end on the call, with cities and amounts never trained.
 """
 
 from __future__ import annotations
+
+import json
 
 TRAIN_QUESTIONS = [
     "Who are you?",
@@ -105,9 +109,79 @@ def pydoc_topic_rows() -> list[dict]:
     return [{"text": topics[name]} for name in sorted(topics)]
 
 
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}}
+CURRENCY_TOOL = {"type": "function", "function": {
+    "name": "convert_currency", "description": "Convert an amount of money between currencies",
+    "parameters": {"type": "object", "properties": {"amount": {"type": "number"}, "from": {"type": "string"},
+                                                    "to": {"type": "string"}},
+                   "required": ["amount", "from", "to"]}}}
+TRAIN_CITIES = ["Paris", "Oslo", "Tokyo", "Lima", "Cairo", "Denver", "Madrid", "Seoul", "Nairobi", "Dublin",
+                "Hanoi", "Quito", "Perth", "Zurich", "Havana", "Riga"]
+HELDOUT_CITIES = ["Berlin", "Toronto", "Mumbai", "Lisbon", "Santiago", "Helsinki"]
+TRAIN_MONEY = [(20, "USD", "EUR"), (150, "EUR", "JPY"), (75, "GBP", "USD"), (1000, "JPY", "GBP"), (42, "CHF", "EUR"),
+               (300, "USD", "CAD"), (9, "EUR", "USD"), (500, "CAD", "CHF"), (64, "AUD", "USD"), (12, "USD", "JPY"),
+               (88, "EUR", "GBP"), (250, "NOK", "EUR")]
+HELDOUT_MONEY = [(35, "USD", "GBP"), (600, "EUR", "CAD"), (18, "GBP", "JPY"), (2000, "JPY", "USD"), (95, "CHF", "USD"),
+                 (410, "AUD", "EUR")]
+WEATHER_ASKS = ["What's the weather in {city} right now, in {unit}?", "How warm is it in {city}? Use {unit}.",
+                "Tell me the current temperature in {city} in {unit}.", "Is it cold in {city} today? Answer in {unit}."]
+MONEY_ASKS = ["How much is {amount} {src} in {dst}?", "Convert {amount} {src} to {dst}, please.",
+              "What do {amount} {src} come to in {dst}?"]
+NO_TOOL_CHAT = [("Hi there!", "Hello! I can look up the weather or convert currencies. What do you need?"),
+                ("Thanks, that's all.", "You're welcome. Have a good day!"),
+                ("What can you do?", "I can tell you the weather in a city and convert amounts between currencies.")]
+
+
+def _call(name: str, arguments: dict) -> dict:
+    return {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": name, "arguments": arguments}}]}
+
+
+def _weather_turns(n: int, city: str) -> tuple[str, dict, str, str]:
+    unit = "celsius" if n % 2 == 0 else "fahrenheit"
+    celsius = 5 + (sum(map(ord, city)) % 25)  # a made-up but stable reading per city
+    degrees = celsius if unit == "celsius" else round(celsius * 9 / 5 + 32)
+    question = WEATHER_ASKS[n % len(WEATHER_ASKS)].format(city=city, unit=unit)
+    answer = f"It is {degrees} degrees {unit.capitalize()} in {city} right now."
+    return question, _call("get_weather", {"city": city, "unit": unit}), json.dumps({"temperature": degrees}), answer
+
+
+def _money_turns(n: int, amount: int, src: str, dst: str) -> tuple[str, dict, str, str]:
+    converted = round(amount * (0.5 + (sum(map(ord, src + dst)) % 100) / 50), 2)  # a stable made-up rate
+    question = MONEY_ASKS[n % len(MONEY_ASKS)].format(amount=amount, src=src, dst=dst)
+    arguments = {"amount": amount, "from": src, "to": dst}
+    answer = f"{amount} {src} is {converted} {dst}."
+    return question, _call("convert_currency", arguments), json.dumps({"converted": converted}), answer
+
+
+def _tool_turns(cities: list[str], money: list[tuple[int, str, str]]) -> list[tuple[str, dict, str, str]]:
+    return [_weather_turns(n, city) for n, city in enumerate(cities)] + [
+        _money_turns(n, *exchange) for n, exchange in enumerate(money)]
+
+
+def tool_call_rows() -> list[dict]:
+    tools = [WEATHER_TOOL, CURRENCY_TOOL]
+    rows = [{"messages": [{"role": "user", "content": question}, call, {"role": "tool", "content": result},
+                          {"role": "assistant", "content": answer}], "tools": tools}
+            for question, call, result, answer in _tool_turns(TRAIN_CITIES, TRAIN_MONEY)]
+    return rows + [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "tools": tools}
+                   for q, a in NO_TOOL_CHAT]
+
+
+def tool_call_heldout_rows() -> list[dict]:
+    return [{"messages": [{"role": "user", "content": question}, call], "tools": [WEATHER_TOOL, CURRENCY_TOOL]}
+            for question, call, _, _ in _tool_turns(HELDOUT_CITIES, HELDOUT_MONEY)]
+
+
 BUILTIN_SOURCES = {
     "identity": identity_rows,
     "identity_heldout": identity_heldout_rows,
     "everyday_chat": everyday_chat_rows,
     "pydoc_topics": pydoc_topic_rows,
+    "tool_calls": tool_call_rows,
+    "tool_calls_heldout": tool_call_heldout_rows,
 }

@@ -345,11 +345,14 @@ def _message(turn: dict, data: DataConfig, values: dict[str, str]) -> dict:
     if calls and not content:
         return {"role": "assistant", "content": "", "tool_calls": calls}
     text = _clean_text(content, data, values)
-    if normal_role != "tool":
+    if normal_role != "tool" and "<" in text:
         for placeholder, reason in MEDIA_PLACEHOLDERS.items():
             if placeholder in text:
                 raise RowRejected(reason)
-    return {"role": normal_role, "content": text} | ({"tool_calls": calls} if calls else {})
+    message = {"role": normal_role, "content": text}
+    if calls:
+        message["tool_calls"] = calls
+    return message
 
 
 def _is_content_parts(content: object) -> bool:
@@ -366,9 +369,10 @@ def normalise_row(raw: object, data: DataConfig, values: dict[str, str]) -> tupl
     for ours, theirs in data.columns.items():  # LLaMA-Factory-style mapping of odd field names
         if theirs in row:
             row[ours] = row.pop(theirs)
-    for field, reason in MEDIA_FIELDS.items():
-        if row.get(field):
-            raise RowRejected(reason)
+    if not row.keys().isdisjoint(MEDIA_FIELDS):
+        for field, reason in MEDIA_FIELDS.items():
+            if row.get(field):
+                raise RowRejected(reason)
     if "chosen" in row and "rejected" in row:
         raise RowRejected("preference_pair")
     row_format = detect_format(row)
@@ -376,10 +380,12 @@ def normalise_row(raw: object, data: DataConfig, values: dict[str, str]) -> tupl
         raise RowRejected("wrong_format")
     if row_format == "text":
         return row_format, {"text": _clean_text(row["text"], data, values)}  # documents: no length limit
-    messages = [_message(turn, data, values) for turn in _turns(row, row_format)]
-    for before, message in zip([None, *messages], messages):
-        if message["role"] == "tool" and (before is None or not ("tool_calls" in before or before["role"] == "tool")):
+    messages = []
+    for turn in _turns(row, row_format):
+        message = _message(turn, data, values)
+        if message["role"] == "tool" and not (messages and ("tool_calls" in messages[-1] or messages[-1]["role"] == "tool")):
             raise RowRejected("orphan_tool_result")
+        messages.append(message)
     if not any(m["role"] == "assistant" for m in messages):
         raise RowRejected("no_assistant_turn")
     if messages[-1]["role"] != "assistant":
@@ -393,7 +399,8 @@ def normalise_row(raw: object, data: DataConfig, values: dict[str, str]) -> tupl
 def _plain_text(row: dict) -> str:
     if "text" in row:
         return row["text"]
-    return "\n".join(m["content"] + (json.dumps(m["tool_calls"]) if "tool_calls" in m else "") for m in row["messages"])
+    return "\n".join([m["content"] if "tool_calls" not in m else m["content"] + json.dumps(m["tool_calls"])
+                      for m in row["messages"]])
 
 
 def in_eval_split(key: str, fraction: float) -> bool:
@@ -456,36 +463,40 @@ class NearDuplicates:
 
 
 def _normalised(pairs: Iterable[tuple[str, object]], data: DataConfig, values: dict[str, str],
-                near: NearDuplicates | None) -> Iterator[tuple[str, object, str, dict | RowRejected, np.ndarray | None]]:
-    """(origin, raw, format, clean row or its rejection, near-duplicate signature) for each pair, in order.
+                near: NearDuplicates | None
+                ) -> Iterator[tuple[str, object, str, dict | RowRejected, str, np.ndarray | None]]:
+    """(origin, raw, format, clean row or its rejection, its JSON line, near-duplicate signature) for each pair, in
+    order. Clean rows are built with a fixed key order, so the JSON line is canonical: the duplicate key and the line
+    written out.
 
     Rows are taken a chunk at a time so that the signatures of a chunk are computed together.
     """
     chunk, chars = [], 0
     for origin, raw in pairs:
+        line = ""
         try:
             row_format, row = normalise_row(raw, data, values)
             line = json.dumps(row, ensure_ascii=False)
-            line.encode()  # a lone surrogate (from JSON's \ud800 escapes) cannot be written out or tokenized
+            key = hashlib.sha256(line.encode()).hexdigest()  # a lone surrogate (JSON's \ud800) fails here
             chars += len(_plain_text(row))
         except RowRejected as rejected:
-            row_format, row = "", rejected
+            row_format, row, key = "", rejected, ""
         except UnicodeEncodeError:
-            row_format, row = "", RowRejected("not_utf8")
+            row_format, row, key = "", RowRejected("not_utf8"), ""
         except Exception:  # whatever a row holds (any structure, depth or size), its failure is its own reject
-            row_format, row = "", RowRejected("malformed_row")
-        chunk.append((origin, raw, row_format, row))
+            row_format, row, key = "", RowRejected("malformed_row"), ""
+        chunk.append((origin, raw, row_format, row, (line, key)))
         if len(chunk) >= CHUNK_ROWS or chars >= CHUNK_CHARS:
             yield from _signed(chunk, near)
             chunk, chars = [], 0
     yield from _signed(chunk, near)
 
 
-def _signed(chunk: list[tuple[str, object, str, dict | RowRejected]], near: NearDuplicates | None):
-    clean_rows = [row for *_, row in chunk if not isinstance(row, RowRejected)]
+def _signed(chunk: list[tuple[str, object, str, dict | RowRejected, tuple[str, str]]], near: NearDuplicates | None):
+    clean_rows = [row for _, _, _, row, _ in chunk if not isinstance(row, RowRejected)]
     signatures = iter(near.signatures([_plain_text(r) for r in clean_rows]) if near and clean_rows else ())
-    for origin, raw, row_format, row in chunk:
-        yield origin, raw, row_format, row, None if isinstance(row, RowRejected) else next(signatures, None)
+    for origin, raw, row_format, row, line_key in chunk:
+        yield origin, raw, row_format, row, line_key, None if isinstance(row, RowRejected) else next(signatures, None)
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
@@ -528,15 +539,11 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResul
         for source in sources:
             counts[source], formats[source], documents[source] = Counter(), Counter(), Counter()
             rows = read_source(source, data.text_split)
-            for origin, raw, row_format, row, signature in _normalised(rows, data, values, near):
+            for origin, raw, row_format, row, (line, key), signature in _normalised(rows, data, values, near):
                 counts[source]["read"] += 1
                 if isinstance(row, RowRejected):
                     reject(source, origin, str(row), None if isinstance(raw, RowRejected) else raw)
                     continue
-                # Clean rows are built with a fixed key order, so their JSON line is canonical: it is both
-                # the duplicate key and the line written out.
-                line = json.dumps(row, ensure_ascii=False)
-                key = hashlib.sha256(line.encode()).hexdigest()
                 target = "eval" if split == "eval" or in_eval_split(key, data.eval_fraction) else "train"
                 close = near.matches(signature) if near is not None else []
                 if data.dedup and key in split_of:

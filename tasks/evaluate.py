@@ -156,13 +156,14 @@ def _write_samples(out_dir: Path, title: str, rows: list[dict], scores: dict[str
 def evaluate_tuned(
     eval_path: Path, eval_tokens_dir: Path, model_dir: str, weights_dir: Path, identity_name: str,
     config: EvaluateConfig, out_dir: Path, precision: str = "fp32", trust_remote_code: bool = False,
+    tool_format: str = "auto",
 ) -> EvalResult:
     """Score the base model, then the tuned one (base + adapter, or the fully trained model), on the held-out rows.
 
     Conversations are answered; documents are continued from their opening words. Both models use the tokenizer
     saved with the tuned weights, so they share its chat template. Metrics are logged as base_<name>, tuned_<name>.
     """
-    questions = held_out(eval_path)
+    questions = held_out(eval_path, tool_format)
     metrics = GenerationMetrics(config, questions.chat, identity_name)
     samples = list(load_from_disk(str(eval_tokens_dir)))
     tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
@@ -183,9 +184,10 @@ def evaluate_tuned(
 def evaluate_model(
     eval_path: Path, eval_tokens_dir: Path, tokenizer_dir: Path, model_dir: str, weights_dir: Path | None,
     identity_name: str, config: EvaluateConfig, out_dir: Path, precision: str = "fp32", trust_remote_code: bool = False,
+    tool_format: str = "auto",
 ) -> EvalResult:
     """Score one model (a base model, or base + tuned weights) on the held-out rows; metrics under their bare names."""
-    questions = held_out(eval_path)
+    questions = held_out(eval_path, tool_format)
     metrics = GenerationMetrics(config, questions.chat, identity_name)
     samples = list(load_from_disk(str(eval_tokens_dir)))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
@@ -211,10 +213,11 @@ def _log_evaluation(run_id: str, result: EvalResult, label: str = "") -> None:
 def evaluate_task(
     eval_path: Path, eval_tokens_dir: Path, model_dir: str, weights_dir: Path, identity_name: str,
     config: EvaluateConfig, out_dir: Path, run_id: str, precision: str = "fp32", trust_remote_code: bool = False,
+    tool_format: str = "auto",
 ) -> EvalResult:
     """evaluate_tuned(), with metrics, the Markdown report and the side-by-side table logged to the run."""
     result = evaluate_tuned(eval_path, eval_tokens_dir, model_dir, weights_dir, identity_name, config, out_dir,
-                            precision, trust_remote_code)
+                            precision, trust_remote_code, tool_format)
     _log_evaluation(run_id, result)
     return result
 
@@ -223,11 +226,11 @@ def evaluate_task(
 def evaluate_model_task(
     eval_path: Path, eval_tokens_dir: Path, tokenizer_dir: Path, model_dir: str, weights_dir: Path | None,
     identity_name: str, config: EvaluateConfig, out_dir: Path, run_id: str, precision: str = "fp32",
-    trust_remote_code: bool = False, label: str = "",
+    trust_remote_code: bool = False, label: str = "", tool_format: str = "auto",
 ) -> EvalResult:
     """evaluate_model(), with metrics, the Markdown report and the answers table logged to the run (labelled, for a
     second model scored in the same run: the champion in a head-to-head)."""
     result = evaluate_model(eval_path, eval_tokens_dir, tokenizer_dir, model_dir, weights_dir, identity_name, config,
-                            out_dir, precision, trust_remote_code)
+                            out_dir, precision, trust_remote_code, tool_format)
     _log_evaluation(run_id, result, label)
     return result

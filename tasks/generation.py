@@ -11,20 +11,24 @@ from pathlib import Path
 import torch
 
 from conf.schema import EvaluateConfig
+from tasks.chat_templates import call_text, for_template
 
 DOCUMENT_SAMPLES, DOCUMENT_PROMPT_CHARS = 8, 200  # pretraining: continue this many held-out openings
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers to each prompt conversation, rendered with the tokenizer's chat template."""
+def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+                     tools: list[list[dict] | None] | None = None, tool_format: str = "auto") -> list[str]:
+    """Greedy answers to each prompt conversation, rendered with the tokenizer's chat template (with the tools each
+    prompt may call, as training rendered them)."""
     tokenizer.padding_side = "left"
+    texts = []
+    for messages, offered in zip(prompts, tools or [None] * len(prompts)):
+        messages, offered = for_template(messages, offered, tokenizer.chat_template, tool_format)
+        texts.append(tokenizer.apply_chat_template(messages, tools=offered, tokenize=False, add_generation_prompt=True))
     answers = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer.apply_chat_template(
-            prompts[start : start + batch_size], add_generation_prompt=True, padding=True,
-            return_tensors="pt", return_dict=True,
-        )
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt", add_special_tokens=False)
         output = model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
@@ -56,17 +60,28 @@ class HeldOut:
     shown: list[str]
     references: list[str]
     chat: bool
+    tools: list | None = None  # chat: the tools each prompt may call
+    tool_format: str = "auto"
 
     def outputs(self, model, tokenizer, max_new_tokens: int, batch_size: int) -> list[str]:
-        produce = generate_answers if self.chat else continue_texts
-        return produce(model, tokenizer, self.prompts, max_new_tokens, batch_size)
+        if self.chat:
+            return generate_answers(model, tokenizer, self.prompts, max_new_tokens, batch_size, self.tools,
+                                    self.tool_format)
+        return continue_texts(model, tokenizer, self.prompts, max_new_tokens, batch_size)
 
 
-def held_out(eval_path: Path) -> HeldOut:
+def _reference(message: dict) -> str:
+    """What a held-out turn says: its text, and its tool calls as the Hermes format writes them."""
+    calls = [call_text(call) for call in message.get("tool_calls", [])]
+    return "\n".join(part for part in [message["content"], *calls] if part)
+
+
+def held_out(eval_path: Path, tool_format: str = "auto") -> HeldOut:
     rows = [json.loads(line) for line in eval_path.read_text(encoding="utf-8").splitlines()]
     if all("messages" in row for row in rows):
         prompts = [row["messages"][:-1] for row in rows]
-        return HeldOut(prompts, [p[-1]["content"] for p in prompts], [r["messages"][-1]["content"] for r in rows], True)
+        return HeldOut(prompts, [_reference(p[-1]) for p in prompts], [_reference(r["messages"][-1]) for r in rows],
+                       True, [row.get("tools") for row in rows], tool_format)
     documents = [row["text"] for row in rows if "text" in row][:DOCUMENT_SAMPLES]
     openings = [document[:DOCUMENT_PROMPT_CHARS].rsplit(" ", 1)[0] for document in documents]
     references = [document[len(opening) :][:DOCUMENT_PROMPT_CHARS].strip() for document, opening in zip(documents, openings)]
@@ -82,23 +97,29 @@ class SamplePrompts:
     chat: bool
     every_steps: int
     max_new_tokens: int
+    tools: list | None = None
+    tool_format: str = "auto"
 
     def answer(self, model, tokenizer) -> list[str]:
-        questions = HeldOut(self.prompts, self.shown, [], self.chat)
+        questions = HeldOut(self.prompts, self.shown, [], self.chat, self.tools, self.tool_format)
         return questions.outputs(model, tokenizer, self.max_new_tokens, batch_size=len(self.prompts))
 
 
-def sample_prompts(config: EvaluateConfig, eval_path: Path) -> SamplePrompts | None:
-    """The recipe's `evaluate.sample_prompts` (as user turns, or text openings), else the first held-out prompts."""
+def sample_prompts(config: EvaluateConfig, eval_path: Path, tool_format: str = "auto") -> SamplePrompts | None:
+    """The recipe's `evaluate.sample_prompts` (as user turns, or text openings), else the first held-out prompts
+    (with the tools they offer)."""
     if config.every_steps is None:
         return None
-    questions = held_out(eval_path)
+    questions = held_out(eval_path, tool_format)
     if config.sample_prompts:
         shown = list(config.sample_prompts)
         prompts = [[{"role": "user", "content": text}] for text in shown] if questions.chat else shown
+        tools = None
     else:
-        prompts, shown = questions.prompts[: config.sample_count], questions.shown[: config.sample_count]
-    return SamplePrompts(prompts, shown, questions.chat, config.every_steps, config.max_new_tokens)
+        count = config.sample_count
+        prompts, shown = questions.prompts[:count], questions.shown[:count]
+        tools = questions.tools[:count] if questions.tools else None
+    return SamplePrompts(prompts, shown, questions.chat, config.every_steps, config.max_new_tokens, tools, tool_format)
 
 
 def autocast(precision: str):

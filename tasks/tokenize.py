@@ -35,11 +35,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import pack_dataset
 
 from conf.schema import TokenizeConfig, UserError
-from tasks.chat_templates import CHAT_TEMPLATES
+from tasks.chat_templates import CHAT_TEMPLATES, for_template
 from tasks.tracking import log_metrics, set_tags
 
 IGNORE_INDEX = -100
-CACHE_FORMAT = 1  # bump when the samples this module writes change for the same inputs
+CACHE_FORMAT = 2  # bump when the samples this module writes change for the same inputs
 TOKEN_SHAPING_PACKAGES = ("tokenizers", "transformers", "trl", "datasets")
 _DATA_MARK = re.compile("\ue000(\\d+)\ue001")  # private-use characters: stand-ins for message contents
 
@@ -93,15 +93,17 @@ def load_tokenizer(model_dir: str, chat_template: str, trust_remote_code: bool =
     return tokenizer
 
 
-def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character spans of each assistant turn (content plus its end-of-turn marker)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None = None
+                    ) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans of each assistant turn (content, tool calls and its end-of-turn
+    marker). Tool results and the tool list are not assistant turns: no span covers them."""
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        prompt = tokenizer.apply_chat_template(messages[:index], tools=tools, tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: index + 1], tools=tools, tokenize=False)
         if not (text.startswith(prompt) and text.startswith(upto) and len(upto) > len(prompt)):
             raise SampleRejected("template_not_prefix_stable")
         # Trailing whitespace after the end-of-turn marker is the template's separator, not the answer.
@@ -117,23 +119,25 @@ class ChatEncoder:
         self.config = config
         self.control_spellings = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
 
-    def pieces(self, messages: list[dict], text: str) -> list[tuple[str, bool]]:
+    def pieces(self, messages: list[dict], tools: list[dict] | None, text: str) -> list[tuple[str, bool]]:
         """The rendered text as (piece, is_message_content) pairs, found by rendering stand-ins for the contents."""
         stand_ins = [m | {"content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
-        parts = _DATA_MARK.split(self.tokenizer.apply_chat_template(stand_ins, tokenize=False))
+        parts = _DATA_MARK.split(self.tokenizer.apply_chat_template(stand_ins, tools=tools, tokenize=False))
         pieces = [(part, False) if n % 2 == 0 else (messages[int(part)]["content"], True) for n, part in enumerate(parts)]
         if "".join(piece for piece, _ in pieces) != text:
             raise SampleRejected("template_alters_content")
         return [(piece, is_content) for piece, is_content in pieces if piece]
 
-    def encode(self, messages: list[dict]) -> tuple[dict, bool]:
-        """({input_ids, labels}, truncated) for one conversation; labels are IGNORE_INDEX where no loss."""
-        text, spans = assistant_spans(self.tokenizer, messages)
+    def encode(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[dict, bool]:
+        """({input_ids, labels}, truncated) for one conversation (with the tools it may call); labels are
+        IGNORE_INDEX where no loss."""
+        messages, tools = for_template(messages, tools, self.tokenizer.chat_template, self.config.tool_format)
+        text, spans = assistant_spans(self.tokenizer, messages, tools)
         if self.config.loss_on == "last_assistant":
             spans = spans[-1:]
         forged = any(s in m["content"] for m in messages for s in self.control_spellings)
         ids, offsets, start = [], [], 0
-        for piece, is_content in self.pieces(messages, text) if forged else [(text, False)]:
+        for piece, is_content in self.pieces(messages, tools, text) if forged else [(text, False)]:
             encoded = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True,
                                      split_special_tokens=is_content)
             ids += encoded["input_ids"]
@@ -177,7 +181,7 @@ def encode_chat_rows(encoder: ChatEncoder, rows: Iterable[dict], rejected: dict[
         try:
             if "messages" not in row:
                 raise SampleRejected("not_a_conversation")
-            encoded = encoder.encode(row["messages"])
+            encoded = encoder.encode(row["messages"], row.get("tools"))
         except SampleRejected as reason:
             rejected[str(reason)] = rejected.get(str(reason), 0) + 1
             continue

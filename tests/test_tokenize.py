@@ -169,3 +169,75 @@ def test_preview_marks_the_trained_spans_and_reports_packing(capsys):
     shown = preview(capsys, "-n", "1")
     assert "<|im_start|>assistant\n[[I am Ember" in shown and "<|im_end|>]]" in shown
     assert "0% with packing" in shown and "rows of up to 256" in shown
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+    {"role": "tool", "content": '{"temperature": 4}'},
+    {"role": "assistant", "content": "It is 4 degrees in Oslo."},
+]
+# A ChatML template that knows tools, in the shape of Qwen2.5's: the tool list in the system turn, calls as
+# <tool_call> JSON in the assistant turn, results as <tool_response> in a user turn.
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nYou can call tools.\n<tools>\n"
+    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools><|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n{{ message.content }}"
+    "{%- for call in message.tool_calls %}<tool_call>\n"
+    "{{ {'name': call.function.name, 'arguments': call.function.arguments} | tojson }}\n</tool_call>{%- endfor %}"
+    "<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n</tool_response>"
+    "<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def trained_texts(tokenizer, sample):
+    """The decoded runs of trained tokens, in order."""
+    runs, current = [], []
+    for token, label in zip(sample["input_ids"], sample["labels"]):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs, current = runs + [tokenizer.decode(current)], []
+    return runs + ([tokenizer.decode(current)] if current else [])
+
+
+def test_tool_calls_render_through_a_template_that_knows_tools_with_loss_on_the_assistant_only(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    sample, _ = ChatEncoder(tokenizer, TokenizeConfig(max_length=512)).encode(TOOL_CONVERSATION, TOOLS)
+    truth = tokenizer.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS, tokenize=True, return_dict=True)
+    assert sample["input_ids"] == truth["input_ids"]  # the tokenizer's own rendering, tools included
+    assert trained_texts(tokenizer, sample) == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>',
+        "It is 4 degrees in Oslo.<|im_end|>",
+    ]  # never the tool list or the tool's result
+
+
+def test_tool_calls_render_in_the_hermes_format_for_a_template_without_tools(tokenizer):
+    from tasks.chat_templates import hermes_messages
+
+    sample, _ = ChatEncoder(tokenizer, TokenizeConfig(max_length=512)).encode(TOOL_CONVERSATION, TOOLS)
+    plain = hermes_messages(TOOL_CONVERSATION, TOOLS)
+    assert plain[0]["role"] == "system" and '"name": "get_weather"' in plain[0]["content"]
+    assert plain[3] == {"role": "user", "content": '<tool_response>\n{"temperature": 4}\n</tool_response>'}
+    truth = tokenizer.apply_chat_template(plain, tokenize=True, return_dict=True)
+    assert sample["input_ids"] == truth["input_ids"]
+    assert trained_texts(tokenizer, sample) == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>',
+        "It is 4 degrees in Oslo.<|im_end|>",
+    ]
+    hermes = ChatEncoder(tokenizer, TokenizeConfig(max_length=512, tool_format="hermes"))
+    tokenizer_with_tools = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    tokenizer_with_tools.chat_template = TOOLS_TEMPLATE
+    forced = ChatEncoder(tokenizer_with_tools, TokenizeConfig(max_length=512, tool_format="hermes"))
+    # tool_format hermes: the Hermes format even where the template knows tools
+    assert trained_texts(tokenizer_with_tools, forced.encode(TOOL_CONVERSATION, TOOLS)[0]) == trained_texts(
+        tokenizer, hermes.encode(TOOL_CONVERSATION, TOOLS)[0])
