@@ -38,9 +38,9 @@ from tasks.tracking import log_artifact, log_inputs, log_metrics, set_tags
 ROLE_ALIASES = {
     "user": "user", "human": "user",
     "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
-    "system": "system",
-    "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",  # a tool's result
-}
+    "system": "system", "developer": "system",
+    "tool": "tool", "observation": "tool", "function": "tool", "function_response": "tool", "ipython": "tool",
+}  # the last row: a tool's result
 CALL_ROLES = ("function_call", "tool_call")  # ShareGPT: an assistant turn that calls tools (its value is JSON)
 # Rows that cannot be trained as text: media they refer to (a field, or a placeholder in a message).
 MEDIA_FIELDS = {"images": "has_images", "image": "has_images", "videos": "has_video", "video": "has_video",
