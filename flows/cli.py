@@ -239,6 +239,35 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from tasks.chat_model import TRUST_REMOTE_CODE_ENV
+    from tasks.deploy import AliasFollower, deploy
+
+    os.environ[TRUST_REMOTE_CODE_ENV] = "1" if args.trust_remote_code else "0"
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    follower = AliasFollower(args.name, args.alias, args.max_tokens_limit)
+    try:
+        deployment = deploy(follower, args.host, args.port, args.poll_seconds)
+    except LookupError as error:
+        raise UserError(str(error)) from None
+    except OSError as error:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({error.strerror or error})") from None
+    print(f"loraflow: serving {args.name}@{args.alias} (version {follower.live.version}) on {deployment.url}: "
+          "POST /v1/chat/completions, POST /invocations, GET /health; Ctrl-C stops it", flush=True)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopped.set())
+    try:
+        stopped.wait()
+    except KeyboardInterrupt:
+        pass
+    deployment.stop()
+    print("loraflow: serving stopped", file=sys.stderr)
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
     import json
     import tempfile
@@ -414,6 +443,17 @@ def build_parser() -> argparse.ArgumentParser:
     back = commands.add_parser("rollback", help="move the champion back to the previous champion")
     back.add_argument("name")
     back.set_defaults(handler=_rollback)
+
+    deploying = commands.add_parser("deploy", help="serve a registered model's alias over HTTP, following the alias")
+    deploying.add_argument("name", help="registered model name, e.g. loraflow-identity")
+    deploying.add_argument("--alias", default="champion", help="the alias to serve and follow (default champion)")
+    deploying.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    deploying.add_argument("--port", type=int, default=8000)
+    deploying.add_argument("--poll-seconds", type=float, default=10.0, help="how often the alias is read (default 10)")
+    deploying.add_argument("--max-tokens-limit", type=int, default=512,
+                           help="the largest max_tokens a request may ask for (default 512)")
+    deploying.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model (never taken from the logged model itself)")
+    deploying.set_defaults(handler=_deploy)
 
     data = commands.add_parser("data", help="run the clean stage alone on files and print its report")
     data.add_argument("paths", nargs="+", type=Path, help="files or folders of .json/.jsonl/.parquet/.txt/.md(.gz) rows")

