@@ -7,11 +7,14 @@ reused by later runs. Weights load from safetensors only: a pickled checkpoint f
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from conf.schema import UserError, looks_like_local_path
@@ -23,6 +26,17 @@ class BaseModelError(UserError):
 
 def cache_root() -> Path:
     return Path(os.environ.get("LORAFLOW_CACHE", Path.home() / ".cache" / "loraflow"))
+
+
+@contextlib.contextmanager
+def machine_lock(kind: str, key: str) -> Iterator[None]:
+    """An exclusive file lock in the cache, waited for: it serialises the processes of one machine on `key` (not
+    processes on several machines)."""
+    path = cache_root() / "locks" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _gguf_in_package(package: str) -> Path:

@@ -15,9 +15,7 @@ keeps the champions in order in a tag, which is how `loraflow rollback` finds th
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import getpass
-import hashlib
 import json
 import math
 import time
@@ -34,7 +32,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import RegistryConfig, UserError
-from tasks.base_model import base_identity, cache_root, is_adapter
+from tasks.base_model import base_identity, is_adapter, machine_lock
 from tasks.tracking import attached_run, set_tags
 
 CHAT_MODEL_CODE = Path(__file__).with_name("chat_model.py")
@@ -109,11 +107,7 @@ def promotion_lock(name: str) -> Iterator[None]:
     """Champion moves of one registered model, one at a time: MLflow has no compare-and-set for aliases, so two
     runs finishing together could each read the old champion and both take the alias. A file lock; it serialises
     the processes of one machine (runs on several machines against one server are not covered)."""
-    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}\n{name}".encode()).hexdigest()[:16]
-    path = cache_root() / "locks" / f"registry-{key}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with machine_lock("registry", f"{mlflow.get_tracking_uri()}\n{name}"):
         yield
 
 

@@ -12,8 +12,6 @@ remote tracking server, so this record is hand-written.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from conf.schema import UserError
-from tasks.base_model import cache_root
+from tasks.base_model import machine_lock
 
 
 class TrackingUnreachable(UserError):
@@ -62,23 +60,13 @@ def check_tracking_store(timeout: float = 10.0) -> None:
             raise TrackingUnreachable(f"MLFLOW_TRACKING_URI {uri}: the tracking server does not answer ({reason})")
         return
     try:
-        with _store_setup_lock(uri):
+        # MLflow creates and migrates a new SQLite store's tables on first open; two processes doing it at once fail
+        # ("Online migration expected to match one row"), so one process at a time opens a local store.
+        with machine_lock("store", uri):
             MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # MLflow raises its own errors and SQLAlchemy's alike for a store it cannot open
         reason = str(error).strip().splitlines()[0][:300]
         raise TrackingUnreachable(f"MLFLOW_TRACKING_URI {uri}: the tracking store cannot be opened ({reason})") from None
-
-
-@contextlib.contextmanager
-def _store_setup_lock(uri: str) -> Iterator[None]:
-    """One process at a time opens a local store: MLflow creates and migrates a new SQLite store's tables on first
-    open, and two processes doing it at once fail ("Online migration expected to match one row")."""
-    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    path = cache_root() / "locks" / f"store-{key}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def _unanswered(timeout: float) -> str | None:
