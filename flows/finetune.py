@@ -18,16 +18,14 @@ from prefect import flow, get_run_logger
 from conf.schema import RunConfig, UserError
 from flows.runs import (
     RERUN_OF_TAG, RESUME_FORCED_TAG, Origin, experiment_id, holds_run_lock, log_config, register_from_record, run_lock,
-    run_tags,
+    run_tags, score_basis_tags,
 )
 from tasks.base_model import cache_root, resolve_base_model
 from tasks.clean import CleanResult, clean_task
-from tasks.evaluate import evaluate_model_task, evaluate_task, metric_version
+from tasks.evaluate import evaluate_model_task, evaluate_task
 from tasks.generation import sample_prompts
 from tasks.logged_model import fetch_model
-from tasks.register import (
-    EVAL_DATA_TAG, METRIC_VERSION_TAG, PRIMARY_METRIC_TAG, RegisterResult, RegistryUnavailable, champion_to_rescore,
-)
+from tasks.register import RegisterResult, RegistryUnavailable, champion_to_rescore
 from tasks.tokenize import tokenize_task
 from tasks.tracking import end_run, flow_run, keep_unlogged, offline_record, set_tags
 from tasks.train import TrainingStopped, stop_on_sigterm, train_task
@@ -122,8 +120,7 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
                 config.evaluate, work_dir / "eval", run_id, trained.precision, trust, config.tokenize.tool_format,
             )
 
-            basis = {PRIMARY_METRIC_TAG: config.registry.primary_metric, EVAL_DATA_TAG: cleaned.eval_hash,
-                     METRIC_VERSION_TAG: metric_version(config.evaluate, config.tokenize.mode == "chat")}
+            basis = score_basis_tags(config, cleaned.eval_hash)
             register_args = {
                 "weights_dir": str(trained.weights_dir), "base_model": config.base_model, "metrics": evaluated.metrics,
                 "tags": tags | basis | {"data_hash": cleaned.data_hash},
@@ -133,12 +130,12 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
                 keep_unlogged(run_id, {"op": "register"} | register_args)
                 return Offline(run_id, evaluated.metrics, trained.weights_dir, record)
             register_args["champion_score"] = score_champion_head_to_head(
-                config, tuple(basis.values()), cleaned, work_dir, run_id, trained.precision)
+                config, basis, cleaned, work_dir, run_id, trained.precision)
             registered = register_from_record(run_id, register_args)
     return RunSummary(run_id, run.info.experiment_id, evaluated.metrics, registered, evaluated.markdown_path)
 
 
-def score_champion_head_to_head(config: RunConfig, basis: tuple[str, str, str], cleaned: CleanResult, work_dir: Path,
+def score_champion_head_to_head(config: RunConfig, basis: dict[str, str], cleaned: CleanResult, work_dir: Path,
                                 run_id: str, precision: str) -> dict | None:
     """The champion scored again on this run's held-out rows when its own score was measured on other rows or by
     other metric code ({version, value}, logged as champion_<metric>); None when its stored score compares as is.

@@ -28,8 +28,8 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from conf.schema import RegistryConfig, RunConfig, UserError, flatten
 from tasks.base_model import check_base_model, resolve_base_model
 from tasks.clean import check_readable, clean
-from tasks.evaluate import check_primary_metric
-from tasks.register import RegisterResult, register_task
+from tasks.evaluate import check_primary_metric, metric_version
+from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, PRIMARY_METRIC_TAG, RegisterResult, register_task
 from tasks.tokenize import load_tokenizer
 from tasks.tracking import UNLOGGED_FILE, check_tracking_store, log_artifact, log_params, read_record, replay
 from tasks.train import (
@@ -149,6 +149,13 @@ def check_resume_data(run_id: str, data_hash: str, force: bool) -> str | None:
         raise ResumeRefused(f"run {run_id}: the data changed since its checkpoint ({note}); start a new run, or "
                             "--resume --force to continue on the new data (recorded on the run)")
     return note
+
+
+def score_basis_tags(config: RunConfig, eval_hash: str) -> dict[str, str]:
+    """What a run's primary score is measured on, as the version tags that record it: the metric, the held-out rows
+    and the metric code."""
+    return {PRIMARY_METRIC_TAG: config.registry.primary_metric, EVAL_DATA_TAG: eval_hash,
+            METRIC_VERSION_TAG: metric_version(config.evaluate, config.tokenize.mode == "chat")}
 
 
 def last_finished_run(config: RunConfig):

@@ -27,11 +27,11 @@ from prefect.cache_policies import NO_CACHE
 
 from conf.schema import RunConfig, SearchRange, SweepConfig, load_config
 from flows.finetune import score_champion_head_to_head
-from flows.runs import CONFIG_HASH_TAG, experiment_id, log_config, preflight, run_tags
+from flows.runs import CONFIG_HASH_TAG, experiment_id, log_config, preflight, run_tags, score_basis_tags
 from tasks.base_model import cache_root, resolve_base_model
 from tasks.clean import CleanResult, clean_task
-from tasks.evaluate import evaluate_task, metric_version
-from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, PRIMARY_METRIC_TAG, RegisterResult, register_task
+from tasks.evaluate import evaluate_task
+from tasks.register import RegisterResult, register_task
 from tasks.tokenize import TokenizedData, tokenize_task
 from tasks.tracking import log_metrics, log_table, set_tags
 from tasks.train import train_task
@@ -176,14 +176,12 @@ def sweep(sweep_config: SweepConfig, points: list[dict[str, Any]], configs: list
         log_metrics(parent_run_id, {f"best_tuned_{registry.primary_metric}": best.metrics[f"tuned_{registry.primary_metric}"]})
         set_tags(parent_run_id, {"loraflow.best_run_id": best.run_id, "loraflow.best_point": json.dumps(best.point)})
         best_config = configs[points.index(best.point)]
-        basis = (best_config.registry.primary_metric, cleaned.eval_hash,
-                 metric_version(best_config.evaluate, best_config.tokenize.mode == "chat"))
+        basis = score_basis_tags(best_config, cleaned.eval_hash)
         champion_score = score_champion_head_to_head(best_config, basis, cleaned, base.output_dir / best.run_id,
                                                      best.run_id, best.precision)
         registered = register_task(
             best.run_id, best.weights_dir, base.base_model, best.metrics,
-            run_tags(best_config) | dict(zip((PRIMARY_METRIC_TAG, EVAL_DATA_TAG, METRIC_VERSION_TAG), basis))
-            | {"data_hash": cleaned.data_hash, "loraflow.sweep_run_id": parent_run_id},
+            run_tags(best_config) | basis | {"data_hash": cleaned.data_hash, "loraflow.sweep_run_id": parent_run_id},
             best_config.registry, champion_score,
         )
     return SweepSummary(parent_run_id, results, best, registered)

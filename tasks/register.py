@@ -134,11 +134,12 @@ def score_basis(tags: dict[str, str]) -> tuple[str, str, str] | None:
     return basis if all(basis) else None
 
 
-def champion_to_rescore(name: str, basis: tuple[str, str, str]) -> ModelVersion | None:
-    """The current champion, when its score was measured on another basis than `basis` (held-out data, metric or
-    metric code) and so must be measured again on the candidate's held-out data before the two compare."""
+def champion_to_rescore(name: str, candidate_tags: dict[str, str]) -> ModelVersion | None:
+    """The current champion, when its score was measured on another basis than the candidate's tags say (held-out
+    data, metric or metric code) and so must be measured again on the candidate's held-out data before the two
+    compare."""
     champion = _champion(MlflowClient(), name)
-    if champion is None or score_basis(champion.tags) == basis:
+    if champion is None or score_basis(champion.tags) == score_basis(candidate_tags):
         return None
     return champion
 
