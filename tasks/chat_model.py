@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from dataclasses import dataclass
 
 import mlflow
 from transformers import AutoTokenizer
@@ -26,6 +27,16 @@ from tasks.generation import RequestError, generate_answers
 
 TRUST_REMOTE_CODE_ENV = "LORAFLOW_TRUST_REMOTE_CODE"
 ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A checked chat request, with its prompt's length in tokens (counted once, for the context check and usage)."""
+
+    messages: list[dict]
+    max_tokens: int
+    temperature: float
+    prompt_tokens: int
 
 
 class TunedChatModel(mlflow.pyfunc.PythonModel):
@@ -51,8 +62,8 @@ class TunedChatModel(mlflow.pyfunc.PythonModel):
         conversations = [[{"role": "user", "content": str(prompt)}] for prompt in model_input]
         return generate_answers(self.model, self.tokenizer, conversations, self.max_new_tokens, batch_size=8)
 
-    def check(self, request: dict) -> tuple[list[dict], int, float]:
-        """The request's (messages, max_tokens, temperature), or RequestError saying what is wrong with it."""
+    def check(self, request: dict) -> ChatRequest:
+        """The request checked, or RequestError saying what is wrong with it."""
         messages = request.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError("messages: a non-empty list of {role, content} turns is required")
@@ -66,24 +77,21 @@ class TunedChatModel(mlflow.pyfunc.PythonModel):
             raise RequestError("max_tokens: a positive whole number")
         if not isinstance(temperature, int | float) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
             raise RequestError("temperature: a number from 0 to 2")
-        prompt_tokens = len(self.prompt_ids(messages))
+        prompt_tokens = len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                               return_dict=True)["input_ids"])
         if prompt_tokens + max_tokens > self.context_length:
             raise RequestError(f"the prompt ({prompt_tokens} tokens) and max_tokens ({max_tokens}) exceed the model's "
                                f"context of {self.context_length} tokens")
-        return messages, max_tokens, float(temperature)
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"]
+        return ChatRequest(messages, max_tokens, float(temperature), prompt_tokens)
 
     def answer(self, conversations: list[list[dict]], max_tokens: int, temperature: float) -> list[str]:
         """Answers to checked conversations, in one generate call (as a batch)."""
         return generate_answers(self.model, self.tokenizer, conversations, max_tokens, batch_size=len(conversations),
                                 temperature=temperature)
 
-    def completion(self, messages: list[dict], answer: str, max_tokens: int, model_name: str) -> dict:
+    def completion(self, request: ChatRequest, answer: str, model_name: str) -> dict:
         """An answer in OpenAI's chat.completion shape."""
-        prompt_tokens = len(self.prompt_ids(messages))
+        prompt_tokens = request.prompt_tokens
         completion_tokens = len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -91,16 +99,16 @@ class TunedChatModel(mlflow.pyfunc.PythonModel):
             "created": int(time.time()),
             "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                         "finish_reason": "length" if completion_tokens >= max_tokens else "stop"}],
+                         "finish_reason": "length" if completion_tokens >= request.max_tokens else "stop"}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }
 
     def chat(self, request: dict, model_name: str = "loraflow") -> dict:
         """One OpenAI-style chat request answered as OpenAI's chat.completion."""
-        messages, max_tokens, temperature = self.check(request)
-        [answer] = self.answer([messages], max_tokens, temperature)
-        return self.completion(messages, answer, max_tokens, model_name)
+        checked = self.check(request)
+        [answer] = self.answer([checked.messages], checked.max_tokens, checked.temperature)
+        return self.completion(checked, answer, model_name)
 
 
 mlflow.models.set_model(TunedChatModel())

@@ -152,9 +152,9 @@ class AliasFollower:
             raise LookupError(f"{self.name}@{self.alias}: no version is loaded")
         if isinstance(request.get("max_tokens"), int) and request["max_tokens"] > self.max_tokens_limit:
             raise RequestError(f"max_tokens: at most {self.max_tokens_limit} on this server")
-        messages, max_tokens, temperature = live.model.check(request)
-        answer = live.batcher.answer(messages, max_tokens, temperature)
-        return live.version, live.model.completion(messages, answer, max_tokens, f"{self.name}/{live.version}")
+        checked = live.model.check(request)
+        answer = live.batcher.answer(checked.messages, checked.max_tokens, checked.temperature)
+        return live.version, live.model.completion(checked, answer, f"{self.name}/{live.version}")
 
     def predict(self, inputs: list) -> tuple[str, list]:
         live = self.live
