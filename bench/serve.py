@@ -139,7 +139,8 @@ def main() -> None:
     for label, figures in (("loraflow deploy", ours), ("mlflow models serve", theirs)):
         print(f"{label:<20} {figures['requests_per_s']:6.2f} requests/s  p50 {figures['p50_s']:.2f} s  "
               f"p95 {figures['p95_s']:.2f} s  failed {figures['failed']}  versions {figures['versions']}")
-    print(f"throughput_ratio (loraflow deploy / mlflow models serve): {ours['requests_per_s'] / theirs['requests_per_s']:.2f}")
+    ratio = ours["requests_per_s"] / theirs["requests_per_s"]
+    print(f"throughput_ratio (loraflow deploy / mlflow models serve): {ratio:.2f}")
     mlflow.set_tracking_uri(None)
 
 

@@ -37,8 +37,9 @@ class DataConfig(_Section):
     """Where rows come from and how they are cleaned. `builtin:<name>` sources are made by loraflow itself.
 
     Sources are files (.json, .jsonl, .parquet, .txt, .md, each but Parquet also .gz), folders of them, or
-    folders saved by `datasets`. Text files are split into documents by `text_split`. Rows of `eval` sources are held out; with no `eval` sources, a stable
-    `eval_fraction` of the train rows is (by content hash, so new rows never move old ones).
+    folders saved by `datasets`. Text files are split into documents by `text_split`. Rows of `eval` sources are
+    held out; with no `eval` sources, a stable `eval_fraction` of the train rows is (by content hash, so new rows
+    never move old ones).
     """
 
     train: list[str] = Field(default_factory=lambda: ["builtin:identity", "builtin:everyday_chat"], min_length=1)
@@ -309,8 +310,9 @@ class SweepConfig(_Section):
             if isinstance(values, list) and not values:
                 raise ValueError(f"parameters.{key}: no values")
         if self.max_concurrency > 1:
-            raise ValueError(f"max_concurrency {self.max_concurrency}: points share one process's seeds and torch threads, so they run one at a time; fan a "
-                             "sweep out with one `loraflow sweep` per machine or Prefect worker instead")
+            raise ValueError(f"max_concurrency {self.max_concurrency}: points share one process's seeds and torch "
+                             "threads, so they run one at a time; fan a sweep out with one `loraflow sweep` per "
+                             "machine or Prefect worker instead")
         if self.method == "random" and self.budget is None:
             raise ValueError("budget: method random needs a budget (how many points to draw)")
         return self

@@ -382,6 +382,9 @@ def _prefect_ui(args: argparse.Namespace) -> int:
     os.execv(command[0], command)
 
 
+TRUST_HELP = "run Python code shipped with the model (never taken from the logged model itself)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraflow", description="Fine-tune chat models with LoRA, tracked in MLflow.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -426,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--model", required=True,
                             help="a hub id, a model folder, pip:<package>, a run id, runs:/<id>/adapter or models:/name@alias")
     evaluation.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="as for run")
-    evaluation.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model (never taken from the logged model itself)")
+    evaluation.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     evaluation.set_defaults(handler=_eval)
 
     models = commands.add_parser("models", help="list a registered model's versions, metrics and aliases")
@@ -452,11 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     deploying.add_argument("--poll-seconds", type=float, default=10.0, help="how often the alias is read (default 10)")
     deploying.add_argument("--max-tokens-limit", type=int, default=512,
                            help="the largest max_tokens a request may ask for (default 512)")
-    deploying.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model (never taken from the logged model itself)")
+    deploying.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     deploying.set_defaults(handler=_deploy)
 
     data = commands.add_parser("data", help="run the clean stage alone on files and print its report")
-    data.add_argument("paths", nargs="+", type=Path, help="files or folders of .json/.jsonl/.parquet/.txt/.md(.gz) rows")
+    data.add_argument("paths", nargs="+", type=Path,
+                      help="files or folders of .json/.jsonl/.parquet/.txt/.md(.gz) rows")
     data.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "openai", "text"])
     data.add_argument("--text-split", default="line", choices=["line", "paragraph", "file"],
                       help=".txt/.md files: a document per non-empty line (default), per paragraph, or per file")
@@ -475,13 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("model", help="an MLflow model URI, e.g. models:/loraflow-identity@champion or runs:/<id>/adapter")
     chat.add_argument("-p", "--prompt", action="append", help="answer these prompts and exit (repeatable)")
     chat.add_argument("--max-new-tokens", type=int, default=96)
-    chat.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model (never taken from the logged model itself)")
+    chat.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     chat.set_defaults(handler=_chat)
 
     export = commands.add_parser("export", help="write a model as one merged Hugging Face folder (base + adapter)")
     export.add_argument("model", help="a run id, or an MLflow model URI such as models:/loraflow-identity@champion")
     export.add_argument("--merged", type=Path, required=True, metavar="OUT", help="the folder to write (new or empty)")
-    export.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model (never taken from the logged model itself)")
+    export.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     export.set_defaults(handler=_export)
 
     cleaning = commands.add_parser("clean-outputs", help="delete the output folder, unless a run in it is not synced")

@@ -20,7 +20,9 @@ from prefect.logging import get_logger
 
 from conf.schema import load_config
 from flows.finetune import Interrupted, Offline, Resume, finetune
-from flows.runs import ResumeRefused, check_resume_data, claimed_cut_off_run, current_data_hash, last_finished_run, preflight
+from flows.runs import (
+    ResumeRefused, check_resume_data, claimed_cut_off_run, current_data_hash, last_finished_run, preflight,
+)
 
 WEBHOOK_ENV = "LORAFLOW_WEBHOOK_URL"
 

@@ -285,7 +285,8 @@ def _turns(row: dict, row_format: str) -> list[dict]:
     turns = [("system", row["system"])] if row.get("system") else []
     for question, answer in history:
         turns += [("user", question), ("assistant", answer)]
-    return [{"role": role, "content": content} for role, content in turns + [("user", prompt), ("assistant", row["output"])]]
+    turns += [("user", prompt), ("assistant", row["output"])]
+    return [{"role": role, "content": content} for role, content in turns]
 
 
 def _json_value(value: object) -> object:
@@ -383,7 +384,8 @@ def normalise_row(raw: object, data: DataConfig, values: dict[str, str]) -> tupl
     messages = []
     for turn in _turns(row, row_format):
         message = _message(turn, data, values)
-        if message["role"] == "tool" and not (messages and ("tool_calls" in messages[-1] or messages[-1]["role"] == "tool")):
+        answers_a_call = messages and ("tool_calls" in messages[-1] or messages[-1]["role"] == "tool")
+        if message["role"] == "tool" and not answers_a_call:
             raise RowRejected("orphan_tool_result")
         messages.append(message)
     if not any(m["role"] == "assistant" for m in messages):
@@ -464,10 +466,10 @@ class NearDuplicates:
 
 def _normalised(pairs: Iterable[tuple[str, object]], data: DataConfig, values: dict[str, str],
                 near: NearDuplicates | None
-                ) -> Iterator[tuple[str, object, str, dict | RowRejected, str, np.ndarray | None]]:
-    """(origin, raw, format, clean row or its rejection, its JSON line, near-duplicate signature) for each pair, in
-    order. Clean rows are built with a fixed key order, so the JSON line is canonical: the duplicate key and the line
-    written out.
+                ) -> Iterator[tuple[str, object, str, dict | RowRejected, tuple[str, str], np.ndarray | None]]:
+    """(origin, raw, format, clean row or its rejection, (its JSON line, that line's hash), near-duplicate signature)
+    for each pair, in order. Clean rows are built with a fixed key order, so the JSON line is canonical: the line
+    written out, and its hash the duplicate key.
 
     Rows are taken a chunk at a time so that the signatures of a chunk are computed together.
     """

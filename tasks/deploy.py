@@ -145,11 +145,16 @@ class AliasFollower:
         _logger.warning(f"{self.name}@{self.alias}: now serving version {version}"
                         + (f" (was {previous.version})" if previous else ""))
 
-    def answer(self, request: dict) -> tuple[str, dict]:
-        """(version, chat.completion) for one chat request, on the version live when it arrived."""
+    def _serving(self) -> LiveVersion:
+        """The version live now; a request holds it to its end, whatever switch comes meanwhile."""
         live = self.live
         if live is None:
             raise LookupError(f"{self.name}@{self.alias}: no version is loaded")
+        return live
+
+    def answer(self, request: dict) -> tuple[str, dict]:
+        """(version, chat.completion) for one chat request, on the version live when it arrived."""
+        live = self._serving()
         if isinstance(request.get("max_tokens"), int) and request["max_tokens"] > self.max_tokens_limit:
             raise RequestError(f"max_tokens: at most {self.max_tokens_limit} on this server")
         checked = live.model.check(request)
@@ -157,9 +162,7 @@ class AliasFollower:
         return live.version, live.model.completion(checked, answer, f"{self.name}/{live.version}")
 
     def predict(self, inputs: list) -> tuple[str, list]:
-        live = self.live
-        if live is None:
-            raise LookupError(f"{self.name}@{self.alias}: no version is loaded")
+        live = self._serving()
         if not isinstance(inputs, list) or not all(isinstance(item, str) for item in inputs) or not inputs:
             raise RequestError("inputs: a non-empty list of prompt strings")
         with live.batcher.lock:
