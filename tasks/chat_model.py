@@ -27,6 +27,7 @@ from tasks.generation import RequestError, generate_answers
 
 TRUST_REMOTE_CODE_ENV = "LORAFLOW_TRUST_REMOTE_CODE"
 ROLES = ("system", "user", "assistant")
+PROMPT_BATCH = 8  # plain prompts are answered this many to a generate call
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class ChatRequest:
 
 
 class TunedChatModel(mlflow.pyfunc.PythonModel):
+    # `predict` takes prompts or chat requests, one or a list, which MLflow's type-hint validation cannot express;
+    # without this (MLflow's own switch, as its ChatModel sets) every load warns "Add type hints to `predict`".
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
         weights_dir = context.artifacts["weights"]
         trust_remote_code = os.environ.get(TRUST_REMOTE_CODE_ENV) == "1"
@@ -60,7 +65,8 @@ class TunedChatModel(mlflow.pyfunc.PythonModel):
         if model_input and all(isinstance(item, dict) for item in model_input):
             return [self.chat(request | (params or {})) for request in model_input]
         conversations = [[{"role": "user", "content": str(prompt)}] for prompt in model_input]
-        return generate_answers(self.model, self.tokenizer, conversations, self.max_new_tokens, batch_size=8)
+        return [answer for start in range(0, len(conversations), PROMPT_BATCH)
+                for answer in self.answer(conversations[start : start + PROMPT_BATCH], self.max_new_tokens, 0.0)]
 
     def check(self, request: dict) -> ChatRequest:
         """The request checked, or RequestError saying what is wrong with it."""

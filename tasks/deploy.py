@@ -8,7 +8,8 @@ fails. A version that fails to load is not switched to; the live one keeps servi
 
 The HTTP server is the standard library's threading server (one thread per request). Chat requests to one version
 that arrive together are answered by one generate call (a batch of up to `max_batch`, with the same max_tokens and
-temperature), since concurrent generate calls on a CPU only share its cores; `bench/serve.py` measures it.
+temperature), since concurrent generate calls on a CPU only share its cores; `bench/serve.py` measures it. The
+engine is transformers (the version's own pyfunc, CPU or GPU) or, on a CUDA machine with the `vllm` extra, vLLM.
 """
 
 from __future__ import annotations
@@ -103,20 +104,30 @@ class Batcher:
                     pending.done.set()
 
 
+def load_version(uri: str, engine: str):
+    """A registered version ready to answer: its own pyfunc (transformers), or the same model on vLLM."""
+    if engine == "vllm":
+        from tasks.vllm_engine import load_vllm_version
+
+        return load_vllm_version(uri)
+    return mlflow.pyfunc.load_model(uri).unwrap_python_model()
+
+
 @dataclass
 class LiveVersion:
     """One loaded version and the batcher its chat requests go through."""
 
     version: str
-    model: object  # the TunedChatModel inside the pyfunc
+    model: object  # the TunedChatModel inside the pyfunc, or a VllmChatModel (--engine vllm)
     batcher: Batcher
 
 
 class AliasFollower:
     """The version `name@alias` points at, loaded, and kept current by `refresh`."""
 
-    def __init__(self, name: str, alias: str, max_tokens_limit: int, max_batch: int = 8):
+    def __init__(self, name: str, alias: str, max_tokens_limit: int, max_batch: int = 8, engine: str = "transformers"):
         self.name, self.alias, self.max_tokens_limit, self.max_batch = name, alias, max_tokens_limit, max_batch
+        self.engine = engine
         self.live: LiveVersion | None = None
         self.refused: str | None = None  # a version that failed to load: not tried again until the alias moves on
 
@@ -131,7 +142,7 @@ class AliasFollower:
         if (self.live is not None and version == self.live.version) or version == self.refused:
             return
         try:
-            loaded = mlflow.pyfunc.load_model(f"models:/{self.name}/{version}").unwrap_python_model()
+            loaded = load_version(f"models:/{self.name}/{version}", self.engine)
         except Exception as error:  # any failure to load (missing weights, bad config, import error) keeps the old
             self.refused = version
             _logger.error(f"{self.name} version {version}: not switched to, it failed to load "

@@ -23,6 +23,16 @@ class RequestError(ValueError):
     """
 
 
+def chat_prompts(tokenizer, prompts: list[list[dict]], tools: list[list[dict] | None] | None = None,
+                 tool_format: str = "auto") -> list[str]:
+    """Each prompt conversation rendered by the tokenizer's chat template, ready for the assistant's answer."""
+    texts = []
+    for messages, offered in zip(prompts, tools or [None] * len(prompts)):
+        messages, offered = for_template(messages, offered, tokenizer.chat_template, tool_format)
+        texts.append(tokenizer.apply_chat_template(messages, tools=offered, tokenize=False, add_generation_prompt=True))
+    return texts
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
                      tools: list[list[dict] | None] | None = None, tool_format: str = "auto",
@@ -30,10 +40,7 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     """Answers to each prompt conversation (greedy, or sampled at `temperature`), rendered with the tokenizer's chat
     template (with the tools each prompt may call, as training rendered them)."""
     tokenizer.padding_side = "left"
-    texts = []
-    for messages, offered in zip(prompts, tools or [None] * len(prompts)):
-        messages, offered = for_template(messages, offered, tokenizer.chat_template, tool_format)
-        texts.append(tokenizer.apply_chat_template(messages, tools=offered, tokenize=False, add_generation_prompt=True))
+    texts = chat_prompts(tokenizer, prompts, tools, tool_format)
     answers = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt", add_special_tokens=False)

@@ -185,3 +185,4 @@ def test_requests_that_arrive_together_share_one_generate_call_and_each_gets_its
     assert max(model.batches) > 1 and sum(model.batches) == 12
     batcher.close()
     assert batcher.answer([{"role": "user", "content": "late"}], 4, 0.0) == "late/4"  # after close: alone
+
