@@ -7,6 +7,10 @@ masks), the same batch size, the same maximum length, the same precision, the sa
 untimed warm-up step. Effective tokens are the non-padding tokens trained on. Model FLOPs per token are 4N
 (N: weights in matrix multiplies, LM head included; forward 2N, backward 2N for activation gradients, frozen
 weights take no weight gradient; attention ignored), set against this machine's measured matmul peak.
+
+Then a classification line: a new sequence-classification head on the same model, trained on VADER's sentiment
+lexicon (loraflow's sentiment recipe data) by (c) the usual HF Trainer + PEFT (SEQ_CLS) script, shuffled batches
+padded by DataCollatorWithPadding, and (d) loraflow's train stage with that head, same samples, batch and steps.
 """
 
 from __future__ import annotations
@@ -23,16 +27,20 @@ import torch  # noqa: E402
 from datasets import load_from_disk  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments,
+    AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorForSeq2Seq,
+    DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments,
 )
 
 from bench.chat_data import conversations  # noqa: E402
-from conf.schema import TokenizeConfig, TrainConfig  # noqa: E402
+from conf.schema import DataConfig, TokenizeConfig, TrainConfig  # noqa: E402
 from tasks.base_model import resolve_base_model  # noqa: E402
+from tasks.clean import clean  # noqa: E402
+from tasks.labels import Head  # noqa: E402
 from tasks.tokenize import tokenize  # noqa: E402
 from tasks.train import choose_precision, train  # noqa: E402
 
 SAMPLES, MAX_LENGTH, BATCH, STEPS = 600, 512, 8, 10
+HEAD_BATCH, HEAD_STEPS = 32, 20
 
 
 class _TimeAfterFirstStep(TrainerCallback):
@@ -47,34 +55,46 @@ class _TimeAfterFirstStep(TrainerCallback):
         self.tokens = state.num_input_tokens_seen - self.start_tokens
 
 
-def usual_setup(samples_dir: Path, tokenizer_dir: Path, model_dir: str, precision: str, out_dir: Path) -> float:
-    """The Trainer + PEFT script most people write: padded batches in random order. Returns non-padding tokens/s."""
+def usual_setup(samples_dir: Path, tokenizer_dir: Path, model_dir: str, precision: str, out_dir: Path,
+                head: Head | None = None) -> float:
+    """The Trainer + PEFT script most people write: padded batches in random order (a causal LM, or a new
+    classification head). Returns non-padding tokens/s."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    if head is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        collator, task_type = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100), "CAUSAL_LM"
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation="sdpa", num_labels=len(head.labels),
+            pad_token_id=tokenizer.pad_token_id)
+        collator, task_type = DataCollatorWithPadding(tokenizer), "SEQ_CLS"
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type=task_type,
+                                             exclude_modules=["score"] if head else None))
+    batch, steps = (BATCH, STEPS) if head is None else (HEAD_BATCH, HEAD_STEPS)
     args = TrainingArguments(
-        output_dir=str(out_dir), per_device_train_batch_size=BATCH, max_steps=STEPS, learning_rate=1e-4,
+        output_dir=str(out_dir), per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4,
         bf16=precision == "bf16", logging_strategy="no", save_strategy="no", report_to="none", seed=0,
         include_num_input_tokens_seen="non_padding", use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
     )
     timer = _TimeAfterFirstStep()
-    Trainer(model=model, args=args, train_dataset=load_from_disk(str(samples_dir)),
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+    Trainer(model=model, args=args, train_dataset=load_from_disk(str(samples_dir)), data_collator=collator,
             callbacks=[timer]).train()
     return timer.tokens / timer.seconds
 
 
-def loraflow_setup(packed, model_dir: str, precision: str, out_dir: Path) -> float:
-    """tasks/train.py's train() on loraflow's packed rows; returns non-padding tokens/s after step 1."""
+def loraflow_setup(tokens, model_dir: str, precision: str, out_dir: Path, head: Head | None = None) -> float:
+    """tasks/train.py's train() on loraflow's samples (packed rows, or a head's texts); non-padding tokens/s after
+    step 1."""
     seen: dict[int, tuple[float, float]] = {}
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         seen[step] = (time.perf_counter(), metrics["tokens_seen"])
 
-    config = TrainConfig(max_steps=STEPS, batch_size=BATCH, learning_rate=1e-4, warmup_steps=0, precision=precision,
-                         checkpoint_every=STEPS)
-    train(packed.train_dir, packed.tokenizer_dir, model_dir, config, 0, out_dir, on_step)
-    (first_time, first_tokens), (last_time, last_tokens) = seen[1], seen[STEPS]
+    batch, steps = (BATCH, STEPS) if head is None else (HEAD_BATCH, HEAD_STEPS)
+    config = TrainConfig(max_steps=steps, batch_size=batch, learning_rate=1e-4, warmup_steps=0, precision=precision,
+                         checkpoint_every=steps)
+    train(tokens.train_dir, tokens.tokenizer_dir, model_dir, config, 0, out_dir, on_step, head=head)
+    (first_time, first_tokens), (last_time, last_tokens) = seen[1], seen[steps]
     return (last_tokens - first_tokens) / (last_time - first_time)
 
 
@@ -117,6 +137,19 @@ def main() -> None:
     print(f"matmul peak ({precision}, 2048x2048, measured now): {peak / 1e9:,.0f} GFLOP/s")
     print(f"loraflow model FLOP/s: {flops / 1e9:,.1f} GFLOP/s = {flops / peak:.1%} of that peak (MFU)")
     print(f"speedup: {ours / usual:.2f}")
+
+    cleaned = clean(DataConfig(train=["builtin:vader_lexicon"], eval=[], eval_fraction=0.1), {}, work / "classify",
+                    "sequence_classification")
+    head = Head("sequence_classification", cleaned.labels)
+    texts = tokenize(cleaned.train_path, cleaned.eval_path, model_dir, TokenizeConfig(max_length=32), work / "cache",
+                     task=head.task, labels=head.labels)
+    print(f"classification: {texts.train_samples} texts of VADER's lexicon, {texts.train_tokens} tokens; batches of "
+          f"{HEAD_BATCH}, {HEAD_STEPS} steps (the first untimed)")
+    usual_head = usual_setup(texts.train_dir, texts.tokenizer_dir, model_dir, precision, work / "usual-head", head)
+    print(f"(c) HF Trainer + PEFT (SEQ_CLS), padded batches: {usual_head:,.0f} tokens/s")
+    ours_head = loraflow_setup(texts, model_dir, precision, work / "loraflow-head", head)
+    print(f"(d) loraflow train stage, classification head:  {ours_head:,.0f} tokens/s")
+    print(f"classification speedup: {ours_head / usual_head:.2f}")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,11 @@ class DataConfig(_Section):
     )
     dedup: bool = True
     near_duplicate_threshold: float = Field(default=0.9, gt=0.0, le=1.0, description="MinHash Jaccard; 1 turns it off")
+    label_names: list[str] = Field(
+        default_factory=list, description="task heads: names of integer labels or tags, by number (e.g. CoNLL's "
+        "[O, B-PER, I-PER, ...]); empty: integer labels stay numbers"
+    )
+    min_class_rows: int = Field(default=5, gt=0, description="task heads: a class with fewer train rows is a warning")
 
 
 class TokenizeConfig(_Section):
@@ -165,6 +170,10 @@ class EvaluateConfig(_Section):
         default_factory=list, description="prompts answered during training; empty: the first sample_count held-out ones"
     )
     sample_count: int = Field(default=4, gt=0)
+    head_metric: str | None = Field(
+        default=None, description="task heads: the `evaluate` module scoring predicted labels; None: "
+        "builtin:classification (accuracy, macro-F1) or builtin:seqeval (entity-level, strict IOB2)"
+    )
 
 
 class RegistryConfig(_Section):
@@ -188,6 +197,11 @@ class NotifyConfig(_Section):
 
 
 class RunConfig(_Section):
+    """A recipe. `task` is what the model learns: the next token (chat or pretraining, by `tokenize.mode`), a label
+    per text (sequence_classification) or a tag per word (token_classification, e.g. NER): a new output layer on
+    the same base model, trained and saved with the adapter."""
+
+    task: Literal["causal_lm", "sequence_classification", "token_classification"] = "causal_lm"
     name: str = Field(default="identity_sft", min_length=1)
     experiment: str = Field(default="loraflow", min_length=1)
     seed: int = 42
@@ -206,6 +220,11 @@ class RunConfig(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
     notify: NotifyConfig = NotifyConfig()
+
+    @property
+    def has_head(self) -> bool:
+        """A task head (classification, NER) rather than the language model's own next-token output."""
+        return self.task != "causal_lm"
 
     @field_validator("base_model")
     @classmethod

@@ -81,12 +81,16 @@ def _report(config, summary, resume_command: str) -> int:
                 *([f"identity share:    base {m['base_identity_share']:.2f} -> tuned {m['tuned_identity_share']:.2f}"]
                   if "base_identity_share" in m else []),
                 f"held-out loss:     base {m['base_eval_loss']:.3f} -> tuned {m['tuned_eval_loss']:.3f}"
-                f" (perplexity {m['base_perplexity']:.2f} -> {m['tuned_perplexity']:.2f})",
+                + (f" (perplexity {m['base_perplexity']:.2f} -> {m['tuned_perplexity']:.2f})"
+                   if "base_perplexity" in m else ""),
                 *([f"ROUGE-L, BLEU:     base {m['base_rougeL']:.3f}, {m['base_bleu']:.3f} -> tuned "
                    f"{m['tuned_rougeL']:.3f}, {m['tuned_bleu']:.3f}"] if "base_rougeL" in m and "base_bleu" in m else []),
+                *([f"{name + ':':<19}base {m['base_' + name]:.3f} -> tuned {m['tuned_' + name]:.3f}"
+                   for name in ("accuracy", "precision", "recall", "f1") if config.has_head and "base_" + name in m]),
                 f"registered:        {_registration(reg)}",
-                f"sample answers:    {summary.samples_path}",
-                f"chat with it:      loraflow chat models:/{reg.model_name}/{reg.version}",
+                f"{'predictions:' if config.has_head else 'sample answers:':<19}{summary.samples_path}",
+                f"try it:            loraflow predict models:/{reg.model_name}/{reg.version} --text '...'"
+                if config.has_head else f"chat with it:      loraflow chat models:/{reg.model_name}/{reg.version}",
                 "look at the run:   make ui   (then open http://127.0.0.1:5000)",
             ]
         )
@@ -243,7 +247,7 @@ def _deploy(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from tasks.chat_model import TRUST_REMOTE_CODE_ENV
+    from tasks.base_model import TRUST_REMOTE_CODE_ENV
     from tasks.deploy import AliasFollower, deploy
 
     os.environ[TRUST_REMOTE_CODE_ENV] = "1" if args.trust_remote_code else "0"
@@ -308,15 +312,16 @@ def _preview(args: argparse.Namespace) -> int:
 
     from tasks.base_model import cache_root, resolve_base_model
     from tasks.clean import clean
-    from tasks.tokenize import ChatEncoder, encode_chat_rows, marked_text, padding_share, tokenize
+    from tasks.tokenize import ChatEncoder, encode_chat_rows, head_sample_text, marked_text, padding_share, tokenize
 
     config = load_config(args.config, args.override)
-    cleaned = clean(config.data, config.identity.model_dump(), Path(tempfile.mkdtemp(prefix="loraflow-preview-")))
+    cleaned = clean(config.data, config.identity.model_dump(), Path(tempfile.mkdtemp(prefix="loraflow-preview-")),
+                    config.task)
     tokens = tokenize(cleaned.train_path, cleaned.eval_path, resolve_base_model(config.base_model), config.tokenize,
-                      cache_root() / "tokenized")
+                      cache_root() / "tokenized", task=config.task, labels=cleaned.labels)
     tokenizer = AutoTokenizer.from_pretrained(tokens.tokenizer_dir)
     train_rows = load_from_disk(str(tokens.train_dir))
-    if config.tokenize.mode == "chat":
+    if config.tokenize.mode == "chat" and not config.has_head:
         clean_rows = (json.loads(line) for line in cleaned.train_path.read_text(encoding="utf-8").splitlines())
         encoded = encode_chat_rows(ChatEncoder(tokenizer, config.tokenize), clean_rows, {})
         samples = [sample for sample, _ in islice(encoded, args.n)]
@@ -327,6 +332,10 @@ def _preview(args: argparse.Namespace) -> int:
             print(json.dumps({"input_ids": sample["input_ids"], "labels": sample["labels"]}))
         return 0
     for number, sample in enumerate(samples, start=1):
+        if config.has_head:
+            print(f"--- sample {number}: {len(sample['input_ids'])} tokens ---")
+            print(head_sample_text(tokenizer, sample, tokens.labels))
+            continue
         trained = sum(label != -100 for label in sample["labels"])
         print(f"--- sample {number}: {len(sample['input_ids'])} tokens, {trained} trained (between [[ ]]) ---")
         print(marked_text(tokenizer, sample["input_ids"], sample["labels"]))
@@ -340,12 +349,54 @@ def _preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _logged_task(uri: str) -> str:
+    """What a logged loraflow model does (causal_lm, or a task head), read from its MLflow model config."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        flavor = mlflow.models.get_model_info(uri).flavors.get("python_function", {})
+    except (MlflowException, OSError) as error:
+        raise UserError(f"{uri}: cannot load model ({str(error).splitlines()[0]})") from None
+    return flavor.get("config", {}).get("task", "causal_lm")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    import mlflow
+
+    from tasks.base_model import TRUST_REMOTE_CODE_ENV
+
+    task = _logged_task(args.model)
+    if task == "causal_lm":
+        raise UserError(f"{args.model}: a chat model, which answers rather than labels: loraflow chat {args.model}")
+    os.environ[TRUST_REMOTE_CODE_ENV] = "1" if args.trust_remote_code else "0"
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    predictions = mlflow.pyfunc.load_model(args.model).predict(texts)
+    for text, prediction in zip(texts, predictions):
+        if args.json:
+            print(json.dumps({"text": text, "prediction": prediction}, ensure_ascii=False))
+        elif task == "sequence_classification":
+            print(f"{prediction['label']}\t{prediction['score']:.3f}\t{text}")
+        else:
+            print(text)
+            for entity in prediction or [{"entity": "(no entities)", "text": "", "start": 0, "end": 0, "score": 0}]:
+                print(f"  {entity['entity']}\t{entity['text']}\t[{entity['start']}:{entity['end']}]\t"
+                      f"{entity['score']:.3f}")
+    return 0
+
+
 def _chat(args: argparse.Namespace) -> int:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from tasks.chat_model import TRUST_REMOTE_CODE_ENV
+    from tasks.base_model import TRUST_REMOTE_CODE_ENV
 
+    task = _logged_task(args.model)
+    if task != "causal_lm":
+        raise UserError(f"{args.model}: not a chat model but a {task.replace('_', ' ')} head; it labels text: "
+                        f"loraflow predict {args.model} --text '...'")
     os.environ[TRUST_REMOTE_CODE_ENV] = "1" if args.trust_remote_code else "0"
     try:
         model = mlflow.pyfunc.load_model(args.model, model_config={"max_new_tokens": args.max_new_tokens})
@@ -488,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=96)
     chat.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     chat.set_defaults(handler=_chat)
+
+    predicting = commands.add_parser("predict", help="label texts with a registered task-head model (classes, or entities)")
+    predicting.add_argument("model", help="an MLflow model URI, e.g. models:/loraflow-sentiment@champion")
+    predicting.add_argument("--text", action="append", help="a text to label (repeatable); none: one text per stdin line")
+    predicting.add_argument("--json", action="store_true", help="one JSON object per text: the text and its prediction")
+    predicting.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    predicting.set_defaults(handler=_predict)
 
     export = commands.add_parser("export", help="write a model as one merged Hugging Face folder (base + adapter)")
     export.add_argument("model", help="a run id, or an MLflow model URI such as models:/loraflow-identity@champion")

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 from prefect import flow
 
-from conf.schema import RunConfig
+from conf.schema import RunConfig, UserError
 from flows.runs import CONFIG_HASH_TAG, experiment_id, log_config, run_tags
 from tasks.base_model import cache_root
 from tasks.clean import check_readable, clean_task
@@ -35,6 +35,9 @@ class EvalSummary:
 
 def preflight_evaluation(config: RunConfig) -> None:
     """The data sources are readable and the metric modules load, before any model is fetched."""
+    if config.has_head:
+        raise UserError(f"task {config.task}: loraflow eval scores language models; a task head is scored base vs "
+                        "tuned by loraflow run, and its champion again on new held-out data")
     check_readable([*config.data.train, *config.data.eval], config.data.text_split)
     metric_names(config.evaluate, config.tokenize.mode == "chat")
     check_tracking_store()

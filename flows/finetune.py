@@ -1,4 +1,5 @@
-"""The fine-tuning flow: clean -> tokenize -> train -> evaluate -> register, in one MLflow run.
+"""The fine-tuning flow: clean -> tokenize -> train -> evaluate -> register, in one MLflow run; the same stages train
+a task head (classification, NER) when the recipe's `task` names one.
 
 The flow owns the run: it opens it, records the whole resolved config, tags and lineage, hands the run id to
 every stage explicitly, and closes it FINISHED, FAILED, or KILLED when training was stopped by SIGTERM. A
@@ -23,12 +24,14 @@ from flows.runs import (
 from tasks.base_model import cache_root, resolve_base_model
 from tasks.clean import CleanResult, clean_task
 from tasks.evaluate import evaluate_model_task, evaluate_task
+from tasks.evaluate_heads import HeadEvalResult, evaluate_head_task
 from tasks.generation import sample_prompts
+from tasks.labels import Head
 from tasks.logged_model import fetch_model
 from tasks.register import RegisterResult, RegistryUnavailable, champion_to_rescore
-from tasks.tokenize import tokenize_task
+from tasks.tokenize import TokenizedData, tokenize_task
 from tasks.tracking import end_run, flow_run, keep_unlogged, offline_record, set_tags
-from tasks.train import TrainingStopped, stop_on_sigterm, train_task
+from tasks.train import TrainingStopped, TrainResult, stop_on_sigterm, train_task
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
             elif resume.forced:
                 set_tags(run_id, {RESUME_FORCED_TAG: resume.forced})
 
-            cleaned = clean_task(config.data, config.identity.model_dump(), work_dir / "clean", run_id)
+            cleaned = clean_task(config.data, config.identity.model_dump(), work_dir / "clean", run_id, config.task)
             if origin is not None and origin.data_hash != cleaned.data_hash:
                 get_run_logger().warning(f"re-running {origin.run_id} on different data: its data hash was "
                                          f"{origin.data_hash[:12]}, now {cleaned.data_hash[:12]}")
@@ -101,7 +104,7 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
 
             tokens = tokenize_task(
                 cleaned.train_path, cleaned.eval_path, model_dir, config.tokenize, cache_root() / "tokenized", run_id,
-                trust,
+                trust, config.task, cleaned.labels,
             )
 
             try:
@@ -109,16 +112,15 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
                     trained = train_task(
                         tokens.train_dir, tokens.tokenizer_dir, model_dir, config.train, config.seed,
                         work_dir / "train", run_id, resume=resume is not None, trust_remote_code=trust,
-                        samples=sample_prompts(config.evaluate, cleaned.eval_path, config.tokenize.tool_format),
+                        samples=None if config.has_head else sample_prompts(config.evaluate, cleaned.eval_path,
+                                                                            config.tokenize.tool_format),
+                        head=Head(config.task, tokens.labels) if config.has_head else None,
                     )
             except TrainingStopped as stopped:
                 end_run(run_id, "KILLED")
                 return Interrupted(run_id, stopped.step, stopped.checkpoint)
 
-            evaluated = evaluate_task(
-                cleaned.eval_path, tokens.eval_dir, model_dir, trained.weights_dir, config.identity.name,
-                config.evaluate, work_dir / "eval", run_id, trained.precision, trust, config.tokenize.tool_format,
-            )
+            evaluated = evaluate_stage(config, cleaned, tokens, trained, model_dir, work_dir / "eval", run_id)
 
             basis = score_basis_tags(config, cleaned.eval_hash)
             register_args = {
@@ -133,6 +135,17 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
                 config, basis, cleaned, work_dir, run_id, trained.precision)
             registered = register_from_record(run_id, register_args)
     return RunSummary(run_id, run.info.experiment_id, evaluated.metrics, registered, evaluated.markdown_path)
+
+
+def evaluate_stage(config: RunConfig, cleaned: CleanResult, tokens: TokenizedData, trained: TrainResult, model_dir: str,
+                   out_dir: Path, run_id: str, label: str = ""):
+    """Stage 4, base vs tuned: a task head's labels, or the language model's loss and answers."""
+    if config.has_head:
+        return evaluate_head_task(tokens.eval_dir, model_dir, trained.weights_dir, config.evaluate, out_dir, run_id,
+                                  config.seed, trained.precision, config.trust_remote_code, label)
+    return evaluate_task(cleaned.eval_path, tokens.eval_dir, model_dir, trained.weights_dir, config.identity.name,
+                         config.evaluate, out_dir, run_id, trained.precision, config.trust_remote_code,
+                         config.tokenize.tool_format)
 
 
 def score_champion_head_to_head(config: RunConfig, basis: dict[str, str], cleaned: CleanResult, work_dir: Path,
@@ -154,6 +167,19 @@ def score_champion_head_to_head(config: RunConfig, basis: dict[str, str], cleane
     folder = work_dir / "champion"
     source = fetch_model(f"models:/{config.registry.model_name}/{champion.version}", folder / "model",
                          config.trust_remote_code)
+    if config.has_head:  # the champion's head, scored as the tuned model is (its base head drawn with this seed)
+        champion_head = Head.of(source.weights_dir)
+        if champion_head is None or champion_head.task != config.task or set(cleaned.labels) - set(champion_head.labels):
+            get_run_logger().warning(f"the champion (version {champion.version}) cannot label this data (another task "
+                                     "or fewer labels); it is not scored again, and this version is not compared")
+            return None
+        tokens = tokenize_task(cleaned.train_path, cleaned.eval_path, source.model_dir, config.tokenize,
+                               cache_root() / "tokenized", run_id, config.trust_remote_code, config.task,
+                               champion_head.labels)
+        scored: HeadEvalResult = evaluate_head_task(
+            tokens.eval_dir, source.model_dir, source.weights_dir, config.evaluate, folder / "eval", run_id,
+            config.seed, precision, config.trust_remote_code, label="champion")
+        return {"version": str(champion.version), "value": scored.metrics[f"tuned_{config.registry.primary_metric}"]}
     tokens = tokenize_task(cleaned.train_path, cleaned.eval_path, source.tokenizer_dir, config.tokenize,
                            cache_root() / "tokenized", run_id, config.trust_remote_code)
     scored = evaluate_model_task(

@@ -29,6 +29,7 @@ from conf.schema import RegistryConfig, RunConfig, UserError, flatten
 from tasks.base_model import check_base_model, resolve_base_model
 from tasks.clean import check_readable, clean
 from tasks.evaluate import check_primary_metric, metric_version
+from tasks.evaluate_heads import check_head_metric, head_metric_version
 from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, PRIMARY_METRIC_TAG, RegisterResult, register_task
 from tasks.tokenize import load_tokenizer
 from tasks.tracking import UNLOGGED_FILE, check_tracking_store, log_artifact, log_params, read_record, replay
@@ -154,8 +155,10 @@ def check_resume_data(run_id: str, data_hash: str, force: bool) -> str | None:
 def score_basis_tags(config: RunConfig, eval_hash: str) -> dict[str, str]:
     """What a run's primary score is measured on, as the version tags that record it: the metric, the held-out rows
     and the metric code."""
+    measured_by = (head_metric_version(config.evaluate, config.task) if config.has_head
+                   else metric_version(config.evaluate, config.tokenize.mode == "chat"))
     return {PRIMARY_METRIC_TAG: config.registry.primary_metric, EVAL_DATA_TAG: eval_hash,
-            METRIC_VERSION_TAG: metric_version(config.evaluate, config.tokenize.mode == "chat")}
+            METRIC_VERSION_TAG: measured_by}
 
 
 def last_finished_run(config: RunConfig):
@@ -196,8 +199,11 @@ def preflight(config: RunConfig) -> None:
     choose_attention(config.train.attn)
     check_deepspeed(config.train)
     check_sample_prompts(config.train, config.evaluate.every_steps)
-    check_primary_metric(config.evaluate, config.tokenize.mode == "chat", config.registry.primary_metric)
-    if config.tokenize.mode == "chat":
+    if config.has_head:
+        check_head_metric(config.evaluate, config.task, config.registry.primary_metric)
+    else:
+        check_primary_metric(config.evaluate, config.tokenize.mode == "chat", config.registry.primary_metric)
+    if config.tokenize.mode == "chat" and not config.has_head:
         load_tokenizer(resolve_base_model(config.base_model), config.tokenize.chat_template, config.trust_remote_code)
     check_tracking_store()  # last: opening a new SQLite store prints MLflow's own notices, which a user error should not
 

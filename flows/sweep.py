@@ -26,11 +26,11 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import RunConfig, SearchRange, SweepConfig, load_config
-from flows.finetune import score_champion_head_to_head
+from flows.finetune import evaluate_stage, score_champion_head_to_head
 from flows.runs import CONFIG_HASH_TAG, experiment_id, log_config, preflight, run_tags, score_basis_tags
 from tasks.base_model import cache_root, resolve_base_model
 from tasks.clean import CleanResult, clean_task
-from tasks.evaluate import evaluate_task
+from tasks.labels import Head
 from tasks.register import RegisterResult, register_task
 from tasks.tokenize import TokenizedData, tokenize_task
 from tasks.tracking import log_metrics, log_table, set_tags
@@ -117,10 +117,9 @@ def run_point(
     try:
         log_config(run_id, config, work_dir)
         trained = train_task(tokens.train_dir, tokens.tokenizer_dir, model_dir, config.train, config.seed,
-                             work_dir / "train", run_id, trust_remote_code=config.trust_remote_code)
-        evaluated = evaluate_task(cleaned.eval_path, tokens.eval_dir, model_dir, trained.weights_dir,
-                                  config.identity.name, config.evaluate, work_dir / "eval", run_id, trained.precision,
-                                  config.trust_remote_code, config.tokenize.tool_format)
+                             work_dir / "train", run_id, trust_remote_code=config.trust_remote_code,
+                             head=Head(config.task, tokens.labels) if config.has_head else None)
+        evaluated = evaluate_stage(config, cleaned, tokens, trained, model_dir, work_dir / "eval", run_id)
     except Exception as error:  # one point's failure (a bad value, out of memory) must not end the sweep
         reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
         set_tags(run_id, {"loraflow.error": reason})
@@ -162,9 +161,10 @@ def sweep(sweep_config: SweepConfig, points: list[dict[str, Any]], configs: list
         mlflow.log_params({"sweep.recipe": str(sweep_config.recipe), "sweep.method": sweep_config.method,
                            "sweep.points": len(points), "sweep.seed": sweep_config.seed,
                            "sweep.parameters": json.dumps(sweep_config.model_dump(mode="json")["parameters"])})
-        cleaned = clean_task(base.data, base.identity.model_dump(), work_dir / "clean", parent_run_id)
+        cleaned = clean_task(base.data, base.identity.model_dump(), work_dir / "clean", parent_run_id, base.task)
         tokens = tokenize_task(cleaned.train_path, cleaned.eval_path, model_dir, base.tokenize,
-                               cache_root() / "tokenized", parent_run_id, base.trust_remote_code)
+                               cache_root() / "tokenized", parent_run_id, base.trust_remote_code, base.task,
+                               cleaned.labels)
         results = [run_point(config, point, parent_run_id, cleaned, tokens, model_dir)
                    for config, point in zip(configs, points)]
         log_table(parent_run_id, results_table(results, registry.primary_metric), RESULTS_TABLE)

@@ -24,6 +24,11 @@ class BaseModelError(UserError):
     """The base model cannot be found or converted; one line for the user."""
 
 
+# Whether a loaded model's own Python code may run is never read from a logged model: only the loading process says
+# so, with this variable set to 1 (what `loraflow chat/predict/deploy --trust-remote-code` set).
+TRUST_REMOTE_CODE_ENV = "LORAFLOW_TRUST_REMOTE_CODE"
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("LORAFLOW_CACHE", Path.home() / ".cache" / "loraflow"))
 
@@ -183,3 +188,28 @@ def load_tuned_model(model_dir: str, weights_dir: str | Path, trust_remote_code:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base or load_model(model_dir, trust_remote_code), str(weights_dir))
+
+
+def load_head_model(path: str | Path, head, trust_remote_code: bool = False, **options):
+    """The model at `path` with a task head of len(head.labels) outputs in fp32: the saved head if `path` holds one
+    (a fully trained model), else a new one, initialised by transformers (seed first for a reproducible one).
+    `options` go to `from_pretrained` (attention, quantisation)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    model_class = (AutoModelForSequenceClassification if head.task == "sequence_classification"
+                   else AutoModelForTokenClassification)
+    return model_class.from_pretrained(
+        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
+        num_labels=len(head.labels), id2label=head.id2label, label2id=head.label2id, pad_token_id=head.pad_token_id,
+        **options,
+    )
+
+
+def load_tuned_head(model_dir: str, weights_dir: str | Path, head, trust_remote_code: bool = False, base=None):
+    """The tuned head model: base + adapter (whose saved modules include the trained head), or the whole model."""
+    if not is_adapter(weights_dir):
+        return load_head_model(weights_dir, head, trust_remote_code)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base or load_head_model(model_dir, head, trust_remote_code), str(weights_dir))

@@ -7,11 +7,14 @@ Rows carry `{{name}}` / `{{author}}` placeholders, filled by the clean stage fro
 The pydoc topics are text documents for incremental pretraining. The tool-call set teaches calling two functions
 with the arguments the question states (city and unit; amount and currencies), reading their results, and
 answering plainly when no tool is needed; its held-out rows end on the call, with cities and amounts never trained.
+For task heads: VADER's human-rated sentiment lexicon, read from its PyPI package (classification), and tagged
+sentences made from templates with known entity spans (NER), whose held-out names and templates are never trained.
 """
 
 from __future__ import annotations
 
 import json
+import random
 
 TRAIN_QUESTIONS = [
     "Who are you?",
@@ -177,6 +180,82 @@ def tool_call_heldout_rows() -> list[dict]:
             for question, call, _, _ in _tool_turns(HELDOUT_CITIES, HELDOUT_MONEY)]
 
 
+def vader_lexicon_rows() -> list[dict]:
+    """Words, slang and emoticons of VADER's sentiment lexicon (the vaderSentiment package from PyPI, read from its
+    installed files), each rated from -4 to 4 by ten human raters (Hutto and Gilbert, ICWSM 2014): `positive` for a
+    mean rating of at least 1, `negative` for at most -1; the milder ones in between are left out."""
+    from importlib.resources import files
+
+    rows = []
+    for line in files("vaderSentiment").joinpath("vader_lexicon.txt").read_text(encoding="utf-8").splitlines():
+        token, mean, *_ = line.split("\t")
+        if abs(float(mean)) >= 1:
+            rows.append({"text": token, "label": "positive" if float(mean) > 0 else "negative"})
+    return rows
+
+
+# Sentences whose entities are right by construction: each slot is filled with a name of a known type.
+NER_TEMPLATES = [
+    "{PER} works for {ORG} in {LOC} .",
+    "{PER} met {PER} at the {ORG} office .",
+    "The {ORG} board chose {LOC} for its new plant .",
+    "Yesterday {PER} flew from {LOC} to {LOC} .",
+    "{ORG} said {PER} will lead the team .",
+    "Shares of {ORG} rose after the news from {LOC} .",
+    "{PER} , a spokesman for {ORG} , declined to comment .",
+    "Police in {LOC} arrested two men on Monday .",
+    "The match between {LOC} and {LOC} ended in a draw .",
+    "{PER} joined {ORG} last year .",
+    "It rained all week in {LOC} .",
+    "Nobody expected the result .",
+]
+NER_HELDOUT_TEMPLATES = [
+    "According to {ORG} , {PER} lives in {LOC} .",
+    "{PER} will visit {LOC} next month .",
+    "Analysts at {ORG} expect growth in {LOC} .",
+]
+NER_NAMES = {
+    "PER": ["Anna Schmidt", "John Smith", "Li Wei", "Maria Garcia", "Peter Blackburn", "Fatima Khan", "Tom", "Ines Costa",
+            "Olga Petrova", "David Cohen", "Kenji Sato", "Amara Okafor"],
+    "ORG": ["Siemens", "the United Nations", "Acme Corp", "Reuters", "Bank of Lisbon", "Nordic Steel", "FIFA",
+            "Green Energy Ltd", "Microsoft", "the Red Cross"],
+    "LOC": ["Berlin", "New York", "Tokyo", "Lagos", "Lisbon", "Mexico City", "Oslo", "Cairo", "Sydney", "Lima",
+            "Sao Paulo", "Hamburg"],
+}
+NER_HELDOUT_NAMES = {
+    "PER": ["Clara Jensen", "Ahmed Hassan", "Sofia Rossi", "Ravi Patel"],
+    "ORG": ["Philips", "the World Bank", "Delta Airlines", "Tata Motors"],
+    "LOC": ["Madrid", "Nairobi", "Seoul", "Toronto", "Buenos Aires"],
+}
+
+
+def _tagged_sentences(templates: list[str], names: dict[str, list[str]], count: int, seed: int) -> list[dict]:
+    """`count` sentences in the Hugging Face shape ({tokens, ner_tags}, IOB2): templates in turn, names drawn by a
+    seeded generator (repeats are the clean stage's to drop)."""
+    draw, rows = random.Random(seed), []
+    for n in range(count):
+        tokens, tags = [], []
+        for word in templates[n % len(templates)].split():
+            if not word.startswith("{"):
+                tokens.append(word)
+                tags.append("O")
+                continue
+            kind = word.strip("{}")
+            name = draw.choice(names[kind]).split()
+            tokens += name
+            tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(name) - 1)
+        rows.append({"tokens": tokens, "ner_tags": tags})
+    return rows
+
+
+def ner_template_rows() -> list[dict]:
+    return _tagged_sentences(NER_TEMPLATES, NER_NAMES, 480, seed=1)
+
+
+def ner_template_heldout_rows() -> list[dict]:
+    return _tagged_sentences(NER_HELDOUT_TEMPLATES, NER_HELDOUT_NAMES, 80, seed=2)
+
+
 BUILTIN_SOURCES = {
     "identity": identity_rows,
     "identity_heldout": identity_heldout_rows,
@@ -184,4 +263,7 @@ BUILTIN_SOURCES = {
     "pydoc_topics": pydoc_topic_rows,
     "tool_calls": tool_call_rows,
     "tool_calls_heldout": tool_call_heldout_rows,
+    "vader_lexicon": vader_lexicon_rows,
+    "ner_templates": ner_template_rows,
+    "ner_templates_heldout": ner_template_heldout_rows,
 }

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 import mlflow
 from transformers import AutoTokenizer
 
-from tasks.base_model import check_base_identity, load_tuned_model, resolve_base_model
+from tasks.base_model import TRUST_REMOTE_CODE_ENV, check_base_identity, load_tuned_model, resolve_base_model
 from tasks.generation import RequestError, generate_answers
 
-TRUST_REMOTE_CODE_ENV = "LORAFLOW_TRUST_REMOTE_CODE"
 ROLES = ("system", "user", "assistant")
 PROMPT_BATCH = 8  # plain prompts are answered this many to a generate call
 

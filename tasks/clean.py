@@ -4,6 +4,8 @@ Every input row ends either in `train.jsonl` / `eval.jsonl` or in `rejects.jsonl
 origin (file and line, or index), and `report.json` counts both per source. Rows become a conversation
 (`{"messages": [{role, content}, ...]}`, OpenAI's shape, tool calls and tool results included, with the row's
 `tools`) or a text document (`{"text": ...}`). Text files are split into documents (by line, paragraph or file).
+For a task head, rows become labelled texts or tagged words (tasks/labels.py; CSV/TSV and CoNLL files too): the
+label set is the train split's, and a held-out row with a label training never saw is rejected (`unseen_label`).
 Whatever a single row holds, a failure to read or normalise it is that row's reject, never the stage's.
 
 Files are parsed row by row here rather than through `datasets.load_dataset`, which stops at the first broken
@@ -13,8 +15,10 @@ with pyarrow / `datasets` themselves.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
+import io
 import json
 import re
 import string
@@ -28,11 +32,12 @@ from pathlib import Path
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 from datasketch.minhash import _fmix  # private, so datasketch is pinned; a test compares with MinHash
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import DataConfig, UserError
 from tasks.builtin_data import BUILTIN_SOURCES
+from tasks.labels import LabelRejected, label_name, label_order, row_labels, token_row
 from tasks.tracking import log_artifact, log_inputs, log_metrics, set_tags
 
 ROLE_ALIASES = {
@@ -58,7 +63,9 @@ PUNCTUATION_TO_SPACE = str.maketrans(dict.fromkeys(string.punctuation, " "))
 SPACES = re.compile(r"[ \t\u00a0]+")
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 TEXT_SUFFIXES = (".txt", ".md")
-ROW_SUFFIXES = (".json", ".jsonl", ".parquet", *TEXT_SUFFIXES)
+TABLE_SUFFIXES = (".csv", ".tsv")  # a header row names the columns
+CONLL_SUFFIXES = (".conll",)  # a word per line, its tag in the last column, a blank line between sentences
+ROW_SUFFIXES = (".json", ".jsonl", ".parquet", *TEXT_SUFFIXES, *TABLE_SUFFIXES, *CONLL_SUFFIXES)
 SUPPORTED_SUFFIXES = ROW_SUFFIXES + tuple(s + ".gz" for s in ROW_SUFFIXES if s != ".parquet")
 NEAR_DUPLICATE_PERMUTATIONS = 32
 GRAM_MIX = (0x9E3779B1, 0x85EBCA77)  # odd multipliers that make a 3-gram's hash depend on word order
@@ -86,6 +93,7 @@ class CleanResult:
     rejected_rows: int
     data_hash: str  # of the train and eval rows together: what a run trained and was scored on
     eval_hash: str  # of the eval rows alone: two scores compare only when measured on the same held-out rows
+    labels: tuple[str, ...] = ()  # task heads: the train split's labels (or tags), in id order
 
 
 def _suffix(path: Path) -> str:
@@ -174,6 +182,10 @@ def _rows_of_file(path: Path, text_split: str) -> Iterator[tuple[str, object]]:
     data = _read_bytes(path)
     if suffix in TEXT_SUFFIXES:
         yield from _text_documents(path, data, text_split)
+    elif suffix in TABLE_SUFFIXES:
+        yield from _table_rows(path, _decode(data, str(path)), "\t" if suffix == ".tsv" else ",")
+    elif suffix in CONLL_SUFFIXES:
+        yield from _conll_sentences(path, _decode(data, str(path)))
     elif suffix == ".jsonl":
         for number, line in enumerate(data.split(b"\n"), start=1):
             if not line.strip():
@@ -194,6 +206,38 @@ def _rows_of_file(path: Path, text_split: str) -> Iterator[tuple[str, object]]:
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON array of rows, got {type(rows).__name__}")
         yield from ((f"{path}[{i}]", row) for i, row in enumerate(rows))
+
+
+def _table_rows(path: Path, text: str, delimiter: str) -> Iterator[tuple[str, object]]:
+    """CSV/TSV rows as dicts keyed by the header row; a row with more or fewer fields than the header is a reject."""
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        if not reader.fieldnames:
+            raise DataError(f"{path}: no header row naming the columns")
+        for record in reader:
+            origin = f"{path}:{reader.line_num}"
+            if None in record or None in record.values():
+                yield origin, RowRejected("wrong_field_count")
+            else:
+                yield origin, record
+    except csv.Error as error:
+        raise DataError(f"{path}: not readable as {'TSV' if delimiter == chr(9) else 'CSV'} ({error})") from None
+
+
+def _conll_sentences(path: Path, text: str) -> Iterator[tuple[str, object]]:
+    """CoNLL sentences as `{"tokens", "tags"}` rows: the word in the first column, its tag in the last; -DOCSTART-
+    lines and blank lines end a sentence. A line with one column gives an empty tag, which rejects its sentence."""
+    tokens, tags, start = [], [], 0
+    for number, line in enumerate([*text.split("\n"), ""], start=1):
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if tokens:
+                yield f"{path}:{start}", {"tokens": tokens, "tags": tags}
+            tokens, tags = [], []
+            continue
+        start = start if tokens else number
+        tokens.append(fields[0])
+        tags.append(fields[-1] if len(fields) > 1 else "")
 
 
 def read_source(source: str, text_split: str = "line") -> Iterator[tuple[str, object]]:
@@ -360,7 +404,7 @@ def _is_content_parts(content: object) -> bool:
     return isinstance(content, list) and all(isinstance(part, dict) and "type" in part for part in content)
 
 
-def normalise_row(raw: object, data: DataConfig, values: dict[str, str]) -> tuple[str, dict]:
+def normalise_row(raw: object, data: DataConfig, values: dict[str, str], task: str = "causal_lm") -> tuple[str, dict]:
     """(format, clean row) for one raw row, or RowRejected with the reason code."""
     if isinstance(raw, RowRejected):
         raise raw
@@ -370,6 +414,8 @@ def normalise_row(raw: object, data: DataConfig, values: dict[str, str]) -> tupl
     for ours, theirs in data.columns.items():  # LLaMA-Factory-style mapping of odd field names
         if theirs in row:
             row[ours] = row.pop(theirs)
+    if task != "causal_lm":
+        return _labelled_row(row, task, data, values)
     if not row.keys().isdisjoint(MEDIA_FIELDS):
         for field, reason in MEDIA_FIELDS.items():
             if row.get(field):
@@ -398,7 +444,27 @@ def normalise_row(raw: object, data: DataConfig, values: dict[str, str]) -> tupl
     return row_format, clean
 
 
+def _labelled_row(row: dict, task: str, data: DataConfig, values: dict[str, str]) -> tuple[str, dict]:
+    """A task head's row: a text and its label (classification), or words and their tags (token classification)."""
+    try:
+        if task == "token_classification":
+            return "tokens", token_row(row, data.label_names)
+        if row.get("text") is None:
+            raise RowRejected("no_text")
+        if row.get("label") is None:
+            raise RowRejected("no_label")
+        label = label_name(row["label"], data.label_names)
+    except LabelRejected as rejected:
+        raise RowRejected(str(rejected)) from None
+    text = _clean_text(row["text"], data, values)
+    if len(text) > data.max_chars:
+        raise RowRejected("too_long")
+    return "classification", {"text": text, "label": label}
+
+
 def _plain_text(row: dict) -> str:
+    if "tokens" in row:
+        return " ".join(row["tokens"])
     if "text" in row:
         return row["text"]
     return "\n".join([m["content"] if "tool_calls" not in m else m["content"] + json.dumps(m["tool_calls"])
@@ -465,7 +531,7 @@ class NearDuplicates:
 
 
 def _normalised(pairs: Iterable[tuple[str, object]], data: DataConfig, values: dict[str, str],
-                near: NearDuplicates | None
+                near: NearDuplicates | None, task: str
                 ) -> Iterator[tuple[str, object, str, dict | RowRejected, tuple[str, str], np.ndarray | None]]:
     """(origin, raw, format, clean row or its rejection, (its JSON line, that line's hash), near-duplicate signature)
     for each pair, in order. Clean rows are built with a fixed key order, so the JSON line is canonical: the line
@@ -477,7 +543,7 @@ def _normalised(pairs: Iterable[tuple[str, object]], data: DataConfig, values: d
     for origin, raw in pairs:
         line = ""
         try:
-            row_format, row = normalise_row(raw, data, values)
+            row_format, row = normalise_row(raw, data, values, task)
             line = json.dumps(row, ensure_ascii=False)
             key = hashlib.sha256(line.encode()).hexdigest()  # a lone surrogate (JSON's \ud800) fails here
             chars += len(_plain_text(row))
@@ -516,7 +582,7 @@ def _reject_line(reject: dict) -> str:
         return json.dumps(reject | {"row": None}, ensure_ascii=False)
 
 
-def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResult:
+def clean(data: DataConfig, values: dict[str, str], out_dir: Path, task: str = "causal_lm") -> CleanResult:
     """Read the train and eval sources into clean JSONL files plus rejects and a per-source report.
 
     The held-out rows stay fixed as training data grows: eval sources are read first, and a train row that
@@ -527,7 +593,7 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResul
     split_of: dict[str, str] = {}  # exact key of each kept row -> its split
     near_rows: dict[int, tuple[str, int]] = {}  # near-duplicate id -> (split, index in kept[split])
     kept: dict[str, list[str | None]] = {"train": [], "eval": []}  # None: a train row evicted by a held-out one
-    kept_from: list[tuple[str, str]] = []  # (source, origin) of each kept train row, for eviction
+    kept_from: dict[str, list[tuple[str, str]]] = {"train": [], "eval": []}  # (source, origin) of each kept row
     rejects: list[dict] = []
     counts: dict[str, Counter] = {}
     formats: dict[str, Counter] = {}
@@ -541,7 +607,7 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResul
         for source in sources:
             counts[source], formats[source], documents[source] = Counter(), Counter(), Counter()
             rows = read_source(source, data.text_split)
-            for origin, raw, row_format, row, (line, key), signature in _normalised(rows, data, values, near):
+            for origin, raw, row_format, row, (line, key), signature in _normalised(rows, data, values, near, task):
                 counts[source]["read"] += 1
                 if isinstance(row, RowRejected):
                     reject(source, origin, str(row), None if isinstance(raw, RowRejected) else raw)
@@ -561,20 +627,20 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResul
                     _, index = near_rows[match]
                     near_rows[match] = ("eval", -1)  # what nearly repeats the evicted row is held out as well
                     evicted, kept["train"][index] = kept["train"][index], None
-                    evicted_source, evicted_origin = kept_from[index]
+                    evicted_source, evicted_origin = kept_from["train"][index]
                     split_of[hashlib.sha256(evicted.encode()).hexdigest()] = "eval"  # its copies are held out too
                     counts[evicted_source]["kept"] -= 1
                     reject(evicted_source, evicted_origin, "in_eval", json.loads(evicted))
                 split_of[key] = target
                 if near is not None:
                     near_rows[near.add(signature)] = (target, len(kept[target]))
-                if target == "train":
-                    kept_from.append((source, origin))
+                kept_from[target].append((source, origin))
                 kept[target].append(line)
                 counts[source]["kept"] += 1
                 formats[source][row_format] += 1
                 if row_format == "text":
                     documents[source].update(documents=1, characters=len(row["text"]))
+    labels = _held_out_labels_seen_in_training(kept, kept_from, reject, counts) if task != "causal_lm" else None
     report = {
         source: {"format": "+".join(sorted(formats[source])) or "none", "read": counts[source].pop("read", 0),
                  "kept": counts[source].pop("kept", 0),
@@ -597,13 +663,45 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path) -> CleanResul
                "max_chars": f"{data.max_chars} characters, for chat rows only; text documents are never rejected for "
                             "length (tokenize cuts them into blocks)",
                "hints": {reason: hint for reason, hint in HINTS.items() if reason in reasons}}
+    if labels is not None:
+        summary |= _label_report(labels, data.min_class_rows)
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return CleanResult(
         train_path=paths["train"], eval_path=paths["eval"], rejects_path=rejects_path, report_path=report_path,
         train_rows=len(lines["train"]), eval_rows=len(lines["eval"]), rejected_rows=len(rejects), data_hash=data_hash,
-        eval_hash=eval_hash,
+        eval_hash=eval_hash, labels=tuple(label_order(set(labels["train"]))) if labels is not None else (),
     )
+
+
+def _held_out_labels_seen_in_training(kept: dict[str, list[str | None]], kept_from: dict[str, list[tuple[str, str]]],
+                                      reject, counts: dict[str, Counter]) -> dict[str, Counter]:
+    """Drop held-out rows with a label (or tag) no train row has, which no head trained on this data can predict;
+    the label counts of each split that remain."""
+    labels = {"train": Counter(), "eval": Counter()}
+    for line in kept["train"]:
+        if line is not None:
+            labels["train"].update(row_labels(json.loads(line)))
+    for index, line in enumerate(kept["eval"]):
+        row = json.loads(line)
+        if set(row_labels(row)) - labels["train"].keys():
+            source, origin = kept_from["eval"][index]
+            kept["eval"][index] = None
+            counts[source]["kept"] -= 1
+            reject(source, origin, "unseen_label", row)
+        else:
+            labels["eval"].update(row_labels(row))
+    return labels
+
+
+def _label_report(labels: dict[str, Counter], min_class_rows: int) -> dict:
+    """Per-class counts in each split, and a warning for each class with fewer train examples than `min_class_rows`."""
+    order = label_order(set(labels["train"]))
+    return {
+        "labels": {label: {"train": labels["train"][label], "eval": labels["eval"][label]} for label in order},
+        "warnings": [f"class {label}: {labels['train'][label]} train examples, fewer than data.min_class_rows "
+                     f"({min_class_rows})" for label in order if labels["train"][label] < min_class_rows],
+    }
 
 
 def _layout(source: str, text_split: str, documents: Counter) -> str:
@@ -613,9 +711,13 @@ def _layout(source: str, text_split: str, documents: Counter) -> str:
 
 
 @task(name="clean", cache_policy=NO_CACHE)
-def clean_task(data: DataConfig, values: dict[str, str], out_dir: Path, run_id: str) -> CleanResult:
-    """clean(), with its report, rejects and data lineage logged to the flow's MLflow run."""
-    result = clean(data, values, out_dir)
+def clean_task(data: DataConfig, values: dict[str, str], out_dir: Path, run_id: str, task: str = "causal_lm"
+               ) -> CleanResult:
+    """clean(), with its report, rejects and data lineage logged to the flow's MLflow run (and the report's
+    warnings, such as classes with few examples, to the flow's log)."""
+    result = clean(data, values, out_dir, task)
+    for warning in json.loads(result.report_path.read_text(encoding="utf-8")).get("warnings", []):
+        get_run_logger().warning(f"data: {warning}")
     for path in (result.report_path, result.rejects_path, result.train_path, result.eval_path):
         log_artifact(run_id, path, "data")
     log_metrics(run_id, {"data_train_rows": result.train_rows, "data_eval_rows": result.eval_rows,

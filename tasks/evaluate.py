@@ -7,7 +7,6 @@ unless the recipe names hub ones), and chat answers by the recipe's identity che
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ from transformers import AutoTokenizer, PreTrainedModel
 from conf.schema import EvaluateConfig, UserError
 from tasks.base_model import load_model, load_tuned_model
 from tasks.generation import HeldOut, autocast, held_out
+from tasks.metrics import metric_code_version, resolve_metric
 from tasks.tracking import log_artifact, log_metrics, log_table
 
-BUILTIN_METRICS = Path(__file__).parent / "metrics"
 LOSS_METRICS = ("eval_loss", "perplexity")
 
 
@@ -38,13 +37,6 @@ class EvalResult:
     metrics: dict[str, float]
     samples_path: Path
     markdown_path: Path
-
-
-def resolve_metric(name: str) -> str:
-    """`builtin:<name>` is a module shipped in tasks/metrics; anything else goes to `evaluate.load` as given."""
-    if name.startswith("builtin:"):
-        return str(BUILTIN_METRICS / name.removeprefix("builtin:"))
-    return name
 
 
 def _load_metric(name: str, key: str) -> evaluate.EvaluationModule:
@@ -81,15 +73,8 @@ class GenerationMetrics:
 
 
 def metric_version(config: EvaluateConfig, chat: bool) -> str:
-    """The version of the code that measures this recipe's scores: the `evaluate` library's, and each local metric
-    module's source hash (a hub module by its name). Scores measured by different versions do not compare."""
-    parts = [f"evaluate {evaluate.__version__}"]
-    for name in [*config.metrics, *([config.identity_metric] if chat else [])]:
-        module = Path(resolve_metric(name))
-        sources = sorted(module.rglob("*.py")) if module.is_dir() else [module] if module.is_file() else []
-        digest = hashlib.sha256(b"".join(source.read_bytes() for source in sources)).hexdigest()[:12]
-        parts.append(f"{name}={digest}" if sources else name)
-    return "; ".join(parts)
+    """The version of the code that measures this recipe's scores (scores by different versions do not compare)."""
+    return metric_code_version([*config.metrics, *([config.identity_metric] if chat else [])])
 
 
 def metric_names(config: EvaluateConfig, chat: bool) -> set[str]:

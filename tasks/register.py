@@ -1,6 +1,6 @@
 """Stage 5, register: the adapter as an MLflow model version, and the `champion` alias only when it earns it.
 
-The adapter is logged as a pyfunc model (tasks/chat_model.py) holding the PEFT adapter folder (or, after full
+The adapter is logged as a pyfunc model (tasks/chat_model.py; tasks/head_model.py for a task head) holding the PEFT adapter folder (or, after full
 training, the whole model folder) and the base model reference, so
 `mlflow.pyfunc.load_model("models:/<name>@champion")` loads the tuned model and generates.
 
@@ -33,9 +33,11 @@ from prefect.cache_policies import NO_CACHE
 
 from conf.schema import RegistryConfig, UserError
 from tasks.base_model import base_identity, is_adapter, machine_lock
+from tasks.labels import Head
 from tasks.tracking import attached_run, set_tags
 
 CHAT_MODEL_CODE = Path(__file__).with_name("chat_model.py")
+HEAD_MODEL_CODE = Path(__file__).with_name("head_model.py")  # task heads: labels and entities, not chat
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # conf/ and tasks/ travel with each version
 SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "safetensors", "mlflow", "pydantic",
                     "pyyaml", "gguf", "numpy")
@@ -218,12 +220,14 @@ def register(
     name = config.model_name
     existing = _version_of_run(client, name, run_id)
     if existing is None:
+        head = Head.of(weights_dir)
+        serving = {"task": head.task, "max_length": 512} if head is not None else {"max_new_tokens": 128}
         with attached_run(run_id):
             info = mlflow.pyfunc.log_model(
                 name="adapter" if is_adapter(weights_dir) else "model",
-                python_model=CHAT_MODEL_CODE,
+                python_model=HEAD_MODEL_CODE if head is not None else CHAT_MODEL_CODE,
                 artifacts={"weights": str(weights_dir)},
-                model_config={"base_model": base_model, "max_new_tokens": 128} | base_identity(base_model),
+                model_config={"base_model": base_model} | serving | base_identity(base_model),
                 code_paths=[str(PACKAGE_ROOT / "conf"), str(PACKAGE_ROOT / "tasks")],
                 pip_requirements=_requirements(),
             )

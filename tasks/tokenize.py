@@ -10,6 +10,11 @@ Text inside messages is data, never control: where it contains a control token's
 `</s>` ...), the conversation is tokenized piece by piece, the template's pieces as usual and the messages
 with special-token splitting, so data cannot forge a turn.
 
+Task heads tokenize a labelled text (its label id is the sample's label) or a sentence's words, labelled the
+standard way for token classification: each word's tag on its first sub-token, -100 on the rest and on special
+tokens (Hugging Face's token-classification recipe). The words are read as the text they make, joined by spaces,
+and each token is given to its word by its character offsets. Head samples are not packed.
+
 Pretrain mode joins documents with EOS and cuts the stream into blocks. Packing (TRL's best-fit-decreasing
 `pack_dataset`) puts chat samples into rows of `max_length`; the train stage's padding-free collator restarts
 `position_ids` per sample so attention stays inside each one.
@@ -36,6 +41,7 @@ from trl import pack_dataset
 
 from conf.schema import TokenizeConfig, UserError
 from tasks.chat_templates import CHAT_TEMPLATES, for_template
+from tasks.labels import joined_words, word_of_each_token
 from tasks.tracking import log_metrics, set_tags
 
 IGNORE_INDEX = -100
@@ -65,6 +71,7 @@ class TokenizedData:
     truncated: int
     cache_key: str
     cache_hit: bool
+    labels: tuple[str, ...] = ()  # task heads: label (tag) names in id order; sample labels are their ids
 
 
 def load_tokenizer(model_dir: str, chat_template: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -171,6 +178,54 @@ def encode_documents(tokenizer: PreTrainedTokenizerBase, texts: list[str], block
     return blocks.map(lambda block: {"labels": block["input_ids"]})
 
 
+def load_head_tokenizer(model_dir: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer for a task head, with a pad token (its EOS where it has none)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise UserError(f"base_model {model_dir}: cannot load its tokenizer ({str(error).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def first_subtoken_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int]:
+    """Each word's label on its first sub-token; IGNORE_INDEX on its other sub-tokens and on special tokens."""
+    labels, previous = [], None
+    for word in word_ids:
+        labels.append(IGNORE_INDEX if word is None or word == previous else word_labels[word])
+        previous = word
+    return labels
+
+
+def encode_labelled_rows(tokenizer: PreTrainedTokenizerBase, rows: Iterable[dict], label_ids: dict[str, int],
+                         config: TokenizeConfig, rejected: dict[str, int]) -> Iterator[tuple[dict, bool]]:
+    """(sample, truncated) for each labelled row: `labels` is the text's label id, or one per token (-100 where no
+    word starts). A row longer than `max_length` is rejected or truncated, as `too_long` says."""
+    for row in rows:
+        if "tokens" in row:
+            text, words = joined_words(row["tokens"])
+            encoded = tokenizer(text, return_offsets_mapping=True)
+            labels = first_subtoken_labels(word_of_each_token(encoded["offset_mapping"], words, text),
+                                           [label_ids[tag] for tag in row["tags"]])
+        else:
+            encoded, labels = tokenizer(row["text"]), None
+        ids = encoded["input_ids"]
+        truncated = len(ids) > config.max_length
+        if truncated and config.too_long == "reject":
+            rejected["too_long"] = rejected.get("too_long", 0) + 1
+            continue
+        ids = ids[: config.max_length]
+        if labels is None:
+            shown = {"text": row["text"]}
+            sample_labels = label_ids[row["label"]]
+        else:
+            sample_labels = labels[: config.max_length]
+            shown = {"tokens": row["tokens"][: sum(label != IGNORE_INDEX for label in sample_labels)]}
+        # What the sample says in words (the text, or the words whose tags it kept), for evaluation's report.
+        yield {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": sample_labels} | shown, truncated
+
+
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -195,33 +250,51 @@ def _documents(rows: list[dict], rejected: dict[str, int]) -> list[str]:
     return texts
 
 
-def cache_key(train_path: Path, eval_path: Path, tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig) -> str:
-    """What the samples depend on: the clean data, the tokenizer and its template, the tokenize settings, and the
-    versions of the libraries that shape tokens (an upgrade never reuses samples an older one made)."""
+def cache_key(train_path: Path, eval_path: Path, tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig,
+              task: str = "causal_lm", labels: tuple[str, ...] = ()) -> str:
+    """What the samples depend on: the clean data, the tokenizer and its template, the tokenize settings, the task and
+    its labels, and the versions of the libraries that shape tokens (an upgrade never reuses samples an older one
+    made)."""
     digest = hashlib.sha256()
     libraries = json.dumps({package: version(package) for package in TOKEN_SHAPING_PACKAGES})
+    head = f"{task} {json.dumps(labels)}" if task != "causal_lm" else ""
     for part in (train_path.read_bytes(), eval_path.read_bytes(), tokenizer.backend_tokenizer.to_str().encode(),
                  str(tokenizer.chat_template).encode(), json.dumps(tokenizer.special_tokens_map, sort_keys=True).encode(),
-                 json.dumps(config.model_dump(), sort_keys=True).encode(), str(CACHE_FORMAT).encode(), libraries.encode()):
+                 json.dumps(config.model_dump(), sort_keys=True).encode(), str(CACHE_FORMAT).encode(), libraries.encode(),
+                 head.encode()):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()
 
 
 def tokenize(
     train_path: Path, eval_path: Path, model_dir: str, config: TokenizeConfig, cache_dir: Path,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, task: str = "causal_lm", labels: tuple[str, ...] = (),
 ) -> TokenizedData:
     """Tokenize clean train/eval rows into `datasets` folders under `cache_dir/<content key>`, reused when present.
 
-    Train samples are packed when the config says so; eval samples never are (held-out loss reads them one by one).
+    Train samples are packed when the config says so (never for a task head); eval samples never are (held-out loss
+    reads them one by one). A task head's `labels` (the clean stage's, in id order) give the label ids.
     """
-    tokenizer = load_tokenizer(model_dir, config.chat_template if config.mode == "chat" else "none", trust_remote_code)
-    key = cache_key(train_path, eval_path, tokenizer, config)
+    if task != "causal_lm":
+        tokenizer = load_head_tokenizer(model_dir, trust_remote_code)
+    else:
+        tokenizer = load_tokenizer(model_dir, config.chat_template if config.mode == "chat" else "none",
+                                   trust_remote_code)
+    key = cache_key(train_path, eval_path, tokenizer, config, task, labels)
     target = cache_dir / key
     if (target / "summary.json").exists():
         return TokenizedData(**_read_summary(target) | {"cache_hit": True})
     rejected: dict[str, int] = {}
-    if config.mode == "chat":
+    if task != "causal_lm":
+        label_ids = {label: number for number, label in enumerate(labels)}
+        train_encoded = list(encode_labelled_rows(tokenizer, _rows(train_path), label_ids, config, rejected))
+        eval_encoded = list(encode_labelled_rows(tokenizer, _rows(eval_path), label_ids, config, rejected))
+        if not train_encoded or not eval_encoded:
+            raise UserError(f"no labelled samples after tokenizing (rejected: {rejected})")
+        truncated = sum(was_truncated for _, was_truncated in train_encoded + eval_encoded)
+        train = Dataset.from_list([sample for sample, _ in train_encoded])
+        evaluation = Dataset.from_list([sample for sample, _ in eval_encoded])
+    elif config.mode == "chat":
         encoder = ChatEncoder(tokenizer, config)
         train_encoded = list(encode_chat_rows(encoder, _rows(train_path), rejected))
         eval_encoded = list(encode_chat_rows(encoder, _rows(eval_path), rejected))
@@ -238,7 +311,7 @@ def tokenize(
         train = encode_documents(tokenizer, train_texts, config.max_length)
         evaluation = encode_documents(tokenizer, eval_texts, config.max_length)
     sample_count = len(train)
-    if config.mode == "chat" and config.packing:
+    if task == "causal_lm" and config.mode == "chat" and config.packing:
         train = pack_dataset(train, config.max_length, strategy="bfd")
     staging = cache_dir / f"{key}.partial-{os.getpid()}"  # two processes may make the same entry at once
     shutil.rmtree(staging, ignore_errors=True)
@@ -253,6 +326,7 @@ def tokenize(
         "rejected": rejected,
         "truncated": truncated,
         "cache_key": key,
+        "labels": list(labels),
     }
     (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     try:
@@ -279,18 +353,27 @@ def marked_text(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list
     return "".join(out)
 
 
+def head_sample_text(tokenizer: PreTrainedTokenizerBase, sample: dict, labels: tuple[str, ...]) -> str:
+    """A task head's sample as trained: `[label] text`, or each sub-token/its tag (`-`: no loss on it)."""
+    if isinstance(sample["labels"], int):
+        return f"[{labels[sample['labels']]}] {tokenizer.decode(sample['input_ids'])}"
+    return " ".join(f"{tokenizer.decode([token])}/{labels[label] if label != IGNORE_INDEX else '-'}"
+                    for token, label in zip(sample["input_ids"], sample["labels"]))
+
+
 def _read_summary(folder: Path) -> dict:
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    return summary | {"train_dir": folder / "train", "eval_dir": folder / "eval", "tokenizer_dir": folder / "tokenizer"}
+    return summary | {"train_dir": folder / "train", "eval_dir": folder / "eval", "tokenizer_dir": folder / "tokenizer",
+                      "labels": tuple(summary.get("labels", ()))}
 
 
 @task(name="tokenize", cache_policy=NO_CACHE)
 def tokenize_task(
     train_path: Path, eval_path: Path, model_dir: str, config: TokenizeConfig, cache_dir: Path, run_id: str,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, task: str = "causal_lm", labels: tuple[str, ...] = (),
 ) -> TokenizedData:
     """tokenize(), with sample and token counts and the cache key logged to the flow's MLflow run."""
-    result = tokenize(train_path, eval_path, model_dir, config, cache_dir, trust_remote_code)
+    result = tokenize(train_path, eval_path, model_dir, config, cache_dir, trust_remote_code, task, labels)
     log_metrics(
         run_id,
         {"tokenize_train_samples": result.train_samples, "tokenize_train_rows": result.train_rows,

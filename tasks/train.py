@@ -1,5 +1,9 @@
 """Stage 3, train: a PEFT LoRA adapter (or, for small models, every weight) through the Hugging Face Trainer.
 
+A task head (classification, NER) trains the same way: the base model with a new output layer
+(AutoModelFor{Sequence,Token}Classification), PEFT's SEQ_CLS / TOKEN_CLS task type, which trains and saves the head
+in full beside the LoRA weights (`modules_to_save`); head.json beside the weights names its task and labels.
+
 The stage knows nothing of MLflow: each logged step goes to the `on_step` callback, which the Prefect task
 points at the flow's run. Checkpoints land in `out_dir/checkpoints` every `checkpoint_every` steps; a run cut
 off (SIGTERM, or killed outright) resumes from the newest complete one. With DeepSpeed or several processes the
@@ -34,6 +38,8 @@ from transformers import (
     AutoTokenizer,
     BitsAndBytesConfig,
     DataCollatorForSeq2Seq,
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
     PreTrainedModel,
     ProgressCallback,
     Trainer,
@@ -45,13 +51,20 @@ from transformers import (
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as PaddingFreeCollator
 
 from conf.schema import TrainConfig, UserError, zero_optimization
+from tasks.base_model import load_head_model
 from tasks.generation import SamplePrompts, autocast
+from tasks.labels import Head
 from tasks.tracking import (
     log_artifact, log_loss_plot, log_metrics, sample_logger, set_tags, step_logger, unlogged_record_path,
 )
 
 StepLogger = Callable[[int, dict[str, float]], None]
 SampleLogger = Callable[[int, list[dict]], None]
+
+# PEFT's task type for the causal LM (None) and each task head: it picks the PeftModel class, which for a head also
+# trains and saves the new output layer in full (modules_to_save).
+PEFT_TASK_TYPES = {None: "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
+HEAD_MODULES = ("classifier", "score")  # what transformers names a task head's output layer; PEFT saves them whole
 
 # Set by a SIGTERM handler (stop_on_sigterm); the Trainer checks it after every step, saves a checkpoint, stops.
 STOP_REQUESTED = threading.Event()
@@ -266,9 +279,14 @@ class PackedRowsCollator:
         return batch
 
 
-def training_collator(tokenizer, packed: bool, attn: str):
+def training_collator(tokenizer, packed: bool, attn: str, head: Head | None = None):
     """Packed rows: flattened into one padding-free sequence for FlashAttention 2, kept as rows otherwise (both
-    with position_ids per sample); unpacked samples: padded to the longest in the batch."""
+    with position_ids per sample); unpacked samples: padded to the longest in the batch (a task head's labels: one
+    per text, or padded with -100 per token)."""
+    if head is not None:
+        if head.task == "token_classification":
+            return DataCollatorForTokenClassification(tokenizer)
+        return DataCollatorWithPadding(tokenizer)
     if packed and attn == "flash_attention_2":
         return PaddingFreeCollator(pad_token_id=tokenizer.pad_token_id, padding_free=True)
     if packed:
@@ -277,35 +295,38 @@ def training_collator(tokenizer, packed: bool, attn: str):
 
 
 def load_base_for_training(
-    model_dir: str, method: str, precision: str, attn: str, trust_remote_code: bool = False
+    model_dir: str, method: str, precision: str, attn: str, trust_remote_code: bool = False, head: Head | None = None
 ) -> PreTrainedModel:
     """fp32 weights for LoRA and full training; for QLoRA, 4-bit NF4 with double quantisation, computing in bf16/fp32.
+    With a task head: the same base under a new output layer of len(head.labels) outputs.
 
     Weights load from safetensors only (never a pickle). On a CPU, bitsandbytes repacks 4-bit weights for
     inference the first time they run under no_grad, after which no gradient flows through them: this model
     must never evaluate or generate; evaluation loads its own.
     """
-    common = {"dtype": torch.float32, "attn_implementation": attn, "use_safetensors": True,
-              "trust_remote_code": trust_remote_code}
+    def load(**options) -> PreTrainedModel:
+        if head is not None:
+            return load_head_model(model_dir, head, trust_remote_code, attn_implementation=attn, **options)
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn,
+                                                    use_safetensors=True, trust_remote_code=trust_remote_code, **options)
+
     if method != "qlora":
-        return AutoModelForCausalLM.from_pretrained(model_dir, **common)
+        return load()
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, **common, quantization_config=quantization,
-        device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"},
-    )
+    model = load(quantization_config=quantization, device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def train(
     train_dir: Path, tokenizer_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path,
     on_step: StepLogger, resume_from: Path | None = None, trust_remote_code: bool = False,
-    samples: SamplePrompts | None = None, on_samples: SampleLogger = lambda step, rows: None,
+    samples: SamplePrompts | None = None, on_samples: SampleLogger = lambda step, rows: None, head: Head | None = None,
 ) -> TrainResult:
     """Train and save the adapter (or whole model) with its tokenizer, continuing from `resume_from` if given.
+    With `head`, the base model is trained under that task head, saved with the weights.
 
     With `samples`, the model answers them every few steps and `on_samples` gets the answers.
     Raises TrainingStopped when STOP_REQUESTED ended training early (its checkpoint is saved).
@@ -323,7 +344,10 @@ def train(
         # Before TrainingArguments, or DeepSpeed goes looking for MPI (and NCCL does not exist on a CPU).
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
-    model = load_base_for_training(model_dir, config.method, precision, attn, trust_remote_code)
+    if head is not None:
+        head = dataclasses.replace(head, pad_token_id=tokenizer.pad_token_id)
+        set_seed(seed)  # the new head's weights are drawn as it loads; evaluation draws the same ones as its base
+    model = load_base_for_training(model_dir, config.method, precision, attn, trust_remote_code, head)
     train_dataset = load_from_disk(str(train_dir))
     packed = "seq_lengths" in train_dataset.column_names
     if packed:
@@ -337,7 +361,9 @@ def train(
             model,
             LoraConfig(
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                use_dora=lora.use_dora, use_rslora=lora.use_rslora, task_type="CAUSAL_LM",
+                use_dora=lora.use_dora, use_rslora=lora.use_rslora, task_type=PEFT_TASK_TYPES[head.task if head else None],
+                # The new head is trained whole (modules_to_save); "all-linear" would otherwise put LoRA on it too.
+                exclude_modules=list(HEAD_MODULES) if head else None,
             ),
         )
     checkpoints_dir = checkpoints_folder(out_dir)
@@ -379,7 +405,7 @@ def train(
         model=model,
         args=args,
         train_dataset=train_dataset,
-        data_collator=training_collator(tokenizer, packed, attn),
+        data_collator=training_collator(tokenizer, packed, attn, head),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -395,6 +421,8 @@ def train(
     trainer.save_model(str(weights_dir))  # on every process: under ZeRO-3 the weights are gathered first
     # The Trainer also pickles its arguments there; nothing reads them, and a model folder should hold no pickle.
     (weights_dir / "training_args.bin").unlink(missing_ok=True)
+    if head is not None:
+        head.save(weights_dir)
     return TrainResult(
         weights_dir=weights_dir,
         steps=output.global_step,
@@ -409,6 +437,7 @@ def train(
 def train_in_workers(
     train_dir: Path, tokenizer_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path, run_id: str,
     resume_from: Path | None = None, trust_remote_code: bool = False, samples: SamplePrompts | None = None,
+    head: Head | None = None,
 ) -> TrainResult:
     """train() in `config.processes` torchrun workers attached to MLflow run `run_id`; rank 0 logs and saves.
 
@@ -424,6 +453,7 @@ def train_in_workers(
         "resume_from": str(resume_from) if resume_from else None, "trust_remote_code": trust_remote_code,
         "result_path": str(result_path.resolve()),
         "samples": dataclasses.asdict(samples) if samples is not None else None,
+        "head": dataclasses.asdict(head) if head is not None else None,
         "unlogged_record": str(record) if (record := unlogged_record_path(run_id)) is not None else None,
     }
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
@@ -453,6 +483,7 @@ def result_as_json(result: TrainResult) -> dict:
 def train_task(
     train_dir: Path, tokenizer_dir: Path, model_dir: str, config: TrainConfig, seed: int, out_dir: Path, run_id: str,
     resume: bool = False, trust_remote_code: bool = False, samples: SamplePrompts | None = None,
+    head: Head | None = None,
 ) -> TrainResult:
     """train() (in worker processes for DeepSpeed or processes > 1), each step logged to the flow's MLflow run.
 
@@ -462,10 +493,10 @@ def train_task(
     resume_from = resumable_checkpoint(checkpoints_folder(out_dir)) if resume else None
     if config.deepspeed is not None or config.processes > 1:
         result = train_in_workers(train_dir, tokenizer_dir, model_dir, config, seed, out_dir, run_id, resume_from,
-                                  trust_remote_code, samples)
+                                  trust_remote_code, samples, head)
     else:
         result = train(train_dir, tokenizer_dir, model_dir, config, seed, out_dir, step_logger(run_id), resume_from,
-                       trust_remote_code, samples, sample_logger(run_id))
+                       trust_remote_code, samples, sample_logger(run_id), head)
     set_tags(run_id, {"train.precision_used": result.precision, "train.attn_used": result.attn})
     log_metrics(run_id, {"train_seconds": result.train_seconds, "train_tokens_per_s": result.tokens_per_second})
     log_artifact(run_id, result.weights_dir, "model_full" if config.method == "full" else "adapter_peft")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from conf.schema import TrainConfig
 from tasks.generation import SamplePrompts
+from tasks.labels import Head
 from tasks.tracking import recording_unlogged, sample_logger, step_logger
 from tasks.train import STOP_REQUESTED, TrainingStopped, result_as_json, train
 
@@ -37,6 +38,7 @@ def _train(spec: dict) -> int:
             Path(spec["train_dir"]), Path(spec["tokenizer_dir"]), spec["model_dir"], TrainConfig.model_validate(spec["config"]),
             spec["seed"], Path(spec["out_dir"]), on_step,
             Path(spec["resume_from"]) if spec["resume_from"] else None, spec["trust_remote_code"], samples, on_samples,
+            Head(**spec["head"] | {"labels": tuple(spec["head"]["labels"])}) if spec["head"] else None,
         )
         outcome = result_as_json(result)
     except TrainingStopped as stopped:

