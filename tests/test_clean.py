@@ -209,7 +209,7 @@ def test_split_by_hash_is_stable_when_rows_are_added(tmp_path):
         ("rows.json", b"\xff\xfe\x00bad", "not UTF-8 text"),
         ("rows.jsonl.gz", b"not gzip at all", "cannot read"),
         ("rows.parquet", b"PAR1 nope", "not a readable Parquet file"),
-        ("rows.csv", b"a,b\n", "unsupported file type .csv"),
+        ("rows.xlsx", b"PK\x03\x04", "unsupported file type .xlsx"),
     ],
 )
 def test_unreadable_file_stops_with_one_line_naming_it(tmp_path, name, content, expected):

@@ -87,7 +87,7 @@ def run_cli(*args, cwd=REPO):
     [
         ("train:\n  lora:\n    r: 0\n", "train.lora.r: Input should be greater than 0"),
         ("data:\n  train: [missing_rows.jsonl]\n", "missing_rows.jsonl: no such file"),
-        ("data:\n  train: [rows.csv]\n", "rows.csv: unsupported file type .csv"),
+        ("data:\n  train: [rows.xlsx]\n", "rows.xlsx: unsupported file type .xlsx"),
         ("data:\n  train: ['builtin:nope']\n", "builtin:nope: unknown builtin data set"),
         ("data:\n  train: [broken.json]\n", "broken.json: not valid JSON"),
         ("data:\n  train: [object.json]\n", "object.json: expected a JSON array of rows, got dict"),
@@ -110,7 +110,7 @@ def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path, monkeypat
 
     `model_dir` converts the base model first, so its progress bars are not part of what the command prints.
     """
-    (tmp_path / "rows.csv").write_text("a,b\n")
+    (tmp_path / "rows.xlsx").write_bytes(b"PK\x03\x04")
     (tmp_path / "broken.json").write_text("[{")
     (tmp_path / "object.json").write_text('{"messages": []}')
     (tmp_path / "empty.jsonl").write_text("\n")
