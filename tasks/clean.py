@@ -37,7 +37,7 @@ from prefect.cache_policies import NO_CACHE
 
 from conf.schema import DataConfig, UserError
 from tasks.builtin_data import BUILTIN_SOURCES
-from tasks.labels import LabelRejected, label_name, label_order, row_labels, token_row
+from tasks.labels import LabelRejected, conll_sentences, label_name, label_order, row_labels, token_row
 from tasks.tracking import log_artifact, log_inputs, log_metrics, set_tags
 
 ROLE_ALIASES = {
@@ -185,7 +185,7 @@ def _rows_of_file(path: Path, text_split: str) -> Iterator[tuple[str, object]]:
     elif suffix in TABLE_SUFFIXES:
         yield from _table_rows(path, _decode(data, str(path)), "\t" if suffix == ".tsv" else ",")
     elif suffix in CONLL_SUFFIXES:
-        yield from _conll_sentences(path, _decode(data, str(path)))
+        yield from ((f"{path}:{line}", row) for line, row in conll_sentences(_decode(data, str(path))))
     elif suffix == ".jsonl":
         for number, line in enumerate(data.split(b"\n"), start=1):
             if not line.strip():
@@ -222,22 +222,6 @@ def _table_rows(path: Path, text: str, delimiter: str) -> Iterator[tuple[str, ob
                 yield origin, record
     except csv.Error as error:
         raise DataError(f"{path}: not readable as {'TSV' if delimiter == chr(9) else 'CSV'} ({error})") from None
-
-
-def _conll_sentences(path: Path, text: str) -> Iterator[tuple[str, object]]:
-    """CoNLL sentences as `{"tokens", "tags"}` rows: the word in the first column, its tag in the last; -DOCSTART-
-    lines and blank lines end a sentence. A line with one column gives an empty tag, which rejects its sentence."""
-    tokens, tags, start = [], [], 0
-    for number, line in enumerate([*text.split("\n"), ""], start=1):
-        fields = line.split()
-        if not fields or fields[0] == "-DOCSTART-":
-            if tokens:
-                yield f"{path}:{start}", {"tokens": tokens, "tags": tags}
-            tokens, tags = [], []
-            continue
-        start = start if tokens else number
-        tokens.append(fields[0])
-        tags.append(fields[-1] if len(fields) > 1 else "")
 
 
 def read_source(source: str, text_split: str = "line") -> Iterator[tuple[str, object]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,23 @@ def token_row(row: dict, label_names: list[str]) -> dict:
     if not all(IOB2_TAG.fullmatch(tag) for tag in names):
         raise LabelRejected("invalid_tag")
     return {"tokens": tokens, "tags": names}
+
+
+def conll_sentences(text: str) -> Iterator[tuple[int, dict]]:
+    """(line number, `{"tokens", "tags"}`) for each sentence of a CoNLL file: the word in the first column, its tag in
+    the last; -DOCSTART- lines and blank lines end a sentence. A line with one column gives an empty tag, which
+    rejects its sentence."""
+    tokens, tags, start = [], [], 0
+    for number, line in enumerate([*text.split("\n"), ""], start=1):
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if tokens:
+                yield start, {"tokens": tokens, "tags": tags}
+            tokens, tags = [], []
+            continue
+        start = start if tokens else number
+        tokens.append(fields[0])
+        tags.append(fields[-1] if len(fields) > 1 else "")
 
 
 def row_labels(row: dict) -> list[str]:
