@@ -5,8 +5,9 @@ of its own (so that peak memory is per setup), and compare real tokens/s, peak m
 (a2) the same with length-grouped batches (`train_sampling_strategy="group_by_length"`), the flag users try first;
 (b)  TRL's SFTTrainer with packing=True, packing_strategy="bfd": what TRL documents as its fastest setup (best-fit
      decreasing packing, padding-free rows with position_ids restarting per sample, so samples never attend to
-     each other). It trains on loraflow's exact assistant masks (an `assistant_masks` column with
-     assistant_only_loss: SmolLM2's template has no generation markers from which TRL could find them itself);
+     each other). It takes loraflow's tokenized samples as they are (input_ids and labels: TRL keeps a dataset's own
+     labels), so it trains the same assistant tokens; SmolLM2's template has no generation markers from which
+     TRL's assistant_only_loss could find them itself;
 (c)  loraflow's train stage on its packed rows (the same BFD packing, TRL's `pack_dataset`).
 
 The samples: the benches' mixed-length conversations and alpaca-shaped instruction/response rows with a long tail
@@ -134,11 +135,9 @@ def run_setup(setup: str, rank: int, work: Path, precision: str) -> dict:
         else:
             from trl import SFTConfig, SFTTrainer
 
-            masked = samples.map(lambda s: {"assistant_masks": [int(label != -100) for label in s["labels"]]},
-                                 remove_columns=["labels"])
             config = SFTConfig(**_arguments(out_dir, precision), packing=True, packing_strategy="bfd",
-                               max_length=MAX_LENGTH, assistant_only_loss=True)
-            SFTTrainer(model=_peft(model, rank), args=config, train_dataset=masked, processing_class=tokenizer,
+                               max_length=MAX_LENGTH)
+            SFTTrainer(model=_peft(model, rank), args=config, train_dataset=samples, processing_class=tokenizer,
                        callbacks=[timer]).train()
         tokens_per_second, loss = timer.tokens / timer.seconds, sum(timer.losses) / len(timer.losses)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -188,6 +188,54 @@ class _StepMetrics(TrainerCallback):
         self.on_step(state.global_step, metrics)
 
 
+class TrainedPositionsTrainer(Trainer):
+    """A causal LM's loss with the LM head applied only at positions whose label is trained, a chunk at a time.
+
+    The stock loss makes logits (vocabulary-wide: 49,152 for SmolLM2) at every position, prompt and padding
+    included, and keeps them all for backward. Here the model runs with its LM head set aside for the step, so its
+    "logits" are the final hidden states; the head's weight is applied to the trained positions only, in chunks
+    whose logits are recomputed in backward (checkpointed) rather than kept. The sum of cross-entropies is divided
+    as the Trainer's own loss is (by `num_items_in_batch`). Hand-written: Liger's fused linear cross-entropy does
+    this on GPUs only, and transformers has no such loss. Not used under DeepSpeed, whose ZeRO-3 partitions the
+    head's weight outside its module's forward.
+    """
+
+    CHUNK = 1024
+    # Model types whose logits are the LM head's output as is: Gemma 2's soft-capping, Cohere's and Granite's logit
+    # scales and the like change them after the head, so those models keep the stock loss.
+    PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "olmo", "olmo2"})
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels, shift_labels = inputs.pop("labels"), inputs.pop("shift_labels", None)
+        causal_lm = self.accelerator.unwrap_model(model)
+        causal_lm = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+        head = causal_lm.lm_head
+        causal_lm.lm_head = torch.nn.Identity()
+        try:
+            hidden = model(**inputs).logits
+        finally:
+            causal_lm.lm_head = head
+        targets = shift_labels if shift_labels is not None else torch.nn.functional.pad(labels[:, 1:], (0, 1),
+                                                                                           value=-100)
+        trained = targets != -100
+        selected, wanted = hidden[trained], targets[trained]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for states, chunk_targets in zip(selected.split(self.CHUNK), wanted.split(self.CHUNK)):
+            total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, states, head.weight, head.bias,
+                                                              chunk_targets, use_reentrant=False)
+        loss = total / (num_items_in_batch if num_items_in_batch is not None else max(len(wanted), 1))
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales a normalised loss
+        return (loss, None) if return_outputs else loss
+
+
+def _chunk_loss(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+                ) -> torch.Tensor:
+    logits = torch.nn.functional.linear(states, weight, bias).float()
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
 class _StopWhenRequested(TrainerCallback):
     """After each step: if any process was asked to stop, every process saves a checkpoint and stops together."""
 
@@ -401,7 +449,9 @@ def train(
         # Its own tokenizer: generation pads on the left, the collator's must not change.
         sample_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
         callbacks.append(_AnswerSamplePrompts(samples, sample_tokenizer, precision, on_samples))
-    trainer = Trainer(
+    plain_head = getattr(model.config, "model_type", None) in TrainedPositionsTrainer.PLAIN_HEAD_MODELS
+    trainer_class = TrainedPositionsTrainer if head is None and config.deepspeed is None and plain_head else Trainer
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_dataset,
