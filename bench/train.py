@@ -8,7 +8,8 @@ of its own (so that peak memory is per setup), and compare real tokens/s, peak m
      each other). It takes loraflow's tokenized samples as they are (input_ids and labels: TRL keeps a dataset's own
      labels), so it trains the same assistant tokens; SmolLM2's template has no generation markers from which
      TRL's assistant_only_loss could find them itself;
-(c)  loraflow's train stage on its packed rows (the same BFD packing, TRL's `pack_dataset`).
+(c)  loraflow's train stage on its packed rows (the same BFD packing, TRL's `pack_dataset`);
+(lean) the same with `train.low_memory: true` (the frozen base in bf16, activations recomputed in backward).
 
 The samples: the benches' mixed-length conversations and alpaca-shaped instruction/response rows with a long tail
 of lengths, tokenized once by loraflow (assistant-only labels, at most 512 tokens). Every setup trains one whole
@@ -51,11 +52,12 @@ from tasks.labels import Head  # noqa: E402
 from tasks.tokenize import tokenize  # noqa: E402
 from tasks.train import choose_precision, train  # noqa: E402
 
-CONVERSATIONS, INSTRUCTIONS, MAX_LENGTH, BATCH, RANKS = 100, 60, 512, 4, (16, 8)
+CONVERSATIONS, INSTRUCTIONS, MAX_LENGTH, BATCH, RANKS = 60, 40, 512, 4, (16, 8)
 HEAD_BATCH, HEAD_STEPS = 32, 20
 LOSS_TOLERANCE = 0.03  # (b) and (c): the same samples, packed alike, trained alike: mean losses within 3%
 SETUPS = {"a": "HF Trainer + PEFT, padded", "a2": "HF Trainer + PEFT, group_by_length",
-          "b": "TRL SFTTrainer, packing (bfd)", "c": "loraflow train stage"}
+          "b": "TRL SFTTrainer, packing (bfd)", "c": "loraflow train stage",
+          "lean": "loraflow, train.low_memory: true"}
 
 
 def instruction_rows(count: int, seed: int = 1) -> list[list[dict]]:
@@ -109,7 +111,7 @@ def run_setup(setup: str, rank: int, work: Path, precision: str) -> dict:
     unpacked, packed = work / "unpacked", work / "packed"
     tokenizer = AutoTokenizer.from_pretrained(unpacked / "tokenizer")
     out_dir = work / f"{setup}-r{rank}"
-    if setup == "c":
+    if setup in ("c", "lean"):
         seen: dict[int, tuple[float, float]] = {}
         losses: list[float] = []
 
@@ -119,7 +121,8 @@ def run_setup(setup: str, rank: int, work: Path, precision: str) -> dict:
 
         steps = math.ceil(len(load_from_disk(str(packed / "train"))) / BATCH)
         config = TrainConfig(max_steps=steps, batch_size=BATCH, learning_rate=1e-4, warmup_steps=0,
-                             precision=precision, checkpoint_every=steps, lora=LoraSettings(r=rank, alpha=2 * rank))
+                             precision=precision, checkpoint_every=steps, lora=LoraSettings(r=rank, alpha=2 * rank),
+                             low_memory=setup == "lean")
         train(packed / "train", packed / "tokenizer", model_dir, config, 0, out_dir, on_step)
         (first_time, first_tokens), (last_time, last_tokens) = seen[1], seen[steps]
         tokens_per_second, loss = (last_tokens - first_tokens) / (last_time - first_time), sum(losses) / len(losses)
@@ -253,6 +256,8 @@ def main() -> None:
         print(f"r={rank} speedup_vs_grouped: {ours / results['a2']['tokens_per_second']:.2f}")
         print(f"r={rank} speedup_vs_trl: {ours / results['b']['tokens_per_second']:.2f}")
         print(f"r={rank} speedup: {ours / results['a']['tokens_per_second']:.2f}", flush=True)
+        print(f"r={rank} low_memory: {results['lean']['peak_mb']:,.0f} MB peak, "
+              f"{results['lean']['tokens_per_second'] / results['a']['tokens_per_second']:.2f}x the padded baseline")
     if not args.no_classification:
         classification_line(work, model_dir, precision)
 

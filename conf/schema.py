@@ -115,6 +115,10 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(default=2, gt=0, description="newest checkpoints kept on disk")
     deepspeed: Path | None = Field(default=None, description="a DeepSpeed ZeRO config JSON, e.g. conf/deepspeed/zero3.json")
     processes: int = Field(default=1, gt=0, description="training processes (torchrun); with deepspeed, ZeRO shards over them")
+    low_memory: bool = Field(
+        default=False, description="LoRA's frozen base in the run's bf16/fp16 and activations recomputed in backward "
+        "(gradient checkpointing): much less memory, somewhat slower"
+    )
 
     @field_validator("deepspeed")
     @classmethod

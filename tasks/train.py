@@ -221,9 +221,10 @@ class TrainedPositionsTrainer(Trainer):
         trained = targets != -100
         selected, wanted = hidden[trained], targets[trained]
         total = hidden.new_zeros((), dtype=torch.float32)
-        for states, chunk_targets in zip(selected.split(self.CHUNK), wanted.split(self.CHUNK)):
-            total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, states, head.weight, head.bias,
-                                                              chunk_targets, use_reentrant=False)
+        with self.accelerator.autocast():  # the head in the run's precision, as inside the model's forward
+            for states, chunk_targets in zip(selected.split(self.CHUNK), wanted.split(self.CHUNK)):
+                total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, states, head.weight, head.bias,
+                                                                  chunk_targets, use_reentrant=False)
         loss = total / (num_items_in_batch if num_items_in_batch is not None else max(len(wanted), 1))
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales a normalised loss
@@ -343,9 +344,11 @@ def training_collator(tokenizer, packed: bool, attn: str, head: Head | None = No
 
 
 def load_base_for_training(
-    model_dir: str, method: str, precision: str, attn: str, trust_remote_code: bool = False, head: Head | None = None
+    model_dir: str, method: str, precision: str, attn: str, trust_remote_code: bool = False, head: Head | None = None,
+    low_memory: bool = False,
 ) -> PreTrainedModel:
     """fp32 weights for LoRA and full training; for QLoRA, 4-bit NF4 with double quantisation, computing in bf16/fp32.
+    With `low_memory`, LoRA's frozen base in the run's 16-bit precision (PEFT keeps the LoRA weights in fp32).
     With a task head: the same base under a new output layer of len(head.labels) outputs.
 
     Weights load from safetensors only (never a pickle). On a CPU, bitsandbytes repacks 4-bit weights for
@@ -355,9 +358,11 @@ def load_base_for_training(
     def load(**options) -> PreTrainedModel:
         if head is not None:
             return load_head_model(model_dir, head, trust_remote_code, attn_implementation=attn, **options)
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn,
-                                                    use_safetensors=True, trust_remote_code=trust_remote_code, **options)
+        return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn, use_safetensors=True,
+                                                    trust_remote_code=trust_remote_code, **{"dtype": torch.float32} | options)
 
+    if method == "lora" and low_memory and precision in ("bf16", "fp16"):
+        return load(dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     if method != "qlora":
         return load()
     quantization = BitsAndBytesConfig(
@@ -395,7 +400,8 @@ def train(
     if head is not None:
         head = dataclasses.replace(head, pad_token_id=tokenizer.pad_token_id)
         set_seed(seed)  # the new head's weights are drawn as it loads; evaluation draws the same ones as its base
-    model = load_base_for_training(model_dir, config.method, precision, attn, trust_remote_code, head)
+    model = load_base_for_training(model_dir, config.method, precision, attn, trust_remote_code, head,
+                                   config.low_memory)
     train_dataset = load_from_disk(str(train_dir))
     packed = "seq_lengths" in train_dataset.column_names
     if packed:
@@ -442,6 +448,8 @@ def train(
         use_cpu=on_cpu,
         ddp_backend="gloo" if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         deepspeed=str(config.deepspeed) if config.deepspeed is not None else None,
+        gradient_checkpointing=config.low_memory,  # activations recomputed in backward instead of kept
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     steps, stopper = _StepMetrics(on_step), _StopWhenRequested()
     callbacks: list[TrainerCallback] = [steps, stopper]
