@@ -448,8 +448,8 @@ def train(
         use_cpu=on_cpu,
         ddp_backend="gloo" if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         deepspeed=str(config.deepspeed) if config.deepspeed is not None else None,
-        gradient_checkpointing=config.low_memory,  # activations recomputed in backward instead of kept
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=config.low_memory,  # activations recomputed in backward instead of kept
+        activation_checkpointing_kwargs={"use_reentrant": False},
     )
     steps, stopper = _StepMetrics(on_step), _StopWhenRequested()
     callbacks: list[TrainerCallback] = [steps, stopper]

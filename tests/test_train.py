@@ -45,3 +45,24 @@ def test_full_training_saves_a_whole_model_that_loads_and_changed(tokens, model_
     tuned, base = load_model(result.weights_dir), load_model(model_dir)
     changed = [name for name, weight in tuned.state_dict().items() if not torch.equal(weight, base.state_dict()[name])]
     assert len(changed) > 100  # every block's weights moved, not just an adapter's
+
+
+def test_low_memory_keeps_the_frozen_base_in_bf16_the_lora_weights_in_fp32_and_recomputes_activations(
+        tokens, model_dir, tmp_path, monkeypatch):
+    import tasks.train
+
+    seen = {}
+    real_trainer = tasks.train.TrainedPositionsTrainer
+
+    class Watching(real_trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+            seen.update(dtypes=dtypes, checkpointing=self.model.is_activation_checkpointing)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(tasks.train, "TrainedPositionsTrainer", Watching)
+    result = run_train(tokens, model_dir, tmp_path, low_memory=True, precision="bf16", lora=LoraConfig(r=8))
+    assert seen["dtypes"] == {(False, torch.bfloat16), (True, torch.float32)} and seen["checkpointing"]
+    saved = load_file(result.weights_dir / "adapter_model.safetensors")
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+    assert all(loss == loss and loss > 0 for loss in result.losses)  # finite losses: it trained

