@@ -368,6 +368,8 @@ def load_base_for_training(
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        # A task head is trained whole (modules_to_save): it must stay a plain layer, not a 4-bit one.
+        llm_int8_skip_modules=list(HEAD_MODULES) if head is not None else None,
     )
     model = load(quantization_config=quantization, device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

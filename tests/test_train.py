@@ -66,3 +66,25 @@ def test_low_memory_keeps_the_frozen_base_in_bf16_the_lora_weights_in_fp32_and_r
     saved = load_file(result.weights_dir / "adapter_model.safetensors")
     assert saved and all(t.dtype == torch.float32 for t in saved.values())
     assert all(loss == loss and loss > 0 for loss in result.losses)  # finite losses: it trained
+
+
+@pytest.mark.parametrize("options", [{"method": "qlora"}, {"lora": LoraConfig(r=8, use_dora=True)}],
+                         ids=["qlora", "dora"])
+def test_a_task_head_trains_under_qlora_and_dora_and_is_saved_whole(options, model_dir, tmp_path):
+    from conf.schema import DataConfig, TokenizeConfig
+    from tasks.clean import clean
+    from tasks.labels import Head
+    from tasks.tokenize import tokenize
+
+    cleaned = clean(DataConfig(train=["builtin:ner_templates"], eval=["builtin:ner_templates_heldout"]), {},
+                    tmp_path / "clean", "token_classification")
+    tokens = tokenize(cleaned.train_path, cleaned.eval_path, model_dir, TokenizeConfig(max_length=64),
+                      tmp_path / "cache", task="token_classification", labels=cleaned.labels)
+    config = TrainConfig(**{"max_steps": 2, "batch_size": 4, "warmup_steps": 0} | options)
+    result = train(tokens.train_dir, tokens.tokenizer_dir, model_dir, config, 0, tmp_path / "out",
+                   lambda step, metrics: None, head=Head("token_classification", tokens.labels))
+    saved = load_file(result.weights_dir / "adapter_model.safetensors")
+    heads = {name: t for name, t in saved.items() if "score" in name}
+    # The new head whole, in full precision (under QLoRA it must not have become a 4-bit layer).
+    assert any(t.shape == (len(tokens.labels), 576) and t.dtype == torch.float32 for t in heads.values())
+    assert Head.of(result.weights_dir).labels == tokens.labels
