@@ -255,6 +255,13 @@ def _deploy(args: argparse.Namespace) -> int:
         from tasks.vllm_engine import check_vllm_runs
 
         check_vllm_runs()
+    try:
+        task = _logged_task(f"models:/{args.name}@{args.alias}")
+    except UserError:
+        task = "causal_lm"  # not readable yet: deploy says why below, and keeps trying
+    if task != "causal_lm":
+        raise UserError(f"{args.name}@{args.alias}: a {task.replace('_', ' ')} model; loraflow deploy serves chat "
+                        f"models. Serve its pyfunc (labels) with: mlflow models serve -m models:/{args.name}@{args.alias}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     follower = AliasFollower(args.name, args.alias, args.max_tokens_limit, engine=args.engine)
     try:

@@ -110,7 +110,10 @@ def load_version(uri: str, engine: str):
         from tasks.vllm_engine import load_vllm_version
 
         return load_vllm_version(uri)
-    return mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    if not hasattr(model, "check"):
+        raise TypeError(f"{type(model).__name__} is not a chat model (a task head labels text; it has no chat)")
+    return model
 
 
 @dataclass

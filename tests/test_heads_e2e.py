@@ -79,6 +79,8 @@ def test_predict_and_the_pyfunc_label_text_and_chat_refuses(run):
     assert json.loads(shown.stdout.strip().splitlines()[-1]) == {"text": texts[0], "prediction": predictions[0]}
     refused = cli("chat", uri, "-p", "hello")
     assert refused.returncode == 2 and "not a chat model" in refused.stderr and "loraflow predict" in refused.stderr
+    refused = cli("deploy", version.name, "--alias", "challenger", "--port", "0")  # the newest version is challenger
+    assert refused.returncode == 2 and "serves chat models" in refused.stderr and "mlflow models serve" in refused.stderr
 
 
 RELOAD = """
