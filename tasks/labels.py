@@ -158,16 +158,13 @@ def entity_spans(words: list[tuple[str, int, int]], tags: list[str], scores: lis
     spans: list[dict] = []
     current: dict | None = None
     for (_, start, end), tag, score in zip(words, tags, scores):
-        kind = tag[2:]
-        if tag == "O" or (tag.startswith("B-")) or current is None or current["entity"] != kind:
-            current = None
         if tag == "O":
-            continue
-        if current is None:
-            current = {"entity": kind, "start": start, "end": end, "scores": [score]}
-            spans.append(current)
-        else:
+            current = None
+        elif tag.startswith("I-") and current is not None and current["entity"] == tag[2:]:
             current["end"] = end
             current["scores"].append(score)
+        else:
+            current = {"entity": tag[2:], "start": start, "end": end, "scores": [score]}
+            spans.append(current)
     return [{"entity": span["entity"], "text": text[span["start"] : span["end"]], "start": span["start"],
              "end": span["end"], "score": round(sum(span["scores"]) / len(span["scores"]), 4)} for span in spans]

@@ -180,10 +180,7 @@ def encode_documents(tokenizer: PreTrainedTokenizerBase, texts: list[str], block
 
 def load_head_tokenizer(model_dir: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The base model's tokenizer for a task head, with a pad token (its EOS where it has none)."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        raise UserError(f"base_model {model_dir}: cannot load its tokenizer ({str(error).splitlines()[0]})") from None
+    tokenizer = load_tokenizer(model_dir, "none", trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
