@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_TRACKING_DIR = Path("mlruns")
 
@@ -40,3 +41,13 @@ def apply_tool_defaults(project_dir: Path | None = None) -> None:
         del defaults["LORAFLOW_ARTIFACT_ROOT"]
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+
+
+def shown_uri(uri: str) -> str:
+    """`uri` with its password masked, for anything printed, logged or kept: a store or server URL may carry one
+    (postgresql://user:secret@host/db) and the record must not."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    user_info, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user_info.split(':', 1)[0]}:***@{host}"))

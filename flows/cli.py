@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from conf.environment import apply_tool_defaults
+from conf.environment import apply_tool_defaults, shown_uri
 
 apply_tool_defaults()
 # On CPUs with AVX512-BF16, bitsandbytes warns at import that an optional hub kernel (`kernels` package) is
@@ -77,7 +77,7 @@ def _report(config, summary, resume_command: str) -> int:
         "\n".join(
             [
                 "",
-                f"MLflow run:        {summary.run_id} (experiment {config.experiment}, store {os.environ['MLFLOW_TRACKING_URI']})",
+                f"MLflow run:        {summary.run_id} (experiment {config.experiment}, store {shown_uri(os.environ['MLFLOW_TRACKING_URI'])})",
                 *([f"identity share:    base {m['base_identity_share']:.2f} -> tuned {m['tuned_identity_share']:.2f}"]
                   if "base_identity_share" in m else []),
                 f"held-out loss:     base {m['base_eval_loss']:.3f} -> tuned {m['tuned_eval_loss']:.3f}"
@@ -151,7 +151,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from flows.sweep import run_sweep
 
     summary = run_sweep(sweep_config, wait_for_prefect)
-    print(f"\nsweep run:  {summary.run_id} (store {os.environ['MLFLOW_TRACKING_URI']})")
+    print(f"\nsweep run:  {summary.run_id} (store {shown_uri(os.environ['MLFLOW_TRACKING_URI'])})")
     for result in summary.results:
         scores = ", ".join(f"{key.removeprefix('tuned_')} {value:.4f}" for key, value in result.metrics.items()
                            if key.startswith("tuned_"))
@@ -172,7 +172,7 @@ def _eval(args: argparse.Namespace) -> int:
     preflight_evaluation(config)
     wait_for_prefect()
     summary = evaluate_model(config, args.model)
-    print(f"\nMLflow run:        {summary.run_id} (experiment {config.experiment}, store {os.environ['MLFLOW_TRACKING_URI']})")
+    print(f"\nMLflow run:        {summary.run_id} (experiment {config.experiment}, store {shown_uri(os.environ['MLFLOW_TRACKING_URI'])})")
     for name, value in sorted(summary.metrics.items()):
         print(f"{name + ':':<19}{value:.4f}")
     print(f"answers:           {summary.samples_path}")
@@ -432,7 +432,7 @@ def _ui(args: argparse.Namespace) -> int:
     uri = os.environ["MLFLOW_TRACKING_URI"]
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                "--port", str(args.port)]
-    print(f"MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C stops it.", flush=True)
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (store {shown_uri(uri)}); Ctrl-C stops it.", flush=True)
     os.execv(command[0], command)
 
 

@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
+from conf.environment import shown_uri
 from conf.schema import RegistryConfig, RunConfig, UserError, flatten
 from tasks.base_model import check_base_model, resolve_base_model
 from tasks.clean import check_readable, clean
@@ -258,9 +259,9 @@ def sync_run(run_id: str, output_dir: Path) -> Synced:
                         "to sync")
     check_tracking_store()
     lost = entries[0]
-    if lost["op"] == "lost" and lost["uri"] != mlflow.get_tracking_uri():
+    if lost["op"] == "lost" and lost["uri"] != shown_uri(mlflow.get_tracking_uri()):
         raise UserError(f"{record}: run {run_id} lost {lost['uri']}, but MLFLOW_TRACKING_URI is "
-                        f"{mlflow.get_tracking_uri()}; sync to the server the run was made on")
+                        f"{shown_uri(mlflow.get_tracking_uri())}; sync to the server the run was made on")
     registered: list[RegisterResult] = []
 
     def register_entry(client: MlflowClient, run_id: str, entry: dict) -> None:

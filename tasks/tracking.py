@@ -29,6 +29,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from conf.environment import shown_uri
 from conf.schema import UserError
 from tasks.base_model import machine_lock
 
@@ -57,7 +58,7 @@ def check_tracking_store(timeout: float = 10.0) -> None:
     if uri.startswith(("http://", "https://")):
         reason = _unanswered(timeout)
         if reason is not None:
-            raise TrackingUnreachable(f"MLFLOW_TRACKING_URI {uri}: the tracking server does not answer ({reason})")
+            raise TrackingUnreachable(f"MLFLOW_TRACKING_URI {shown_uri(uri)}: the tracking server does not answer ({reason})")
         return
     try:
         # MLflow creates and migrates a new SQLite store's tables on first open; two processes doing it at once fail
@@ -66,7 +67,7 @@ def check_tracking_store(timeout: float = 10.0) -> None:
             MlflowClient().search_experiments(max_results=1)
     except Exception as error:  # MLflow raises its own errors and SQLAlchemy's alike for a store it cannot open
         reason = str(error).strip().splitlines()[0][:300]
-        raise TrackingUnreachable(f"MLFLOW_TRACKING_URI {uri}: the tracking store cannot be opened ({reason})") from None
+        raise TrackingUnreachable(f"MLFLOW_TRACKING_URI {shown_uri(uri)}: the tracking store cannot be opened ({reason})") from None
 
 
 def _unanswered(timeout: float) -> str | None:
@@ -201,8 +202,8 @@ def _go_offline_or_raise(run_id: str, error: Exception) -> None:
     if reason is None:
         raise error
     keep_unlogged(run_id, {"op": "lost", "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           "uri": mlflow.get_tracking_uri(), "error": reason})
-    _logger.warning(f"the tracking server {mlflow.get_tracking_uri()} went away ({reason}); the run goes on and keeps "
+                           "uri": shown_uri(mlflow.get_tracking_uri()), "error": reason})
+    _logger.warning(f"the tracking server {shown_uri(mlflow.get_tracking_uri())} went away ({reason}); the run goes on and keeps "
                     f"what it cannot log in {_records[run_id]}; `loraflow sync {run_id}` sends it once the server is back")
 
 
