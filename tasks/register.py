@@ -14,12 +14,10 @@ keeps the champions in order in a tag, which is how `loraflow rollback` finds th
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import json
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -32,8 +30,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import RegistryConfig, UserError
-from tasks.base_model import base_identity, is_adapter, machine_lock
+from tasks.base_model import base_identity, is_adapter
 from tasks.labels import Head
+from tasks.promotion_lock import promotion_lock
 from tasks.tracking import attached_run, set_tags
 
 CHAT_MODEL_CODE = Path(__file__).with_name("chat_model.py")
@@ -51,6 +50,7 @@ HISTORY_TAG = "loraflow.champion_history"  # on the registered model: the versio
 EVAL_DATA_TAG = "loraflow.eval_data_hash"  # the held-out rows the version's score was measured on
 METRIC_VERSION_TAG = "loraflow.metric_version"  # the metric modules' code that measured it
 COMPARED_TAG = "loraflow.compared_with"  # which comparison with the champion decided the promotion
+LOCK_TAG = "loraflow.promotion_lock"  # the lock the decision was taken under (tasks/promotion_lock.py)
 
 
 class RegistryError(UserError):
@@ -102,15 +102,6 @@ def decide_promotion(
         return Promotion(False, f"does not beat the current champion ({candidate:.4f} vs champion {champion:.4f})")
     against = "base" if champion is None else f"base {base:.4f} and champion {champion:.4f}"
     return Promotion(True, f"beats {against} with {candidate:.4f}")
-
-
-@contextlib.contextmanager
-def promotion_lock(name: str) -> Iterator[None]:
-    """Champion moves of one registered model, one at a time: MLflow has no compare-and-set for aliases, so two
-    runs finishing together could each read the old champion and both take the alias. A file lock; it serialises
-    the processes of one machine (runs on several machines against one server are not covered)."""
-    with machine_lock("registry", f"{mlflow.get_tracking_uri()}\n{name}"):
-        yield
 
 
 def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -244,7 +235,8 @@ def register(
     if not earlier.startswith("undecided"):  # judged when first registered: that decision stands
         return RegisterResult(name, number, _holds_champion(client, name, number), earlier)
     rescored = ChampionScore(str(champion_score["version"]), float(champion_score["value"])) if champion_score else None
-    with promotion_lock(name):
+    with promotion_lock(name) as lock:
+        client.set_model_version_tag(name, number, LOCK_TAG, lock)
         try:
             _mark_challenger(client, name, number)
             decision = _judge(client, name, _version(client, name, number), rescored)
