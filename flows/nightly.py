@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.logging import get_logger
 
+from conf.environment import apply_tool_defaults, shown_uri
 from conf.schema import load_config
 from flows.finetune import Interrupted, Offline, Resume, finetune
 from flows.runs import (
@@ -75,13 +76,14 @@ def run_link(run_id: str | None, experiment_id: str | None) -> str | None:
         return None
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")) and experiment_id:
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"{shown_uri(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"runs:/{run_id}"
 
 
 @flow(name="nightly", on_completion=[notify_night], on_failure=[notify_night])
 def nightly(recipe: str, overrides: list[str] | None = None, force: bool = False) -> Night:
     """Fine-tune `recipe` (with `overrides`) unless neither it nor its data changed since its last finished run."""
+    apply_tool_defaults()  # a worker's flow run gets what `loraflow` commands set (loraflow serve has them already)
     logger = get_run_logger()
     config = load_config(recipe, overrides or [])
     preflight(config)
