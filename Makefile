@@ -16,12 +16,15 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(BIN)/loraflow run $(RECIPE)
 
-# The browser tests drive Debian's Chromium (headless); installed here when missing (needs root, as CI has).
+# The browser tests drive Debian's Chromium (headless) and the team-stack test Debian's PostgreSQL; each is
+# installed here when missing (needs root, as CI has).
 # One test process per core (pytest-xdist), a test file per process at a time; most tests wait on servers and
 # subprocesses, so on 2 cores this takes 12 minutes instead of 16.
 test: $(VENV)/.installed
 	command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
 		|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql \
+		|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql)
 	$(BIN)/pytest -n auto --dist loadfile
 
 test-fast: $(VENV)/.installed

@@ -1,0 +1,211 @@
+"""The nightly job on a team's stack: PostgreSQL, an MLflow server and a Prefect server on it, a process work pool
+with two workers, each in a working directory of its own, getting the flow's code by prefect.yaml's pull step.
+
+Every server is a real program started here and stopped by its PID (tests/team_stack.py). The database's password is
+in the environment of every process, as a team's machines would have it, and must reach no record.
+"""
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tasks.register import CHAMPION, HISTORY_TAG, LOCK_TAG, PROMOTION_TAG
+from tests.conftest import REPO, write_tiny_recipe
+from tests.team_stack import TeamStack, team_stack_folder
+
+pytestmark = pytest.mark.slow
+MODEL = "team-model"
+POOL = "loraflow-cpu"
+
+
+@pytest.fixture(scope="module")
+def stack():
+    team = TeamStack(team_stack_folder(), secrets.token_hex(16))
+    try:
+        team.start_postgres()
+        team.start_mlflow()
+        team.start_prefect()
+        yield team
+    finally:
+        team.stop_all()
+        left = [p.pid for p in team.processes if p.poll() is None]
+        shutil.rmtree(team.folder, ignore_errors=True)
+        assert not left, f"servers still running: {left}"
+
+
+def team_env(stack: TeamStack, **extra: str) -> dict[str, str]:
+    """A team machine's environment: the team's servers, and the database URL with its password."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("LORAFLOW_ARTIFACT_ROOT", "PYTEST_XDIST_WORKER", "PREFECT_HOME")}
+    return env | {
+        "PREFECT_API_URL": stack.prefect_api_url,
+        "MLFLOW_TRACKING_URI": stack.mlflow_url,
+        "MLFLOW_BACKEND_STORE_URI": stack.database_url("mlflow"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": stack.database_url("prefect", "postgresql+asyncpg"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+    } | extra
+
+
+def prefect(stack: TeamStack, *args: str, cwd: Path, **extra: str) -> str:
+    """A `prefect` command against the team's Prefect server."""
+    home = {"PREFECT_HOME": str(stack.folder / "prefect-cli")}
+    result = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=cwd, capture_output=True, text=True,
+                            env=team_env(stack, **home, **extra), timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def api(stack: TeamStack, path: str, body: dict | None = None) -> dict | list:
+    request = urllib.request.Request(f"{stack.prefect_api_url}{path}", method="POST" if body is not None else "GET",
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def trigger(stack: TeamStack, deployment: str, cwd: Path) -> str:
+    output = prefect(stack, "deployment", "run", f"nightly/{deployment}", cwd=cwd)
+    return re.search(r"UUID:\s*([0-9a-f-]{36})", output).group(1)
+
+
+def wait_for_runs(stack: TeamStack, run_ids: list[str], workers: list[subprocess.Popen], seconds: float) -> list[dict]:
+    deadline = time.monotonic() + seconds
+    while True:
+        runs = [api(stack, f"/flow_runs/{run_id}") for run_id in run_ids]
+        if all(run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for run in runs):
+            return runs
+        assert all(worker.poll() is None for worker in workers), "a worker exited"
+        assert time.monotonic() < deadline, [run["state"] for run in runs]
+        time.sleep(2)
+
+
+def logs_of(stack: TeamStack, run_id: str) -> str:
+    entries = api(stack, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+    return "\n".join(entry["message"] for entry in entries)
+
+
+def logged(stack: TeamStack, run_id: str, text: str, seconds: float = 60) -> bool:
+    """Whether the flow run's logs (sent by its process in the background, so after its state) come to hold `text`."""
+    deadline = time.monotonic() + seconds
+    while text not in logs_of(stack, run_id):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1)
+    return True
+
+
+HOLDER = """
+import sys, time
+from tasks.promotion_lock import promotion_lock
+with promotion_lock("contended-model") as lock:
+    print("held", time.time(), lock, flush=True)
+    time.sleep(float(sys.argv[1]))
+    print("releasing", time.time(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("store", ["postgresql", "server"])
+def test_the_champion_lock_holds_between_processes_that_share_no_file_lock(stack, store, tmp_path):
+    """Two processes with caches of their own (so no shared file lock), as on two machines: the second gets the
+    lock only after the first let it go. A PostgreSQL store takes an advisory lock, a tracking server Prefect's."""
+    uri = stack.database_url("mlflow") if store == "postgresql" else stack.mlflow_url
+    holders = []
+    for n, hold in enumerate(("4", "0")):
+        holders.append(subprocess.Popen(
+            [sys.executable, "-c", HOLDER, hold], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            env=team_env(stack, MLFLOW_TRACKING_URI=uri, LORAFLOW_CACHE=str(tmp_path / f"cache-{n}"))))
+        if n == 0:
+            first_line = holders[0].stdout.readline()
+            assert first_line.startswith("held"), holders[0].communicate()[1][-2000:]
+    first, second = (first_line + holders[0].communicate(timeout=120)[0]).split("\n"), \
+        holders[1].communicate(timeout=120)[0].split("\n")
+    kind = "PostgreSQL advisory lock" if store == "postgresql" else "Prefect global concurrency limit"
+    assert first[0].split(" ", 2)[2].startswith(kind) and second[0].split(" ", 2)[2].startswith(kind)
+    released, acquired = float(first[1].split()[1]), float(second[0].split()[1])
+    assert acquired >= released
+
+
+def test_two_workers_train_register_and_move_champion_under_one_lock_and_record_no_password(stack, tmp_path):
+    recipes = {}
+    for deployment, rate in (("identity-nightly", "1e-3"), ("team-b", "2e-3")):  # two recipes, one model name
+        folder = tmp_path / deployment
+        folder.mkdir()
+        recipe = write_tiny_recipe(folder)
+        recipe.write_text(recipe.read_text()
+                          .replace("batch_size: 2}", f"batch_size: 2, learning_rate: {rate}}}")
+                          .replace("registry: {primary_metric: rougeL}",
+                                   f"registry: {{primary_metric: rougeL, model_name: {MODEL}}}\nexperiment: {deployment}"))
+        recipes[deployment] = recipe
+    deployer = tmp_path / "deployer"
+    deployer.mkdir()
+    prefect(stack, "work-pool", "create", POOL, "--type", "process", cwd=deployer)
+    # From the repository, as a user deploys; LORAFLOW_REPOSITORY goes into the pull step the workers run.
+    prefect(stack, "deploy", "--name", "identity-nightly", "--params",
+            json.dumps({"recipe": str(recipes["identity-nightly"])}), cwd=REPO, LORAFLOW_REPOSITORY=str(REPO))
+    prefect(stack, "deploy", "flows/nightly.py:nightly", "--name", "team-b", "--pool", POOL, "--params",
+            json.dumps({"recipe": str(recipes["team-b"])}), cwd=REPO, LORAFLOW_REPOSITORY=str(REPO))
+    workers = []
+    for name in ("worker-a", "worker-b"):
+        home = tmp_path / name
+        home.mkdir()
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--name", name, "--limit", "1"],
+            cwd=home, env=team_env(stack, PREFECT_HOME=str(home / ".prefect"), PREFECT_WORKER_QUERY_SECONDS="2"),
+            start_new_session=True, stdout=open(home / "worker.log", "wb"), stderr=subprocess.STDOUT))
+    try:
+        deadline = time.monotonic() + 120
+        while len(api(stack, f"/work_pools/{POOL}/workers/filter", {})) < 2:  # both polling before any run exists
+            assert time.monotonic() < deadline and all(w.poll() is None for w in workers), "the workers did not start"
+            time.sleep(1)
+        both = [trigger(stack, deployment, deployer) for deployment in recipes]
+        runs = wait_for_runs(stack, both, workers, 900)
+        assert [run["state"]["type"] for run in runs] == ["COMPLETED", "COMPLETED"], [logs_of(stack, r) for r in both]
+        starts, ends = sorted(run["start_time"] for run in runs), sorted(run["end_time"] for run in runs)
+        assert starts[1] < ends[0], "the two runs did not run at once"
+
+        client = MlflowClient(stack.mlflow_url)
+        versions = client.search_model_versions(f"name = '{MODEL}'")
+        assert len(versions) == 2
+        for version in versions:
+            assert version.tags[LOCK_TAG].startswith("Prefect global concurrency limit"), version.tags
+            assert not version.tags[PROMOTION_TAG].startswith("undecided"), version.tags
+        model = client.get_registered_model(MODEL)
+        promoted = sorted(v.version for v in versions if v.tags[PROMOTION_TAG].startswith("beats"))
+        history = json.loads(model.tags.get(HISTORY_TAG, "[]"))
+        assert sorted(history) == promoted
+        assert (str(model.aliases.get(CHAMPION)) if promoted else None) == (history[-1] if history else None)
+        if len(history) == 2:  # the second to move the alias saw the first as champion: the moves were serialised
+            assert "champion" in client.get_model_version(MODEL, history[1]).tags[PROMOTION_TAG]
+        limits = api(stack, "/v2/concurrency_limits/filter", {})
+        assert [limit["active_slots"] for limit in limits if limit["name"].startswith(f"loraflow-champion-{MODEL}-")] == [0]
+        for run_id in both:  # the entrypoint is in no worker's folder: only the pull step's clone has it
+            assert logged(stack, run_id, "Executing deployment step: git_clone")
+
+        again = trigger(stack, "identity-nightly", deployer)
+        [run] = wait_for_runs(stack, [again], workers, 300)
+        assert run["state"]["type"] == "COMPLETED"
+        assert logged(stack, again, "skipped: the recipe and its data"), logs_of(stack, again)
+        assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.wait(timeout=60)
+
+    record = stack.dump("mlflow") + stack.dump("prefect")
+    record += "".join(logs_of(stack, run_id) for run_id in [*both, again])
+    files = [path for path in [*(tmp_path / "worker-a").rglob("*.log"), *(tmp_path / "worker-b").rglob("*.log"),
+                               *stack.folder.glob("*.log"), *(stack.folder / "artifacts").rglob("*")] if path.is_file()]
+    assert any(path.name == "adapter_model.safetensors" for path in files)  # the artifacts are looked through
+    record += "".join(path.read_bytes().decode("utf-8", errors="ignore") for path in files)
+    assert stack.password not in record
