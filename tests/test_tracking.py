@@ -37,3 +37,19 @@ def test_a_replay_cut_short_keeps_what_it_did_not_send(tmp_path):
     assert applied == {"broken": 1, "params": 1} and read_record(record) == ([entries[0]], 0)
     run = MlflowClient().get_run(run_id)
     assert run.data.params == {"last": "3"} and run.data.tags["first"] == "1"
+
+
+def test_a_store_url_with_a_password_is_never_shown_with_it(monkeypatch, capsys):
+    """`loraflow run` against a PostgreSQL store that does not answer: the one-line error names the store, masked."""
+    from flows.cli import main
+
+    monkeypatch.setattr("mlflow.store.db.utils.MAX_RETRY_COUNT", 1)  # MLflow retries a store for 100 s otherwise
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://loraflow:pa55word@127.0.0.1:1/mlflow")
+    mlflow.set_tracking_uri(None)
+    try:
+        assert main(["run", "conf/identity_sft.yaml"]) == 2
+    finally:
+        mlflow.set_tracking_uri(None)
+    error = capsys.readouterr().err
+    assert "postgresql://loraflow:***@127.0.0.1:1/mlflow: the tracking store cannot be opened" in error
+    assert "pa55word" not in error
