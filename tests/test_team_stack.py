@@ -7,7 +7,6 @@ in the environment of every process, as a team's machines would have it, and mus
 
 import json
 import os
-import re
 import secrets
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks.register import CHAMPION, HISTORY_TAG, LOCK_TAG, PROMOTION_TAG
 from tests.conftest import REPO, write_tiny_recipe
-from tests.team_stack import TeamStack, team_stack_folder
+from tests.team_stack import TeamStack, stop, team_stack_folder
 
 pytestmark = pytest.mark.slow
 MODEL = "team-model"
@@ -74,9 +73,10 @@ def api(stack: TeamStack, path: str, body: dict | None = None) -> dict | list:
         return json.loads(response.read())
 
 
-def trigger(stack: TeamStack, deployment: str, cwd: Path) -> str:
-    output = prefect(stack, "deployment", "run", f"nightly/{deployment}", cwd=cwd)
-    return re.search(r"UUID:\s*([0-9a-f-]{36})", output).group(1)
+def trigger(stack: TeamStack, deployment: str) -> str:
+    """What `prefect deployment run nightly/<deployment>` does, through the API (no CLI start-up per trigger)."""
+    found = api(stack, f"/deployments/name/nightly/{deployment}")
+    return api(stack, f"/deployments/{found['id']}/create_flow_run", {})["id"]
 
 
 def wait_for_runs(stack: TeamStack, run_ids: list[str], workers: list[subprocess.Popen], seconds: float) -> list[dict]:
@@ -168,7 +168,7 @@ def test_two_workers_train_register_and_move_champion_under_one_lock_and_record_
         while len(api(stack, f"/work_pools/{POOL}/workers/filter", {})) < 2:  # both polling before any run exists
             assert time.monotonic() < deadline and all(w.poll() is None for w in workers), "the workers did not start"
             time.sleep(1)
-        both = [trigger(stack, deployment, deployer) for deployment in recipes]
+        both = [trigger(stack, deployment) for deployment in recipes]
         runs = wait_for_runs(stack, both, workers, 900)
         assert [run["state"]["type"] for run in runs] == ["COMPLETED", "COMPLETED"], [logs_of(stack, r) for r in both]
         starts, ends = sorted(run["start_time"] for run in runs), sorted(run["end_time"] for run in runs)
@@ -192,15 +192,14 @@ def test_two_workers_train_register_and_move_champion_under_one_lock_and_record_
         for run_id in both:  # the entrypoint is in no worker's folder: only the pull step's clone has it
             assert logged(stack, run_id, "Executing deployment step: git_clone")
 
-        again = trigger(stack, "identity-nightly", deployer)
+        again = trigger(stack, "identity-nightly")
         [run] = wait_for_runs(stack, [again], workers, 300)
         assert run["state"]["type"] == "COMPLETED"
         assert logged(stack, again, "skipped: the recipe and its data"), logs_of(stack, again)
         assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
     finally:
         for worker in workers:
-            worker.terminate()
-            worker.wait(timeout=60)
+            stop(worker)
 
     record = stack.dump("mlflow") + stack.dump("prefect")
     record += "".join(logs_of(stack, run_id) for run_id in [*both, again])
