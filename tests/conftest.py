@@ -45,6 +45,19 @@ def wait_for_http(url: str, server, seconds: float = 120) -> None:
             time.sleep(1)
 
 
+# The longest test files first (from `pytest --durations`, 2026-11-30): `make test` runs a file per process at a time
+# (pytest-xdist, --dist loadfile), handing out files in collection order, so a long file collected last would run
+# alone at the end while the other core idles.
+LONGEST_FIRST = ("test_heads_e2e.py", "test_real_data_e2e.py", "test_deepspeed.py", "test_team_stack.py",
+                 "test_tracking_server.py", "test_flow_e2e.py", "test_registry.py", "test_benches.py",
+                 "test_unattended.py", "test_pretrain_e2e.py", "test_serve.py", "test_sweep.py", "test_resume.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def quiet_prefect_at_exit():
     """A flow run in the test process starts Prefect's embedded server, which is stopped (and says so) at exit,
