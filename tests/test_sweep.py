@@ -89,12 +89,13 @@ SCREENSHOTS = os.environ.get("LORAFLOW_SCREENSHOTS")  # a folder: the pages are 
 
 def chromium(url: str, shows: str, height: int = 1000, screenshot: str = "") -> str:
     """The page's DOM after its scripts ran, in headless Chromium (Debian's; `make test` installs it), once it
-    `shows` the text: a cold UI server can take longer than one load's time budget (three loads at most)."""
+    `shows` the text: a cold UI server on a loaded machine can take longer than one load's time budget (five loads
+    at most)."""
     with tempfile.TemporaryDirectory() as profile:
         command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
                    f"--user-data-dir={profile}", "--virtual-time-budget=15000", f"--window-size=1400,{height}"]
-        for _ in range(3):
+        for _ in range(5):
             page = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=180,
                                   check=True).stdout
             if shows in page:
