@@ -62,7 +62,7 @@ def test_the_proof_fails_when_samples_can_see_each_other(model, tokenizer, sampl
 
 
 def test_the_train_stage_loss_at_trained_positions_only_equals_the_stock_loss_and_its_gradients(
-        model_dir, tokenizer, samples, tmp_path):
+        model_dir, tokenizer, samples, tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
@@ -77,7 +77,7 @@ def test_the_train_stage_loss_at_trained_positions_only_equals_the_stock_loss_an
     batch = training_collator(tokenizer, packed=True, attn="sdpa")(list(rows))
     trainer = TrainedPositionsTrainer(model=lora, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
                                                                          report_to="none"))
-    TrainedPositionsTrainer.CHUNK = 7  # several chunks, the last one short
+    monkeypatch.setattr(TrainedPositionsTrainer, "CHUNK", 7)  # several chunks, the last one short
     ours = trainer.compute_loss(lora, dict(batch))
     ours.backward()
     our_gradients = {name: p.grad.clone() for name, p in lora.named_parameters() if p.requires_grad}
