@@ -201,9 +201,10 @@ def _go_offline_or_raise(run_id: str, error: Exception) -> None:
     reason = _unanswered(timeout=5) if run_id in _records else None
     if reason is None:
         raise error
+    server = shown_uri(mlflow.get_tracking_uri())
     keep_unlogged(run_id, {"op": "lost", "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           "uri": shown_uri(mlflow.get_tracking_uri()), "error": reason})
-    _logger.warning(f"the tracking server {shown_uri(mlflow.get_tracking_uri())} went away ({reason}); the run goes on and keeps "
+                           "uri": server, "error": reason})
+    _logger.warning(f"the tracking server {server} went away ({reason}); the run goes on and keeps "
                     f"what it cannot log in {_records[run_id]}; `loraflow sync {run_id}` sends it once the server is back")
 
 
