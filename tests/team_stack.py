@@ -62,13 +62,10 @@ class TeamStack:
     def database_url(self, database: str, driver: str = "postgresql") -> str:
         return f"{driver}://{USER}:{self.password}@127.0.0.1:{self.pg_port}/{database}"
 
-    def log(self, name: str):
-        return open(self.folder / f"{name}.log", "ab")
-
-    def launch(self, name: str, command: list[str], env: dict[str, str] | None = None,
-               cwd: Path | None = None) -> subprocess.Popen:
-        process = subprocess.Popen(command, stdout=self.log(name), stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=env, cwd=cwd)
+    def launch(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a server in a session of its own, its output in <folder>/<name>.log."""
+        with open(self.folder / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.processes.append(process)
         return process
 

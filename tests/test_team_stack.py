@@ -120,16 +120,18 @@ def test_the_champion_lock_holds_between_processes_that_share_no_file_lock(stack
     """Two processes with caches of their own (so no shared file lock), as on two machines: the second gets the
     lock only after the first let it go. A PostgreSQL store takes an advisory lock, a tracking server Prefect's."""
     uri = stack.database_url("mlflow") if store == "postgresql" else stack.mlflow_url
-    holders = []
-    for n, hold in enumerate(("4", "0")):
-        holders.append(subprocess.Popen(
-            [sys.executable, "-c", HOLDER, hold], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-            env=team_env(stack, MLFLOW_TRACKING_URI=uri, LORAFLOW_CACHE=str(tmp_path / f"cache-{n}"))))
-        if n == 0:
-            first_line = holders[0].stdout.readline()
-            assert first_line.startswith("held"), holders[0].communicate()[1][-2000:]
-    first, second = (first_line + holders[0].communicate(timeout=120)[0]).split("\n"), \
-        holders[1].communicate(timeout=120)[0].split("\n")
+
+    def holder(n: int, seconds: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-c", HOLDER, seconds], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            env=team_env(stack, MLFLOW_TRACKING_URI=uri, LORAFLOW_CACHE=str(tmp_path / f"cache-{n}")))
+
+    first_holder = holder(0, "4")
+    held = first_holder.stdout.readline()
+    assert held.startswith("held"), first_holder.communicate()[1][-2000:]
+    second_holder = holder(1, "0")  # started while the first holds the lock
+    first = (held + first_holder.communicate(timeout=120)[0]).split("\n")
+    second = second_holder.communicate(timeout=120)[0].split("\n")
     kind = "PostgreSQL advisory lock" if store == "postgresql" else "Prefect global concurrency limit"
     assert first[0].split(" ", 2)[2].startswith(kind) and second[0].split(" ", 2)[2].startswith(kind)
     released, acquired = float(first[1].split()[1]), float(second[0].split()[1])
@@ -159,10 +161,11 @@ def test_two_workers_train_register_and_move_champion_under_one_lock_and_record_
     for name in ("worker-a", "worker-b"):
         home = tmp_path / name
         home.mkdir()
-        workers.append(subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--name", name, "--limit", "1"],
-            cwd=home, env=team_env(stack, PREFECT_HOME=str(home / ".prefect"), PREFECT_WORKER_QUERY_SECONDS="2"),
-            start_new_session=True, stdout=open(home / "worker.log", "wb"), stderr=subprocess.STDOUT))
+        with open(home / "worker.log", "wb") as log:
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--name", name, "--limit", "1"],
+                cwd=home, env=team_env(stack, PREFECT_HOME=str(home / ".prefect"), PREFECT_WORKER_QUERY_SECONDS="2"),
+                start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
     try:
         deadline = time.monotonic() + 120
         while len(api(stack, f"/work_pools/{POOL}/workers/filter", {})) < 2:  # both polling before any run exists
