@@ -23,7 +23,7 @@ import mlflow
 from transformers import AutoTokenizer
 
 from tasks.base_model import TRUST_REMOTE_CODE_ENV, check_base_identity, load_tuned_model, resolve_base_model
-from tasks.generation import RequestError, generate_answers
+from tasks.generation import RequestError, generate_answers, inference_device
 
 ROLES = ("system", "user", "assistant")
 PROMPT_BATCH = 8  # plain prompts are answered this many to a generate call
@@ -51,7 +51,7 @@ class TunedChatModel(mlflow.pyfunc.PythonModel):
         config = context.model_config
         check_base_identity(config)
         base_dir = resolve_base_model(config["base_model"])
-        self.model = load_tuned_model(base_dir, weights_dir, trust_remote_code).eval()
+        self.model = load_tuned_model(base_dir, weights_dir, trust_remote_code).to(inference_device()).eval()
         self.max_new_tokens = int(config.get("max_new_tokens", 128))
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
 

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from conf.schema import EvaluateConfig, UserError
 from tasks.base_model import load_model, load_tuned_model
-from tasks.generation import HeldOut, autocast, held_out
+from tasks.generation import HeldOut, autocast, held_out, inference_device
 from tasks.metrics import metric_code_version, resolve_metric
 from tasks.tracking import log_artifact, log_metrics, log_table
 
@@ -97,8 +97,8 @@ def heldout_loss(model: PreTrainedModel, samples: list[dict]) -> float:
     """Mean cross-entropy per trained token over all samples (token-weighted, not sample-weighted)."""
     total, count = 0.0, 0
     for sample in samples:
-        ids = torch.tensor([sample["input_ids"]])
-        labels = torch.tensor([sample["labels"]])
+        ids = torch.tensor([sample["input_ids"]], device=model.device)
+        labels = torch.tensor([sample["labels"]], device=model.device)
         logits = model(input_ids=ids).logits[0, :-1].float()
         targets = labels[0, 1:]
         total += torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
@@ -152,9 +152,9 @@ def evaluate_tuned(
     metrics = GenerationMetrics(config, questions.chat, identity_name)
     samples = list(load_from_disk(str(eval_tokens_dir)))
     tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
-    model = load_model(model_dir, trust_remote_code).eval()
+    model = load_model(model_dir, trust_remote_code).to(inference_device()).eval()
     base_scores, base_outputs = _score(model, tokenizer, samples, questions, metrics, config, precision)
-    tuned = load_tuned_model(model_dir, weights_dir, trust_remote_code, base=model).eval()
+    tuned = load_tuned_model(model_dir, weights_dir, trust_remote_code, base=model).to(inference_device()).eval()
     tuned_scores, tuned_outputs = _score(tuned, tokenizer, samples, questions, metrics, config, precision)
     rows = [
         {"prompt": shown, "reference": reference, "base": base, "tuned": tuned_output}
@@ -177,7 +177,7 @@ def evaluate_model(
     samples = list(load_from_disk(str(eval_tokens_dir)))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
     model = (load_model(model_dir, trust_remote_code) if weights_dir is None
-             else load_tuned_model(model_dir, weights_dir, trust_remote_code)).eval()
+             else load_tuned_model(model_dir, weights_dir, trust_remote_code)).to(inference_device()).eval()
     scores, outputs = _score(model, tokenizer, samples, questions, metrics, config, precision)
     rows = [{"prompt": shown, "reference": reference, "model": output}
             for shown, reference, output in zip(questions.shown, questions.references, outputs)]

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, DataCollatorForTokenClassification, Data
 
 from conf.schema import EvaluateConfig, UserError
 from tasks.base_model import load_head_model, load_tuned_head
-from tasks.generation import autocast
+from tasks.generation import autocast, inference_device
 from tasks.labels import Head, entity_spans, joined_words
 from tasks.metrics import metric_code_version, resolve_metric
 from tasks.tracking import log_artifact, log_metrics, log_table
@@ -83,7 +83,7 @@ def predict_labels(model, tokenizer, samples, head: Head, batch_size: int, preci
     total, count, predictions, confidences = 0.0, 0, [], []
     with autocast(precision):
         for start in range(0, len(features), batch_size):
-            batch = collate(features[start : start + batch_size])
+            batch = collate(features[start : start + batch_size]).to(model.device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             labels = batch["labels"]
             total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -162,11 +162,12 @@ def evaluate_head(eval_tokens_dir: Path, model_dir: str, weights_dir: Path, conf
     metric = load_head_metric(config, head.task)
     gold = gold_labels(samples, head)
     set_seed(seed)
-    model = load_head_model(model_dir, head, trust_remote_code).eval()
+    model = load_head_model(model_dir, head, trust_remote_code).to(inference_device()).eval()
     scores, predicted = {}, {}
     for name in ("base", "tuned"):
         if name == "tuned":
-            model = load_tuned_head(model_dir, weights_dir, head, trust_remote_code, base=model).eval()
+            model = load_tuned_head(model_dir, weights_dir, head, trust_remote_code, base=model)
+            model = model.to(inference_device()).eval()
         loss, predicted[name], _ = predict_labels(model, tokenizer, samples, head, config.batch_size, precision)
         measured = metric.compute(predictions=predicted[name], references=gold)
         scores[name] = {"eval_loss": loss} | {key: float(value) for key, value in measured.items()

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tasks.base_model import TRUST_REMOTE_CODE_ENV, check_base_identity, load_tuned_head, resolve_base_model
+from tasks.generation import inference_device
 from tasks.labels import Head, entity_spans, word_of_each_token, words_of
 
 BATCH = 16
@@ -35,7 +36,7 @@ class TunedHeadModel(mlflow.pyfunc.PythonModel):
         self.head = Head.of(weights_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
         self.model = load_tuned_head(resolve_base_model(config["base_model"]), weights_dir, self.head,
-                                     trust_remote_code).eval()
+                                     trust_remote_code).to(inference_device()).eval()
         self.max_length = int(config.get("max_length", 512))
 
     def predict(self, context, model_input, params=None):
@@ -50,7 +51,7 @@ class TunedHeadModel(mlflow.pyfunc.PythonModel):
     @torch.no_grad()
     def classify(self, texts: list[str]) -> list[dict]:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        probabilities = self.model(**batch).logits.float().softmax(-1)
+        probabilities = self.model(**batch.to(self.model.device)).logits.float().softmax(-1)
         predictions = []
         for row in probabilities.tolist():
             best = max(range(len(row)), key=row.__getitem__)
@@ -63,7 +64,7 @@ class TunedHeadModel(mlflow.pyfunc.PythonModel):
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
                                return_offsets_mapping=True)
         offsets = batch.pop("offset_mapping").tolist()
-        probabilities = self.model(**batch).logits.float().softmax(-1)
+        probabilities = self.model(**batch.to(self.model.device)).logits.float().softmax(-1)
         predictions = []
         for row, text in enumerate(texts):
             words = words_of(text)

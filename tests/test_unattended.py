@@ -172,7 +172,7 @@ def test_a_trust_flag_stored_in_a_logged_model_is_never_obeyed(tmp_path, monkeyp
     asked = []
     monkeypatch.setattr(tasks.chat_model.AutoTokenizer, "from_pretrained",
                         lambda folder, trust_remote_code: asked.append(("tokenizer", trust_remote_code)))
-    loaded = type("Loaded", (), {"eval": lambda self: self, "config": None})()
+    loaded = type("Loaded", (), {"eval": lambda self: self, "to": lambda self, device: self, "config": None})()
     monkeypatch.setattr(tasks.chat_model, "load_tuned_model",
                         lambda base, folder, trust: asked.append(("model", trust)) or loaded)
     context = type("Context", (), {"artifacts": {"weights": str(weights)},
