@@ -21,7 +21,7 @@ from conf.schema import TrainConfig  # noqa: E402
 from tasks.base_model import resolve_base_model  # noqa: E402
 from tasks.train import choose_precision, train  # noqa: E402
 
-WARMUP, PROFILED = 2, 4
+WARMUP, PROFILED, OTHERS_SHOWN = 2, 4, 8
 GROUPS = {  # operator name fragments -> group, first match wins (the loss's log-softmax before attention's softmax)
     "LM head loss": ("cross_entropy", "log_softmax", "nll_loss"),
     "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax_backward", "_softmax"),
@@ -61,15 +61,21 @@ def main() -> None:
     train(work / "packed" / "train", work / "packed" / "tokenizer", model_dir, config, 0, work / "out",
           lambda step, metrics: None)
     totals: dict[str, float] = defaultdict(float)
+    others: dict[str, float] = {}
     for event in profile.profiler.key_averages():
         if event.key.startswith("ProfilerStep") or "autograd::engine" in event.key:
             continue
         group = next((name for name, fragments in GROUPS.items() if any(f in event.key for f in fragments)), "other")
         totals[group] += event.self_cpu_time_total
+        if group == "other":
+            others[event.key] = event.self_cpu_time_total
     whole = sum(totals.values())
     print(f"{PROFILED} profiled steps after {WARMUP} ({precision}, {torch.get_num_threads()} threads): self CPU time")
     for group, micros in sorted(totals.items(), key=lambda item: -item[1]):
         print(f"  {group:<14} {micros / whole:6.1%}  ({micros / 1e6:.1f} s)")
+    print("  the largest operators in other:")
+    for name, micros in sorted(others.items(), key=lambda item: -item[1])[:OTHERS_SHOWN]:
+        print(f"    {name:<36} {micros / whole:6.1%}")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,8 @@ def test_predict_and_the_pyfunc_label_text_and_chat_refuses(run):
     shown = cli("predict", uri, "--text", texts[0], "--json")
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert json.loads(shown.stdout.strip().splitlines()[-1]) == {"text": texts[0], "prediction": predictions[0]}
+    if task == "token_classification":
+        return  # chat and deploy refuse any head model alike: checked on the classification head's run only
     refused = cli("chat", uri, "-p", "hello")
     assert refused.returncode == 2 and "not a chat model" in refused.stderr and "loraflow predict" in refused.stderr
     refused = cli("deploy", version.name, "--alias", "challenger", "--port", "0")  # the newest version is challenger
