@@ -193,16 +193,16 @@ def load_tuned_model(model_dir: str, weights_dir: str | Path, trust_remote_code:
 def load_head_model(path: str | Path, head, trust_remote_code: bool = False, **options):
     """The model at `path` with a task head of len(head.labels) outputs in fp32: the saved head if `path` holds one
     (a fully trained model), else a new one, initialised by transformers (seed first for a reproducible one).
-    `options` go to `from_pretrained` (attention, quantisation)."""
+    `options` go to `from_pretrained` (attention, quantisation, another dtype)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     model_class = (AutoModelForSequenceClassification if head.task == "sequence_classification"
                    else AutoModelForTokenClassification)
     return model_class.from_pretrained(
-        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
-        num_labels=len(head.labels), id2label=head.id2label, label2id=head.label2id, pad_token_id=head.pad_token_id,
-        **options,
+        path, use_safetensors=True, trust_remote_code=trust_remote_code, num_labels=len(head.labels),
+        id2label=head.id2label, label2id=head.label2id, pad_token_id=head.pad_token_id,
+        **{"dtype": torch.float32} | options,
     )
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from datasets import load_from_disk
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft.utils.other import cast_mixed_precision_params
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import (
@@ -343,6 +344,13 @@ def training_collator(tokenizer, packed: bool, attn: str, head: Head | None = No
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
 
+def frozen_dtype(method: str, precision: str, low_memory: bool) -> torch.dtype | None:
+    """The 16-bit dtype `low_memory` keeps LoRA's frozen base in, or None where the base stays as loaded."""
+    if method == "lora" and low_memory and precision in ("bf16", "fp16"):
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    return None
+
+
 def load_base_for_training(
     model_dir: str, method: str, precision: str, attn: str, trust_remote_code: bool = False, head: Head | None = None,
     low_memory: bool = False,
@@ -361,8 +369,8 @@ def load_base_for_training(
         return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn, use_safetensors=True,
                                                     trust_remote_code=trust_remote_code, **{"dtype": torch.float32} | options)
 
-    if method == "lora" and low_memory and precision in ("bf16", "fp16"):
-        return load(dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    if (dtype := frozen_dtype(method, precision, low_memory)) is not None:
+        return load(dtype=dtype)
     if method != "qlora":
         return load()
     quantization = BitsAndBytesConfig(
@@ -422,6 +430,10 @@ def train(
                 exclude_modules=list(HEAD_MODULES) if head else None,
             ),
         )
+        if (dtype := frozen_dtype(config.method, precision, config.low_memory)) is not None:
+            # PEFT's own cast: the frozen base stays 16-bit, every trainable weight in fp32 (a task head's trained
+            # copy would otherwise be 16-bit, as the base it was loaded with).
+            cast_mixed_precision_params(model, dtype)
     checkpoints_dir = checkpoints_folder(out_dir)
     args = TrainingArguments(
         output_dir=str(checkpoints_dir),

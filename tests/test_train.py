@@ -68,9 +68,9 @@ def test_low_memory_keeps_the_frozen_base_in_bf16_the_lora_weights_in_fp32_and_r
     assert all(loss == loss and loss > 0 for loss in result.losses)  # finite losses: it trained
 
 
-@pytest.mark.parametrize("options", [{"method": "qlora"}, {"lora": LoraConfig(r=8, use_dora=True)}],
-                         ids=["qlora", "dora"])
-def test_a_task_head_trains_under_qlora_and_dora_and_is_saved_whole(options, model_dir, tmp_path):
+@pytest.mark.parametrize("options", [{"method": "qlora"}, {"lora": LoraConfig(r=8, use_dora=True)},
+                                     {"low_memory": True, "precision": "bf16"}], ids=["qlora", "dora", "low_memory"])
+def test_a_task_head_trains_under_qlora_dora_and_low_memory_and_is_saved_whole(options, model_dir, tmp_path):
     from conf.schema import DataConfig, TokenizeConfig
     from tasks.clean import clean
     from tasks.labels import Head
@@ -85,6 +85,6 @@ def test_a_task_head_trains_under_qlora_and_dora_and_is_saved_whole(options, mod
                    lambda step, metrics: None, head=Head("token_classification", tokens.labels))
     saved = load_file(result.weights_dir / "adapter_model.safetensors")
     heads = {name: t for name, t in saved.items() if "score" in name}
-    # The new head whole, in full precision (under QLoRA it must not have become a 4-bit layer).
+    # The new head whole, in full precision (under QLoRA not a 4-bit layer, under low_memory not bf16).
     assert any(t.shape == (len(tokens.labels), 576) and t.dtype == torch.float32 for t in heads.values())
     assert Head.of(result.weights_dir).labels == tokens.labels
