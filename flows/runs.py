@@ -258,10 +258,10 @@ def sync_run(run_id: str, output_dir: Path) -> Synced:
         raise UserError(f"{record}: the record holds no entries ({torn} unreadable lines); run {run_id} has nothing "
                         "to sync")
     check_tracking_store()
-    lost = entries[0]
-    if lost["op"] == "lost" and lost["uri"] != shown_uri(mlflow.get_tracking_uri()):
-        raise UserError(f"{record}: run {run_id} lost {lost['uri']}, but MLFLOW_TRACKING_URI is "
-                        f"{shown_uri(mlflow.get_tracking_uri())}; sync to the server the run was made on")
+    lost, current = entries[0], shown_uri(mlflow.get_tracking_uri())
+    if lost["op"] == "lost" and lost["uri"] != current:
+        raise UserError(f"{record}: run {run_id} lost {lost['uri']}, but MLFLOW_TRACKING_URI is {current}; sync to "
+                        "the server the run was made on")
     registered: list[RegisterResult] = []
 
     def register_entry(client: MlflowClient, run_id: str, entry: dict) -> None:

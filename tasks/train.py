@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from peft.utils.other import cast_mixed_precision_params
+from peft import LoraConfig, cast_mixed_precision_params, get_peft_model, prepare_model_for_kbit_training
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import (
