@@ -91,8 +91,8 @@ def main() -> None:
     if torch.cuda.is_available():
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps({"tokens_per_second": sum(batches[1:]) / timer.seconds,
-                                  "loss": sum(timer.losses) / len(timer.losses), "peak_mb": peak_mb,
-                                  "rows": len(batches)}), flush=True)
+                                  "loss": sum(timer.losses) / len(timer.losses), "peak_mb": peak_mb}),
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ SETUPS = {"a": "HF Trainer + PEFT, padded", "a2": "HF Trainer + PEFT, group_by_l
           "b": "TRL SFTTrainer, packing (bfd)", "b_lean": "TRL, its default checkpointing",
           "lf": "LLaMA-Factory, neat_packing", "lf_lean": "LLaMA-Factory, its default checkpointing",
           "c": "loraflow train stage", "lean": "loraflow, train.low_memory: true"}
+LLAMAFACTORY_SETUPS = ("lf", "lf_lean")  # run by bench/llamafactory_setup.py in LLaMA-Factory's environment
 LLAMAFACTORY_PYTHON = Path(__file__).resolve().parents[1] / ".venv-llamafactory" / "bin" / "python"
 
 
@@ -166,7 +167,7 @@ def run_setup(setup: str, rank: int, work: Path, precision: str) -> dict:
 
 def setup_command(setup: str, rank: int, work: Path, precision: str) -> list[str] | None:
     """The command that runs one setup in a process of its own; None for LLaMA-Factory's where it is not installed."""
-    if setup not in ("lf", "lf_lean"):
+    if setup not in LLAMAFACTORY_SETUPS:
         return [sys.executable, __file__, "--setup", setup, "--rank", str(rank), "--work", str(work)]
     if not LLAMAFACTORY_PYTHON.exists():
         return None
@@ -246,7 +247,7 @@ def classification_line(work: Path, model_dir: str, precision: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setup", choices=[setup for setup in SETUPS if not setup.startswith("lf")],
+    parser.add_argument("--setup", choices=[setup for setup in SETUPS if setup not in LLAMAFACTORY_SETUPS],
                         help="run one setup in this process (used by the bench)")
     parser.add_argument("--rank", type=int)
     parser.add_argument("--work", type=Path)
