@@ -119,6 +119,10 @@ class TrainConfig(_Section):
         default=False, description="LoRA's frozen base in the run's bf16/fp16 and activations recomputed in backward "
         "(gradient checkpointing): much less memory, somewhat slower"
     )
+    compile: bool = Field(
+        default=False, description="torch.compile (inductor) each decoder layer once (regional compilation): faster "
+        "steps after a one-off compile that inductor caches on disk for the next run"
+    )
 
     @field_validator("deepspeed")
     @classmethod

@@ -35,7 +35,8 @@ from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, PRIMARY_METRIC_TAG
 from tasks.tokenize import load_tokenizer
 from tasks.tracking import UNLOGGED_FILE, check_tracking_store, log_artifact, log_params, read_record, replay
 from tasks.train import (
-    check_deepspeed, check_sample_prompts, checkpoints_folder, choose_attention, choose_precision, resumable_checkpoint,
+    check_compile, check_deepspeed, check_sample_prompts, checkpoints_folder, choose_attention, choose_precision,
+    resumable_checkpoint,
 )
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "mlflow", "prefect")
@@ -200,6 +201,7 @@ def preflight(config: RunConfig) -> None:
     choose_attention(config.train.attn)
     check_deepspeed(config.train)
     check_sample_prompts(config.train, config.evaluate.every_steps)
+    check_compile(config.train)
     if config.has_head:
         check_head_metric(config.evaluate, config.task, config.registry.primary_metric)
     else:

@@ -130,6 +130,14 @@ def check_deepspeed(config: TrainConfig) -> None:
                               "offload from; on a CPU use conf/deepspeed/zero3.json")
 
 
+def check_compile(config: TrainConfig) -> None:
+    """On a CPU inductor compiles the layers to C++ (with `CXX` or g++): without a compiler it would fail mid-step."""
+    compiler = os.environ.get("CXX", "g++")
+    if config.compile and not torch.cuda.is_available() and shutil.which(compiler) is None:
+        raise TrainSetupError(f"train.compile: torch.compile on a CPU needs a C++ compiler ({compiler} not found); "
+                              "install one or set compile: false")
+
+
 def check_sample_prompts(config: TrainConfig, every_steps: int | None) -> None:
     """Answering prompts during QLoRA training on a CPU would run the training 4-bit model under no_grad, after
     which bitsandbytes stops its gradients (see load_base_for_training)."""
@@ -397,6 +405,7 @@ def train(
     attn = choose_attention(config.attn)
     check_deepspeed(config)
     check_sample_prompts(config, samples.every_steps if samples is not None else None)
+    check_compile(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     on_cpu = not torch.cuda.is_available()
@@ -463,6 +472,7 @@ def train(
         deepspeed=str(config.deepspeed) if config.deepspeed is not None else None,
         activation_checkpointing=config.low_memory,  # activations recomputed in backward instead of kept
         activation_checkpointing_kwargs={"use_reentrant": False},
+        torch_compile=config.compile,
     )
     steps, stopper = _StepMetrics(on_step), _StopWhenRequested()
     callbacks: list[TrainerCallback] = [steps, stopper]
@@ -480,6 +490,11 @@ def train(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if config.compile:
+        # Accelerate's regional compilation: the decoder layers, all of one class, share one compiled graph, so
+        # compiling costs one layer's compile rather than the whole model's (bench/compile.py). The Trainer does
+        # not expose this option of accelerate's TorchDynamoPlugin, so it is set on the plugin the Trainer made.
+        trainer.accelerator.state.dynamo_plugin.use_regional_compilation = True
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_ProgressBarOnly)
     started = time.perf_counter()

@@ -100,6 +100,7 @@ def run_cli(*args, cwd=REPO):
         ("tokenize:\n  chat_template: llama3\n", "tokenize.chat_template: llama3 needs the control tokens <|begin_of_text|>"),
         ("tokenize:\n  chat_template: vicuna\n", "tokenize.chat_template: Input should be 'tokenizer', 'chatml'"),
         ("train:\n  method: qlora\nevaluate:\n  every_steps: 5\n", "evaluate.every_steps: answering prompts while QLoRA"),
+        ("train:\n  compile: true\n", "train.compile: torch.compile on a CPU needs a C++ compiler (no-such-c++ not found)"),
         ("registry:\n  primary_metric: accuracy\n", "registry.primary_metric: 'accuracy' is not measured by this recipe"),
         ("evaluate:\n  metrics: [./no_metric_here]\n", "evaluate.metrics: cannot load metric './no_metric_here'"),
     ],
@@ -115,6 +116,7 @@ def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path, monkeypat
     (tmp_path / "object.json").write_text('{"messages": []}')
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "empty_folder").mkdir()
+    monkeypatch.setenv("CXX", "no-such-c++")  # inductor's compiler, as on a machine without one
     recipe = write(tmp_path, recipe_text)
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(recipe)]) == 2

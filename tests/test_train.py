@@ -68,6 +68,32 @@ def test_low_memory_keeps_the_frozen_base_in_bf16_the_lora_weights_in_fp32_and_r
     assert all(loss == loss and loss > 0 for loss in result.losses)  # finite losses: it trained
 
 
+def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, model_dir, tmp_path, monkeypatch):
+    """Inductor, really compiling: one step, so one compile (about half a minute on 2 cores with an empty cache)."""
+    import tasks.train
+    from transformers import AutoConfig
+
+    compiled_blocks = []
+    real_trainer = tasks.train.TrainedPositionsTrainer
+
+    class Watching(real_trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            compiled_blocks.extend(type(module._orig_mod).__name__ for module in model.modules()
+                                   if isinstance(module, torch._dynamo.eval_frame.OptimizedModule))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(tasks.train, "TrainedPositionsTrainer", Watching)
+    eager = run_train(tokens, model_dir, tmp_path / "eager", max_steps=1, precision="bf16")
+    assert compiled_blocks == []
+    compiled = run_train(tokens, model_dir, tmp_path / "compiled", max_steps=1, precision="bf16", compile=True)
+    layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    assert compiled_blocks.count("LlamaDecoderLayer") == layers  # each layer, in place of the model
+    assert compiled.losses[0] == pytest.approx(eager.losses[0], rel=0.01)  # bf16: the fused kernels round otherwise
+    saved = load_file(compiled.weights_dir / "adapter_model.safetensors")
+    assert saved.keys() == load_file(eager.weights_dir / "adapter_model.safetensors").keys()  # no compile wrapper names
+    assert all(t.abs().sum() > 0 for name, t in saved.items() if "lora_B" in name)  # from zero: the step updated each
+
+
 @pytest.mark.parametrize("options", [{"method": "qlora"}, {"lora": LoraConfig(r=8, use_dora=True)},
                                      {"low_memory": True, "precision": "bf16"}], ids=["qlora", "dora", "low_memory"])
 def test_a_task_head_trains_under_qlora_dora_and_low_memory_and_is_saved_whole(options, model_dir, tmp_path):
