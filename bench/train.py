@@ -15,6 +15,8 @@ of its own (so that peak memory is per setup), and compare real tokens/s, peak m
      conversations with LLaMA-Factory's `smollm2` template: its tokens differ a little from loraflow's, so its loss is
      shown, not compared;
 (c)  loraflow's train stage on its packed rows (the same BFD packing, TRL's `pack_dataset`);
+(c_compile) the same with `train.compile: true` (each decoder layer compiled by inductor; its one compile, in the
+     first step, is not timed: that step is the warm-up for every setup);
 (lean) the same with `train.low_memory: true` (the frozen base in bf16, activations recomputed in backward).
 
 The samples: the benches' mixed-length conversations and alpaca-shaped instruction/response rows with a long tail
@@ -64,7 +66,8 @@ LOSS_TOLERANCE = 0.03  # (b) and (c): the same samples, packed alike, trained al
 SETUPS = {"a": "HF Trainer + PEFT, padded", "a2": "HF Trainer + PEFT, group_by_length",
           "b": "TRL SFTTrainer, packing (bfd)", "b_lean": "TRL, its default checkpointing",
           "lf": "LLaMA-Factory, neat_packing", "lf_lean": "LLaMA-Factory, its default checkpointing",
-          "c": "loraflow train stage", "lean": "loraflow, train.low_memory: true"}
+          "c": "loraflow train stage", "c_compile": "loraflow, train.compile: true",
+          "lean": "loraflow, train.low_memory: true"}
 LLAMAFACTORY_SETUPS = ("lf", "lf_lean")  # run by bench/llamafactory_setup.py in LLaMA-Factory's environment
 LLAMAFACTORY_PYTHON = Path(__file__).resolve().parents[1] / ".venv-llamafactory" / "bin" / "python"
 
@@ -135,11 +138,11 @@ def run_setup(setup: str, rank: int, work: Path, precision: str) -> dict:
     unpacked, packed = work / "unpacked", work / "packed"
     tokenizer = AutoTokenizer.from_pretrained(unpacked / "tokenizer")
     out_dir = work / f"{setup}-r{rank}"
-    if setup in ("c", "lean"):
+    if setup in ("c", "c_compile", "lean"):
         steps = math.ceil(len(load_from_disk(str(packed / "train"))) / BATCH)
         config = TrainConfig(max_steps=steps, batch_size=BATCH, learning_rate=1e-4, warmup_steps=0,
                              precision=precision, checkpoint_every=steps, lora=LoraSettings(r=rank, alpha=2 * rank),
-                             low_memory=setup == "lean")
+                             low_memory=setup == "lean", compile=setup == "c_compile")
         tokens_per_second, loss = loraflow_run(packed / "train", packed / "tokenizer", model_dir, config, out_dir)
     else:
         timer = _Timer()
@@ -291,6 +294,9 @@ def main() -> None:
         if "lf" in results:
             print(f"r={rank} speedup_vs_llamafactory: {ours / results['lf']['tokens_per_second']:.2f}")
         print(f"r={rank} speedup: {ours / results['a']['tokens_per_second']:.2f}", flush=True)
+        compiled = results["c_compile"]["tokens_per_second"]
+        print(f"r={rank} train.compile: MFU {4 * weights * compiled / peak:.1%}, {compiled / ours:.2f}x the eager stage, "
+              f"speedup {compiled / results['a']['tokens_per_second']:.2f}", flush=True)
         print(f"r={rank} low_memory: {results['lean']['peak_mb']:,.0f} MB peak (TRL's default: "
               f"{results['b_lean']['peak_mb']:,.0f} MB), "
               f"{results['lean']['tokens_per_second'] / results['a']['tokens_per_second']:.2f}x the padded baseline, "

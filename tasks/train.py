@@ -492,9 +492,11 @@ def train(
     )
     if config.compile:
         # Accelerate's regional compilation: the decoder layers, all of one class, share one compiled graph, so
-        # compiling costs one layer's compile rather than the whole model's (bench/compile.py). The Trainer does
-        # not expose this option of accelerate's TorchDynamoPlugin, so it is set on the plugin the Trainer made.
-        trainer.accelerator.state.dynamo_plugin.use_regional_compilation = True
+        # compiling costs one layer's compile rather than the whole model's (bench/compile.py). Dynamic shapes from
+        # the start: packed batches vary in width, and each new width would otherwise compile again. The Trainer
+        # does not expose these options of accelerate's TorchDynamoPlugin, so they are set on the one it made.
+        dynamo = trainer.accelerator.state.dynamo_plugin
+        dynamo.use_regional_compilation, dynamo.dynamic = True, True
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_ProgressBarOnly)
     started = time.perf_counter()

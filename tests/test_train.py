@@ -69,14 +69,22 @@ def test_low_memory_keeps_the_frozen_base_in_bf16_the_lora_weights_in_fp32_and_r
 
 
 def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, model_dir, tmp_path, monkeypatch):
-    """Inductor, really compiling: one step, so one compile (about half a minute on 2 cores with an empty cache)."""
+    """The Trainer's compile as the stage sets it up, with Dynamo and AOTAutograd tracing each layer's forward and
+    backward, but its backend swapped for aot_eager: inductor's C++ code generation of the same graphs takes about a
+    minute here (bench/train.py's c_compile and bench/compile.py run it)."""
     import tasks.train
+    from accelerate.utils import DynamoBackend
     from transformers import AutoConfig
 
     compiled_blocks = []
     real_trainer = tasks.train.TrainedPositionsTrainer
 
     class Watching(real_trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.args.torch_compile:
+                self.accelerator.state.dynamo_plugin.backend = DynamoBackend.AOT_EAGER
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             compiled_blocks.extend(type(module._orig_mod).__name__ for module in model.modules()
                                    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule))
