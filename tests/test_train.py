@@ -96,7 +96,7 @@ def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, mo
     compiled = run_train(tokens, model_dir, tmp_path / "compiled", max_steps=1, precision="bf16", compile=True)
     layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
     assert compiled_blocks.count("LlamaDecoderLayer") == layers  # each layer, in place of the model
-    assert compiled.losses[0] == pytest.approx(eager.losses[0], rel=0.01)  # bf16: the fused kernels round otherwise
+    assert compiled.losses[0] == pytest.approx(eager.losses[0], rel=1e-4)  # the same operators traced (equal here)
     saved = load_file(compiled.weights_dir / "adapter_model.safetensors")
     assert saved.keys() == load_file(eager.weights_dir / "adapter_model.safetensors").keys()  # no compile wrapper names
     assert all(t.abs().sum() > 0 for name, t in saved.items() if "lora_B" in name)  # from zero: the step updated each
