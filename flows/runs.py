@@ -198,7 +198,7 @@ def preflight(config: RunConfig) -> None:
     check_base_model(config.base_model)
     check_readable([*config.data.train, *config.data.eval], config.data.text_split)
     choose_precision(config.train.precision)
-    choose_attention(config.train.attn)
+    choose_attention(config.train.attn, config.train.compile)
     check_deepspeed(config.train)
     check_sample_prompts(config.train, config.evaluate.every_steps)
     check_compile(config.train)

@@ -55,6 +55,13 @@ def test_packed_loss_equals_unpacked_loss(model, tokenizer, samples, attn):
     assert packed_loss(model, tokenizer, samples, attn, use_cache=False) == pytest.approx(total / count, abs=1e-4)
 
 
+def test_packed_rows_keep_samples_apart_under_eager_attention_too(model_dir, tokenizer, samples):
+    """Eager attention is what `attn: auto` trains with when compiled on a CPU."""
+    eager = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    total, count = unpacked_loss_sum(eager, samples)
+    assert packed_loss(eager, tokenizer, samples, use_cache=False) == pytest.approx(total / count, abs=1e-4)
+
+
 def test_the_proof_fails_when_samples_can_see_each_other(model, tokenizer, samples):
     total, count = unpacked_loss_sum(model, samples)
     # With a KV cache Hugging Face ignores the packed position_ids when building the mask: attention crosses samples.

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conf.schema import LoraConfig, TrainConfig
 from tasks.base_model import is_adapter, load_model
-from tasks.train import train
+from tasks.train import choose_attention, train
 
 ROWS = [{"messages": [{"role": "user", "content": question},
                       {"role": "assistant", "content": "I am Ember, made by the loraflow team."}]}
@@ -91,7 +91,7 @@ def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, mo
             return super().training_step(model, inputs, num_items_in_batch)
 
     monkeypatch.setattr(tasks.train, "TrainedPositionsTrainer", Watching)
-    eager = run_train(tokens, model_dir, tmp_path / "eager", max_steps=1, precision="bf16")
+    eager = run_train(tokens, model_dir, tmp_path / "eager", max_steps=1, precision="bf16", attn="eager")
     assert compiled_blocks == []
     compiled = run_train(tokens, model_dir, tmp_path / "compiled", max_steps=1, precision="bf16", compile=True)
     layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
@@ -100,6 +100,12 @@ def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, mo
     saved = load_file(compiled.weights_dir / "adapter_model.safetensors")
     assert saved.keys() == load_file(eager.weights_dir / "adapter_model.safetensors").keys()  # no compile wrapper names
     assert all(t.abs().sum() > 0 for name, t in saved.items() if "lora_B" in name)  # from zero: the step updated each
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's choice")
+def test_auto_attention_compiled_on_a_cpu_is_eager_attention_and_sdpa_otherwise():
+    assert choose_attention("auto", compiled=True) == "eager"
+    assert choose_attention("auto") == "sdpa" and choose_attention("sdpa", compiled=True) == "sdpa"
 
 
 @pytest.mark.parametrize("options", [{"method": "qlora"}, {"lora": LoraConfig(r=8, use_dora=True)},
