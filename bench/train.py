@@ -15,8 +15,9 @@ of its own (so that peak memory is per setup), and compare real tokens/s, peak m
      conversations with LLaMA-Factory's `smollm2` template: its tokens differ a little from loraflow's, so its loss is
      shown, not compared;
 (c)  loraflow's train stage on its packed rows (the same BFD packing, TRL's `pack_dataset`);
-(c_compile) the same with `train.compile: true` (each decoder layer compiled by inductor; its one compile, in the
-     first step, is not timed: that step is the warm-up for every setup);
+(c_compile) the same with `train.compile: true` (each decoder layer compiled by inductor; with `attn: auto` on a
+     CPU that means eager attention; its one compile, in the first step, is not timed: that step is the warm-up for
+     every setup);
 (lean) the same with `train.low_memory: true` (the frozen base in bf16, activations recomputed in backward).
 
 The samples: the benches' mixed-length conversations and alpaca-shaped instruction/response rows with a long tail

@@ -108,11 +108,9 @@ def choose_precision(requested: str) -> str:
 
 
 def choose_attention(requested: str, compiled: bool = False) -> str:
-    """FlashAttention 2 when CUDA and flash_attn are both present, else PyTorch SDPA; never a silent fallback.
-
-    Compiled on a CPU, transformers' eager attention instead: inductor fuses its mask and fp32 softmax, and it ran
-    1.08-1.11x faster a step than SDPA's CPU kernel (README, "train.compile"), which inductor leaves as it is.
-    """
+    """For `auto`: FlashAttention 2 when CUDA and flash_attn are both present; compiled on a CPU, transformers' eager
+    attention (inductor fuses its mask and fp32 softmax, and it ran 1.08-1.11x faster a step than SDPA's CPU kernel,
+    which inductor leaves as it is: README, "train.compile"); else PyTorch SDPA. Never a silent fallback."""
     on_gpu = torch.cuda.is_available()
     flash_ready = on_gpu and importlib.util.find_spec("flash_attn") is not None
     if requested == "flash_attention_2" and not flash_ready:
@@ -120,9 +118,11 @@ def choose_attention(requested: str, compiled: bool = False) -> str:
             "train.attn: flash_attention_2 needs a CUDA GPU and the flash-attn package (pip install '.[gpu]'); "
             "use attn: sdpa or auto"
         )
-    if requested == "auto":
-        return "flash_attention_2" if flash_ready else "eager" if compiled and not on_gpu else "sdpa"
-    return requested
+    if requested != "auto":
+        return requested
+    if flash_ready:
+        return "flash_attention_2"
+    return "eager" if compiled and not on_gpu else "sdpa"
 
 
 def check_deepspeed(config: TrainConfig) -> None:
