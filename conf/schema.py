@@ -122,7 +122,7 @@ class TrainConfig(_Section):
     compile: bool = Field(
         default=False, description="torch.compile (inductor) each decoder layer once (regional compilation): faster "
         "steps after a one-off compile that inductor caches on disk for the next run; on a CPU, attn auto then means "
-        "eager attention, which inductor fuses"
+        "the model's eager attention a block of queries at a time (tasks/causal_attention.py), which inductor fuses"
     )
 
     @field_validator("deepspeed")

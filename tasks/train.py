@@ -51,6 +51,7 @@ from transformers import (
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as PaddingFreeCollator
 
 from conf.schema import TrainConfig, UserError, zero_optimization
+from tasks import causal_attention
 from tasks.base_model import load_head_model
 from tasks.generation import SamplePrompts, autocast
 from tasks.labels import Head
@@ -108,9 +109,10 @@ def choose_precision(requested: str) -> str:
 
 
 def choose_attention(requested: str, compiled: bool = False) -> str:
-    """For `auto`: FlashAttention 2 when CUDA and flash_attn are both present; compiled on a CPU, transformers' eager
-    attention (inductor fuses its mask and fp32 softmax, and it ran 1.08-1.11x faster a step than SDPA's CPU kernel,
-    which inductor leaves as it is: README, "train.compile"); else PyTorch SDPA. Never a silent fallback."""
+    """For `auto`: FlashAttention 2 when CUDA and flash_attn are both present; compiled on a CPU, the model's eager
+    attention a block of queries at a time (tasks/causal_attention.py: inductor fuses eager attention's mask and
+    fp32 softmax, which trained faster than SDPA's CPU kernel, which inductor leaves as it is: README,
+    "train.compile"); else PyTorch SDPA. Never a silent fallback."""
     on_gpu = torch.cuda.is_available()
     flash_ready = on_gpu and importlib.util.find_spec("flash_attn") is not None
     if requested == "flash_attention_2" and not flash_ready:
@@ -122,7 +124,7 @@ def choose_attention(requested: str, compiled: bool = False) -> str:
         return requested
     if flash_ready:
         return "flash_attention_2"
-    return "eager" if compiled and not on_gpu else "sdpa"
+    return causal_attention.NAME if compiled and not on_gpu else "sdpa"
 
 
 def check_deepspeed(config: TrainConfig) -> None:
@@ -423,8 +425,17 @@ def train(
     if head is not None:
         head = dataclasses.replace(head, pad_token_id=tokenizer.pad_token_id)
         set_seed(seed)  # the new head's weights are drawn as it loads; evaluation draws the same ones as its base
+    if attn == causal_attention.NAME:
+        causal_attention.register()
     model = load_base_for_training(model_dir, config.method, precision, attn, trust_remote_code, head,
                                    config.low_memory)
+    if attn == causal_attention.NAME and not causal_attention.supported(model):
+        attn = "eager"  # a model without transformers' per-model eager attention: the plain one, whole
+        model.set_attn_implementation(attn)
+    if config.compile:
+        # The first layer's input (the frozen embeddings' output) would otherwise need no gradient while every other
+        # layer's does: Dynamo would compile that layer's graph a second time.
+        model.enable_input_require_grads()
     train_dataset = load_from_disk(str(train_dir))
     packed = "seq_lengths" in train_dataset.column_names
     if packed:

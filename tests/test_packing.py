@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 from trl import pack_dataset
 
 from conf.schema import TokenizeConfig
+from tasks import causal_attention
 from tasks.tokenize import ChatEncoder
 from tasks.train import training_collator
 
@@ -55,11 +56,14 @@ def test_packed_loss_equals_unpacked_loss(model, tokenizer, samples, attn):
     assert packed_loss(model, tokenizer, samples, attn, use_cache=False) == pytest.approx(total / count, abs=1e-4)
 
 
-def test_packed_rows_keep_samples_apart_under_eager_attention_too(model_dir, tokenizer, samples):
-    """Eager attention is what `attn: auto` trains with when compiled on a CPU."""
-    eager = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    total, count = unpacked_loss_sum(eager, samples)
-    assert packed_loss(eager, tokenizer, samples, use_cache=False) == pytest.approx(total / count, abs=1e-4)
+def test_packed_rows_keep_samples_apart_under_causal_blocks_of_eager_attention_too(model_dir, tokenizer, samples):
+    """The model's eager attention a block of queries at a time is what `attn: auto` trains with when compiled on a
+    CPU (tests/test_causal_attention.py: it equals eager attention whole)."""
+    causal_attention.register()
+    blocks = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                  attn_implementation=causal_attention.NAME).eval()
+    total, count = unpacked_loss_sum(blocks, samples)
+    assert packed_loss(blocks, tokenizer, samples, use_cache=False) == pytest.approx(total / count, abs=1e-4)
 
 
 def test_the_proof_fails_when_samples_can_see_each_other(model, tokenizer, samples):

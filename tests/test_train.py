@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conf.schema import LoraConfig, TrainConfig
+from tasks import causal_attention
 from tasks.base_model import is_adapter, load_model
 from tasks.train import choose_attention, train
 
@@ -75,6 +76,7 @@ def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, mo
     import tasks.train
     from accelerate.utils import DynamoBackend
     from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     compiled_blocks = []
     real_trainer = tasks.train.TrainedPositionsTrainer
@@ -96,6 +98,9 @@ def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, mo
     compiled = run_train(tokens, model_dir, tmp_path / "compiled", max_steps=1, precision="bf16", compile=True)
     layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
     assert compiled_blocks.count("LlamaDecoderLayer") == layers  # each layer, in place of the model
+    layer_forward = LlamaDecoderLayer.forward.__code__
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(layer_forward)) == 1  # one graph, the first's too
+    assert compiled.attn == causal_attention.NAME  # attn auto: eager attention by blocks of queries
     assert compiled.losses[0] == pytest.approx(eager.losses[0], rel=1e-4)  # the same operators traced (equal here)
     saved = load_file(compiled.weights_dir / "adapter_model.safetensors")
     assert saved.keys() == load_file(eager.weights_dir / "adapter_model.safetensors").keys()  # no compile wrapper names
@@ -103,8 +108,8 @@ def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, mo
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's choice")
-def test_auto_attention_compiled_on_a_cpu_is_eager_attention_and_sdpa_otherwise():
-    assert choose_attention("auto", compiled=True) == "eager"
+def test_auto_attention_compiled_on_a_cpu_is_causal_blocks_of_eager_attention_and_sdpa_otherwise():
+    assert choose_attention("auto", compiled=True) == causal_attention.NAME and choose_attention("eager") == "eager"
     assert choose_attention("auto") == "sdpa" and choose_attention("sdpa", compiled=True) == "sdpa"
 
 
