@@ -72,8 +72,10 @@ def test_the_proof_fails_when_samples_can_see_each_other(model, tokenizer, sampl
     assert abs(packed_loss(model, tokenizer, samples, use_cache=True) - total / count) > 1e-2
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
 def test_the_train_stage_loss_at_trained_positions_only_equals_the_stock_loss_and_its_gradients(
-        model_dir, tokenizer, samples, tmp_path, monkeypatch):
+        method, model_dir, tokenizer, samples, tmp_path, monkeypatch):
+    """With LoRA the head is frozen; trained in full, the head's weight (tied to the embeddings) gets gradients."""
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
@@ -82,25 +84,28 @@ def test_the_train_stage_loss_at_trained_positions_only_equals_the_stock_loss_an
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     base.config.use_cache = False
-    lora = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM",
-                                           init_lora_weights=False))  # both LoRA matrices non-zero: all get gradients
+    trained = base if method == "full" else get_peft_model(base, LoraConfig(
+        r=8, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False))  # LoRA A and B non-zero
     rows = pack_dataset(Dataset.from_list(samples), 96, strategy="bfd")
     batch = training_collator(tokenizer, packed=True, attn="sdpa")(list(rows))
-    trainer = TrainedPositionsTrainer(model=lora, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
-                                                                         report_to="none"))
+    trainer = TrainedPositionsTrainer(model=trained, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                            report_to="none"))
     monkeypatch.setattr(TrainedPositionsTrainer, "CHUNK", 7)  # several chunks, the last one short
-    ours = trainer.compute_loss(lora, dict(batch))
+    ours = trainer.compute_loss(trained, dict(batch))
     ours.backward()
-    our_gradients = {name: p.grad.clone() for name, p in lora.named_parameters() if p.requires_grad}
-    lora.zero_grad()
-    assert isinstance(lora.get_base_model().lm_head, torch.nn.Linear)  # the head is back after the step
-    stock = lora(**batch).loss
+    our_gradients = {name: p.grad.clone() for name, p in trained.named_parameters() if p.requires_grad}
+    trained.zero_grad()
+    assert isinstance(base.lm_head, torch.nn.Linear)  # the head is back after the step
+    assert (method == "full") == ("model.embed_tokens.weight" in our_gradients)  # the tied head's, trained in full
+    stock = trained(**batch).loss
     stock.backward()
     assert ours.item() == pytest.approx(stock.item(), abs=1e-5)
-    # Each gradient tensor within 0.1% of its largest entry (float32 sums in another order: 3e-4 measured here).
-    worst = max(float((p.grad - our_gradients[name]).abs().max() / p.grad.abs().max())
-                for name, p in lora.named_parameters() if p.requires_grad)
-    assert our_gradients and worst < 1e-3
+    # Each gradient tensor within 0.1% of its largest entry (float32 sums in another order: 3e-4 measured here);
+    # trained in full, a norm weight deep in the model gets 1.8e-3 (1.6e-3 when the head's chunks were checkpointed).
+    differences = {name: float((p.grad - our_gradients[name]).abs().max() / p.grad.abs().max())
+                   for name, p in trained.named_parameters() if p.requires_grad}
+    assert our_gradients and max(differences.values()) < (1e-3 if method == "lora" else 5e-3)
+    assert differences.get("model.embed_tokens.weight", 0) < 1e-3
     items = int((batch["labels"][:, 1:] != -100).sum())  # as the Trainer counts them for gradient accumulation
-    assert trainer.compute_loss(lora, dict(batch), num_items_in_batch=2 * items).item() == pytest.approx(
+    assert trainer.compute_loss(trained, dict(batch), num_items_in_batch=2 * items).item() == pytest.approx(
         stock.item() / 2, abs=1e-5)
