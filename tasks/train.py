@@ -210,10 +210,9 @@ class TrainedPositionsTrainer(Trainer):
     included, and keeps them all for backward. Here the model runs with its LM head set aside for the step, so its
     "logits" are the final hidden states; the head's weight is applied to the trained positions only, a chunk at a
     time, each chunk's gradient taken at once (`_HeadLoss`): logits are neither kept for backward nor made again
-    there. The sum of cross-entropies is divided
-    as the Trainer's own loss is (by `num_items_in_batch`). Hand-written: Liger's fused linear cross-entropy does
-    this on GPUs only, and transformers has no such loss. Not used under DeepSpeed, whose ZeRO-3 partitions the
-    head's weight outside its module's forward.
+    there. The sum of cross-entropies is divided as the Trainer's own loss is (by `num_items_in_batch`).
+    Hand-written: Liger's fused linear cross-entropy does this on GPUs only, and transformers has no such loss. Not
+    used under DeepSpeed, whose ZeRO-3 partitions the head's weight outside its module's forward.
     """
 
     CHUNK = 1024
@@ -260,9 +259,10 @@ class _HeadLoss(torch.autograd.Function):
                 logits = torch.nn.functional.linear(rows, weight, bias).float()
                 loss = torch.nn.functional.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
             total += loss.detach()
-            wanted = [(t, grad) for t, grad in zip((rows, weight, bias), grads) if grad is not None]
-            if wanted:
-                for (t, grad), chunk_grad in zip(wanted, torch.autograd.grad(loss, [t for t, _ in wanted])):
+            differentiated = [(t, grad) for t, grad in zip((rows, weight, bias), grads) if grad is not None]
+            if differentiated:
+                chunk_grads = torch.autograd.grad(loss, [t for t, _ in differentiated])
+                for (t, grad), chunk_grad in zip(differentiated, chunk_grads):
                     if t is rows:
                         grad[start:start + chunk] = chunk_grad
                     else:
