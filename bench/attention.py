@@ -3,7 +3,8 @@
 The rows are the first batch of bench/train.py's packed samples (4 rows of 512 tokens, several samples each), the
 shapes SmolLM2-135M's (9 query heads sharing 3 key/value heads of 64), bf16, forward and backward:
   block mask   SDPA with the block-diagonal causal mask that transformers builds from per-sample position_ids
-               (what loraflow trains with, uncompiled): every block of the 512 x 512 scores is computed, masked ones included;
+               (what loraflow trains with, uncompiled): every block of the 512 x 512 scores is computed, masked
+               ones included;
   per sample   SDPA on each sample alone, causal: exact, and no masked block is computed;
   flex         `flex_attention` (compiled) with a document mask, which skips masked blocks: timed where the
                backward pass runs (PyTorch has no flex_attention backward on CPU);
@@ -29,7 +30,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from datasets import load_from_disk  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
-
 from transformers.models.llama import modeling_llama  # noqa: E402
 
 from bench.train import BATCH, prepare  # noqa: E402

@@ -16,8 +16,8 @@ of its own (so that peak memory is per setup), and compare real tokens/s, peak m
      shown, not compared;
 (c)  loraflow's train stage on its packed rows (the same BFD packing, TRL's `pack_dataset`);
 (c_compile) the same with `train.compile: true` (each decoder layer compiled by inductor; with `attn: auto` on a
-     CPU that means eager attention; its one compile, in the first step, is not timed: that step is the warm-up for
-     every setup);
+     CPU that means the model's eager attention a block of queries at a time; its one compile, in the first step,
+     is not timed: that step is the warm-up for every setup);
 (lean) the same with `train.low_memory: true` (the frozen base in bf16, activations recomputed in backward).
 
 The samples: the benches' mixed-length conversations and alpaca-shaped instruction/response rows with a long tail
