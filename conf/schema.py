@@ -45,7 +45,7 @@ class DataConfig(_Section):
     train: list[str] = Field(default_factory=lambda: ["builtin:identity", "builtin:everyday_chat"], min_length=1)
     eval: list[str] = Field(default_factory=lambda: ["builtin:identity_heldout"])
     eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
-    format: Literal["auto", "alpaca", "sharegpt", "openai", "text"] = "auto"
+    format: Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion", "text"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict, description="our field name -> the file's, e.g. {output: answer}")
     normalize: bool = Field(default=True, description="NFC, control characters and BOM dropped, spaces collapsed")
     max_chars: int = Field(default=100_000, gt=0, description="longer chat rows are rejected; text documents never are")
@@ -81,6 +81,19 @@ class TokenizeConfig(_Section):
     tool_format: Literal["auto", "hermes"] = Field(
         default="auto", description="tool calls: the tokenizer's own template when it knows tools, else hermes "
         "(<tool_call> JSON in the assistant turn); hermes: always that")
+    reasoning: Literal["train", "mask", "drop"] = Field(
+        default="train", description="an assistant turn's reasoning: trained like the answer, kept in the context "
+        "without loss (mask), or removed (drop)")
+    reasoning_format: str = Field(
+        default="<think>\n{reasoning}\n</think>\n\n", description="how reasoning is written in front of the answer "
+        "when the chat template renders none itself; also how a generated answer is split again")
+
+    @field_validator("reasoning_format")
+    @classmethod
+    def _one_reasoning_slot(cls, value: str) -> str:
+        if value.count("{reasoning}") != 1 or not value.split("{reasoning}")[1].strip():
+            raise ValueError("needs {reasoning} once, with a closing marker after it (e.g. </think>) to split answers by")
+        return value
 
 
 class LoraConfig(_Section):

@@ -302,8 +302,17 @@ def _data(args: argparse.Namespace) -> int:
         print(f"{source}: {counts['format']}, read {counts['read']}, kept {counts['kept']}, rejected: {rejected}")
         if "layout" in counts:
             print(f"  {counts['layout']}")
+        for layout, rows in counts.get("layouts", {}).items():
+            print(f"  {layout}: {rows} rows")
+        if counts.get("reasoning_rows") or counts.get("untrained_turns"):
+            print(f"  rows with reasoning {counts.get('reasoning_rows', 0)}, "
+                  f"turns not trained (weight 0) {counts.get('untrained_turns', 0)}")
+    first_origin = {}
+    for line in result.rejects_path.read_text(encoding="utf-8").splitlines():
+        reject = json.loads(line)
+        first_origin.setdefault(reject["reason"], reject["origin"])
     for reason, hint in report["hints"].items():
-        print(f"hint: {reason}: {hint}")
+        print(f"hint: {reason} (first at {first_origin[reason]}): {hint}")
     print(f"kept rows: {result.train_path}\nrejects:   {result.rejects_path}\nreport:    {result.report_path}")
     return 0
 
@@ -526,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="run the clean stage alone on files and print its report")
     data.add_argument("paths", nargs="+", type=Path,
                       help="files or folders of .json/.jsonl/.parquet/.txt/.md(.gz) rows")
-    data.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "openai", "text"])
+    data.add_argument("--format", default="auto",
+                      choices=["auto", "alpaca", "sharegpt", "openai", "prompt_completion", "text"])
     data.add_argument("--text-split", default="line", choices=["line", "paragraph", "file"],
                       help=".txt/.md files: a document per non-empty line (default), per paragraph, or per file")
     data.add_argument("--out", type=Path, help="folder for the cleaned rows, rejects and report (default: a temp folder)")

@@ -83,9 +83,10 @@ def hermes_messages(messages: list[dict], tools: list[dict] | None) -> list[dict
     for message in messages:
         if message["role"] == "tool":
             plain.append({"role": "user", "content": f"<tool_response>\n{message['content']}\n</tool_response>"})
-        elif "tool_calls" in message:
+        elif "tool_calls" in message:  # its other keys (reasoning, weight) stay
             calls = "\n".join(call_text(call) for call in message["tool_calls"])
-            plain.append({"role": "assistant", "content": f"{message['content']}\n{calls}".strip()})
+            plain.append({key: value for key, value in message.items() if key != "tool_calls"}
+                         | {"content": f"{message['content']}\n{calls}".strip()})
         else:
             plain.append(message)
     if tools:

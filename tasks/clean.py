@@ -53,7 +53,22 @@ MEDIA_FIELDS = {"images": "has_images", "image": "has_images", "videos": "has_vi
 MEDIA_PLACEHOLDERS = {"<image>": "has_images", "<video>": "has_video", "<audio>": "has_audio"}
 MEDIA_PARTS = {"image": "has_images", "image_url": "has_images", "input_image": "has_images",
                "video": "has_video", "video_url": "has_video", "audio": "has_audio", "input_audio": "has_audio"}
+TEXT_PARTS = ("text", "input_text", "output_text")  # OpenAI's chat and Responses APIs
+REASONING_PARTS = ("reasoning", "thinking")  # content parts that hold reasoning (keyed text, value, thinking, summary)
+# An assistant message's reasoning: DeepSeek's and OpenAI-compatible APIs', some public sets', GPT-OSS's (Harmony).
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
+# Whether an assistant turn is trained: OpenAI fine-tuning's `weight`, `loss_weight`, axolotl's `training`, `train`.
+WEIGHT_FIELDS = ("weight", "loss_weight", "training", "train")
+THINK_BLOCK = re.compile(r"\s*<think>(.*?)</think>\s*", re.DOTALL)  # a leading block, as R1-style models write it
+FORMAT_NAMES = {"openai": "openai messages", "sharegpt": "sharegpt conversations", "alpaca": "alpaca",
+                "prompt_completion": "prompt/completion", "text": "text"}
 HINTS = {"preference_pair": "chosen/rejected pairs need a preference-tuning recipe (DPO, ORPO); SFT cannot train them",
+         "undesirable_answer": "rows labelled undesirable (label: false, KTO's layout) are answers to avoid: a "
+                               "preference objective (KTO) learns from them; SFT would train them as good answers",
+         "fractional_weight": "a turn's weight must be 0 (not trained) or 1 (trained): loraflow does not scale a "
+                              "turn's loss, and does not round a weight",
+         "partial_turn_weight": "content parts of one turn disagree on `train`: loraflow trains a turn whole or not "
+                                "at all",
          "has_images": "multimodal rows need a vision-language model and its processor",
          "has_video": "multimodal rows need a video-language model and its processor",
          "has_audio": "multimodal rows need an audio-language model and its processor"}
@@ -260,15 +275,52 @@ def check_readable(sources: list[str], text_split: str = "line") -> None:
             pass
 
 
+def _part_text(part: dict, keys: tuple[str, ...]) -> str:
+    for key in keys:
+        if isinstance(part.get(key), str):
+            return part[key]
+    if part.get("type") == "reasoning" and isinstance(part.get("summary"), list):  # OpenAI Responses' reasoning item
+        return "\n".join(item.get("text", "") for item in part["summary"] if isinstance(item, dict))
+    raise RowRejected("wrong_type")
+
+
+def _content_parts(content: list, features: set[str]) -> tuple[str, list[str], list[bool]]:
+    """(text, reasoning texts, each part's `train` flag) of a message's content parts, in order: text parts keyed
+    `text` or `value`, reasoning or thinking parts; media parts are their own rejects, other parts unsupported."""
+    texts, reasoning, trained = [], [], []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in MEDIA_PARTS:
+            raise RowRejected(MEDIA_PARTS[kind])
+        if kind in TEXT_PARTS:
+            texts.append(_part_text(part, ("text", "value")))
+            features.add("text parts keyed value" if "text" not in part else "content parts")
+        elif kind in REASONING_PARTS:
+            reasoning.append(_part_text(part, ("text", "value", kind)))
+            features.add(f"{kind} parts")
+        else:
+            raise RowRejected("unsupported_content")
+        flag = part.get("train", part.get("training"))
+        if flag is not None:
+            features.add("part train flags")
+        trained.append(_weight(flag, 1) == 1)
+    return "\n".join(texts), reasoning, trained
+
+
+def _weight(value: object, default: int) -> int:
+    """A turn's weight as 0 or 1; a fractional one is refused, never rounded."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | float) and value in (0, 1):
+        return int(value)
+    if isinstance(value, int | float) and 0 < value:
+        raise RowRejected("fractional_weight")
+    raise RowRejected("invalid_weight")
+
+
 def _clean_text(text: object, data: DataConfig, values: dict[str, str]) -> str:
-    if isinstance(text, list):  # OpenAI content parts
-        for part in text:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind in MEDIA_PARTS:
-                raise RowRejected(MEDIA_PARTS[kind])
-            if kind != "text":
-                raise RowRejected("unsupported_content")
-        text = "\n".join(str(p.get("text", "")) for p in text)
     if not isinstance(text, str):
         raise RowRejected("wrong_type")
     if data.normalize:
@@ -290,6 +342,8 @@ def detect_format(row: dict) -> str:
         return "sharegpt"
     if "instruction" in row and "output" in row:
         return "alpaca"
+    if "prompt" in row and "completion" in row:  # TRL's prompt-completion layout, strings or messages
+        return "prompt_completion"
     if "text" in row:
         return "text"
     raise RowRejected("unknown_format")
@@ -303,7 +357,20 @@ def _turns(row: dict, row_format: str) -> list[dict]:
             raise RowRejected("wrong_type")
         if row_format == "openai":
             return turns
-        return [{"role": t.get("from"), "content": t.get("value")} for t in turns]
+        return [{"role": t.get("from"), "content": t.get("value")} if len(t) == 2 else  # most turns: nothing else
+                {key: value for key, value in t.items() if key not in ("from", "value")}
+                | {"role": t.get("from"), "content": t.get("value")} for t in turns]
+    if row_format == "prompt_completion":
+        prompt, completion = row["prompt"], row["completion"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+        completion = [completion] if isinstance(completion, dict) else completion
+        if not isinstance(prompt, list) or not isinstance(completion, list):
+            raise RowRejected("wrong_type")
+        turns = prompt + completion
+        if not all(isinstance(t, dict) for t in turns):
+            raise RowRejected("wrong_type")
+        return turns
     history = row.get("history") or []
     if not isinstance(history, list) or not all(isinstance(h, list | tuple) and len(h) == 2 for h in history):
         raise RowRejected("wrong_type")
@@ -360,7 +427,9 @@ def _tools(value: object) -> list[dict]:
     return normal
 
 
-def _message(turn: dict, data: DataConfig, values: dict[str, str]) -> dict:
+def _message(turn: dict, data: DataConfig, values: dict[str, str], features: set[str]) -> dict:
+    """One turn in the clean shape: role, content, and for an assistant turn its tool calls, its reasoning
+    (`reasoning_content`) and `weight: 0` when it must not be trained."""
     role, content = turn.get("role"), turn.get("content")
     role = role.lower() if isinstance(role, str) else None
     if role in CALL_ROLES:  # ShareGPT's function_call turn: the assistant calling tools
@@ -370,18 +439,52 @@ def _message(turn: dict, data: DataConfig, values: dict[str, str]) -> dict:
         raise RowRejected("unknown_role")
     if normal_role == "tool" and isinstance(content, dict | list) and not _is_content_parts(content):
         content = json.dumps(content, ensure_ascii=False)  # a tool's structured result, as the text it returns
-    calls = _tool_calls(turn["tool_calls"]) if normal_role == "assistant" and turn.get("tool_calls") else None
-    if calls and not content:
-        return {"role": "assistant", "content": "", "tool_calls": calls}
+    reasoning, trained = [], []
+    if isinstance(content, list):
+        content, reasoning, trained = _content_parts(content, features)
+    if normal_role != "assistant":
+        if reasoning:
+            raise RowRejected("reasoning_not_from_assistant")
+        return _plain_message(normal_role, content, data, values)
+    for field in REASONING_FIELDS:
+        if turn.get(field) is not None:
+            if not isinstance(turn[field], str):
+                raise RowRejected("wrong_type")
+            reasoning.append(turn[field])
+            features.add(field)
+    if isinstance(content, str) and content.lstrip().startswith("<think>"):
+        block = THINK_BLOCK.match(content)
+        if block is None:
+            raise RowRejected("unclosed_think")
+        reasoning.append(block.group(1))
+        content = content[block.end():]
+        features.add("<think> block")
+    field = next((field for field in WEIGHT_FIELDS if turn.get(field) is not None), None)
+    weight = _weight(turn[field], 1) if field else 1
+    if field:
+        features.add(field)
+    if trained and len(set(trained)) > 1:
+        raise RowRejected("partial_turn_weight")
+    weight = min(weight, int(all(trained)))
+    calls = _tool_calls(turn["tool_calls"]) if turn.get("tool_calls") else None
+    message = {"role": "assistant", "content": ""} if calls and not content else _plain_message(
+        "assistant", content, data, values)
+    if calls:
+        message["tool_calls"] = calls
+    if any(part.strip() for part in reasoning):
+        message["reasoning_content"] = _clean_text("\n".join(part for part in reasoning if part.strip()), data, values)
+    if weight == 0:
+        message["weight"] = 0
+    return message
+
+
+def _plain_message(role: str, content: object, data: DataConfig, values: dict[str, str]) -> dict:
     text = _clean_text(content, data, values)
-    if normal_role != "tool" and "<" in text:
+    if role != "tool" and "<" in text:
         for placeholder, reason in MEDIA_PLACEHOLDERS.items():
             if placeholder in text:
                 raise RowRejected(reason)
-    message = {"role": normal_role, "content": text}
-    if calls:
-        message["tool_calls"] = calls
-    return message
+    return {"role": role, "content": text}
 
 
 def _is_content_parts(content: object) -> bool:
@@ -406,14 +509,22 @@ def normalise_row(raw: object, data: DataConfig, values: dict[str, str], task: s
                 raise RowRejected(reason)
     if "chosen" in row and "rejected" in row:
         raise RowRejected("preference_pair")
+    features: set[str] = set()
+    if row.get("label") is not None:  # KTO's unpaired layout: is this row's answer desirable?
+        if row["label"] is False or str(row["label"]).strip().lower() == "false":
+            raise RowRejected("undesirable_answer")
+        features.add("label")
     row_format = detect_format(row)
     if data.format != "auto" and row_format != data.format:
         raise RowRejected("wrong_format")
     if row_format == "text":
         return row_format, {"text": _clean_text(row["text"], data, values)}  # documents: no length limit
+    turns = _turns(row, row_format)
+    if row_format == "alpaca":  # the output's reasoning in a column of its own
+        turns[-1] |= {field: row[field] for field in REASONING_FIELDS if field in row}
     messages = []
-    for turn in _turns(row, row_format):
-        message = _message(turn, data, values)
+    for turn in turns:
+        message = _message(turn, data, values, features)
         answers_a_call = messages and ("tool_calls" in messages[-1] or messages[-1]["role"] == "tool")
         if message["role"] == "tool" and not answers_a_call:
             raise RowRejected("orphan_tool_result")
@@ -422,10 +533,12 @@ def normalise_row(raw: object, data: DataConfig, values: dict[str, str], task: s
         raise RowRejected("no_assistant_turn")
     if messages[-1]["role"] != "assistant":
         raise RowRejected("ends_on_user_turn")
+    if all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
+        raise RowRejected("no_trained_turn")
     clean = {"messages": messages} | ({"tools": _tools(row["tools"])} if row.get("tools") else {})
     if len(_plain_text(clean)) > data.max_chars:
         raise RowRejected("too_long")
-    return row_format, clean
+    return row_format + (" with " + ", ".join(sorted(features)) if features else ""), clean
 
 
 def _labelled_row(row: dict, task: str, data: DataConfig, values: dict[str, str]) -> tuple[str, dict]:
@@ -451,8 +564,13 @@ def _plain_text(row: dict) -> str:
         return " ".join(row["tokens"])
     if "text" in row:
         return row["text"]
-    return "\n".join([m["content"] if "tool_calls" not in m else m["content"] + json.dumps(m["tool_calls"])
-                      for m in row["messages"]])
+    return "\n".join([m["content"] if len(m) == 2 else _message_text(m) for m in row["messages"]])
+
+
+def _message_text(message: dict) -> str:
+    """What a message with more than a role and content says: its reasoning, content and tool calls."""
+    calls = json.dumps(message["tool_calls"]) if "tool_calls" in message else ""
+    return "\n".join(part for part in (message.get("reasoning_content"), message["content"] + calls) if part)
 
 
 def in_eval_split(key: str, fraction: float) -> bool:
@@ -624,12 +742,16 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path, task: str = "
                 formats[source][row_format] += 1
                 if row_format == "text":
                     documents[source].update(documents=1, characters=len(row["text"]))
+                elif " with " in row_format:  # a row saying more than role and content: reasoning, weights
+                    turns = [m for m in row["messages"] if len(m) > 2]
+                    documents[source].update(reasoning_rows=any("reasoning_content" in m for m in turns),
+                                             untrained_turns=sum(m.get("weight") == 0 for m in turns))
     labels = _held_out_labels_seen_in_training(kept, kept_from, reject, counts) if task != "causal_lm" else None
     report = {
-        source: {"format": "+".join(sorted(formats[source])) or "none", "read": counts[source].pop("read", 0),
-                 "kept": counts[source].pop("kept", 0),
+        source: {"format": "+".join(sorted({f.split(" with ")[0] for f in formats[source]})) or "none",
+                 "read": counts[source].pop("read", 0), "kept": counts[source].pop("kept", 0),
                  "rejected": dict(sorted((reason, n) for reason, n in counts[source].items() if n))}
-        | ({"layout": _layout(source, data.text_split, documents[source])} if documents[source] else {})
+        | _layouts(source, data.text_split, formats[source], documents[source])
         for source in [*data.train, *data.eval]
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -644,6 +766,7 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path, task: str = "
     reasons = {reason for counts_of in report.values() for reason in counts_of["rejected"]}
     summary = {"sources": report, "train_rows": len(lines["train"]), "eval_rows": len(lines["eval"]),
                "rejected_rows": len(rejects), "data_hash": data_hash, "eval_hash": eval_hash,
+               "reasoning_rows": sum(counts.get("reasoning_rows", 0) for counts in report.values()),
                "max_chars": f"{data.max_chars} characters, for chat rows only; text documents are never rejected for "
                             "length (tokenize cuts them into blocks)",
                "hints": {reason: hint for reason, hint in HINTS.items() if reason in reasons}}
@@ -688,10 +811,20 @@ def _label_report(labels: dict[str, Counter], min_class_rows: int) -> dict:
     }
 
 
-def _layout(source: str, text_split: str, documents: Counter) -> str:
-    """How a source's text was read, in words: a corpus read in a way the user did not mean shows at once."""
-    how = f"split by {text_split}" if reads_text_files(source) else "a `text` field per row"
-    return f"text, {how}: {documents['documents']} documents, {documents['characters']} characters"
+def _layouts(source: str, text_split: str, formats: Counter, documents: Counter) -> dict:
+    """How a source was read, in words, where that is more than its format: how its text was cut into documents,
+    and the layouts of rows that say more than roles and contents (reasoning, weights, content parts, labels), with
+    the rows that carry reasoning and the turns left untrained. A source read in a way the user did not mean shows
+    at once."""
+    layouts = {}
+    if documents["documents"]:
+        how = f"split by {text_split}" if reads_text_files(source) else "a `text` field per row"
+        layouts["layout"] = f"text, {how}: {documents['documents']} documents, {documents['characters']} characters"
+    detailed = {FORMAT_NAMES[f.split(" with ")[0]] + f[f.index(" with "):]: n for f, n in formats.items() if " with " in f}
+    if detailed:
+        layouts["layouts"] = dict(sorted(detailed.items()))
+        layouts |= {key: documents[key] for key in ("reasoning_rows", "untrained_turns") if documents[key]}
+    return layouts
 
 
 @task(name="clean", cache_policy=NO_CACHE)

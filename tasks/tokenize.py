@@ -27,8 +27,9 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from itertools import groupby
 from pathlib import Path
@@ -42,10 +43,11 @@ from trl import pack_dataset
 from conf.schema import TokenizeConfig, UserError
 from tasks.chat_templates import CHAT_TEMPLATES, for_template
 from tasks.labels import joined_words, word_of_each_token
+from tasks.reasoning import FIELD as REASONING_FIELD, Reasoning, template_field
 from tasks.tracking import log_metrics, set_tags
 
 IGNORE_INDEX = -100
-CACHE_FORMAT = 2  # bump when the samples this module writes change for the same inputs
+CACHE_FORMAT = 3  # bump when the samples this module writes change for the same inputs
 TOKEN_SHAPING_PACKAGES = ("tokenizers", "transformers", "trl", "datasets")
 _DATA_MARK = re.compile("\ue000(\\d+)\ue001")  # private-use characters: stand-ins for message contents
 
@@ -72,6 +74,9 @@ class TokenizedData:
     cache_key: str
     cache_hit: bool
     labels: tuple[str, ...] = ()  # task heads: label (tag) names in id order; sample labels are their ids
+    # chat: assistant turns with reasoning, and how many were rendered, dropped (`reasoning: drop`) or not rendered
+    # (a template that shows only the last turns' reasoning)
+    reasoning: dict[str, int] = field(default_factory=dict)
 
 
 def load_tokenizer(model_dir: str, chat_template: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -101,9 +106,10 @@ def load_tokenizer(model_dir: str, chat_template: str, trust_remote_code: bool =
 
 
 def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None = None
-                    ) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character spans of each assistant turn (content, tool calls and its end-of-turn
-    marker). Tool results and the tool list are not assistant turns: no span covers them."""
+                    ) -> tuple[str, list[tuple[int, int, int]]]:
+    """The rendered text and, for each assistant turn, (its message index, start, end): the characters of its
+    reasoning, content, tool calls and end-of-turn marker as the whole conversation renders them. Tool results and
+    the tool list are not assistant turns: no span covers them."""
     text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
     spans = []
     for index, message in enumerate(messages):
@@ -111,11 +117,24 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], to
             continue
         prompt = tokenizer.apply_chat_template(messages[:index], tools=tools, tokenize=False, add_generation_prompt=True)
         upto = tokenizer.apply_chat_template(messages[: index + 1], tools=tools, tokenize=False)
-        if not (text.startswith(prompt) and text.startswith(upto) and len(upto) > len(prompt)):
+        if not (text.startswith(prompt) and len(upto) > len(prompt)):
             raise SampleRejected("template_not_prefix_stable")
         # Trailing whitespace after the end-of-turn marker is the template's separator, not the answer.
-        spans.append((len(prompt), len(upto.rstrip())))
+        end = len(upto.rstrip()) if text.startswith(upto) else _end_with_turns_after(text, prompt, upto, message)
+        spans.append((index, len(prompt), end))
     return text, spans
+
+
+def _end_with_turns_after(text: str, prompt: str, upto: str, message: dict) -> int:
+    """Where a turn ends in the whole conversation when, as the last turn, it renders otherwise: templates such as
+    Qwen3's show reasoning on the turns after the last user message only. It ends after its content and what closes
+    it (tool calls, the end-of-turn marker), as its rendering as the last turn closes it."""
+    content = message["content"]
+    closing = upto[upto.rfind(content) + len(content):].rstrip() if content else ""
+    at = text.find(content + closing, len(prompt)) if content else -1
+    if at < 0:
+        raise SampleRejected("template_not_prefix_stable")
+    return at + len(content) + len(closing)
 
 
 class ChatEncoder:
@@ -125,24 +144,53 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.config = config
         self.control_spellings = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
+        self.reasoning = Reasoning(config.reasoning, config.reasoning_format, template_field(tokenizer.chat_template))
+        self.reasoning_counts: Counter = Counter()  # of the conversations encoded: turns with reasoning, and so on
 
     def pieces(self, messages: list[dict], tools: list[dict] | None, text: str) -> list[tuple[str, bool]]:
-        """The rendered text as (piece, is_message_content) pairs, found by rendering stand-ins for the contents."""
-        stand_ins = [m | {"content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        """The rendered text as (piece, is_message_data) pairs, found by rendering stand-ins for the contents and
+        the reasoning (what a reasoning format writes around it is the template's text, not data)."""
+        data, stand_ins = [], []
+        for message in messages:
+            stand_in = dict(message)
+            for key in ("content", REASONING_FIELD):
+                if key in message:
+                    stand_in[key] = f"\ue000{len(data)}\ue001"
+                    data.append(message[key])
+            stand_ins.append(self.reasoning.for_template(stand_in))
         parts = _DATA_MARK.split(self.tokenizer.apply_chat_template(stand_ins, tools=tools, tokenize=False))
-        pieces = [(part, False) if n % 2 == 0 else (messages[int(part)]["content"], True) for n, part in enumerate(parts)]
+        pieces = [(part, False) if n % 2 == 0 else (data[int(part)], True) for n, part in enumerate(parts)]
         if "".join(piece for piece, _ in pieces) != text:
             raise SampleRejected("template_alters_content")
         return [(piece, is_content) for piece, is_content in pieces if piece]
+
+    def trained_spans(self, messages: list[dict], text: str, spans: list[tuple[int, int, int]], counts: Counter
+                      ) -> list[tuple[int, int]]:
+        """The character spans that carry loss: each assistant turn not weighted 0, without its reasoning under
+        `reasoning: mask` (the reasoning a template leaves out of earlier turns is counted, not trained)."""
+        trained = []
+        for index, start, end in spans:
+            message = messages[index]
+            reasoning = message.get(REASONING_FIELD)
+            if reasoning is not None:
+                counts["turns"] += 1
+                at = -1 if self.reasoning.mode == "drop" else text.find(reasoning, start, end)
+                counts["dropped" if self.reasoning.mode == "drop" else "not_rendered" if at < 0 else "rendered"] += 1
+                if at >= 0 and self.reasoning.mode == "mask":
+                    answer = text.rfind(message["content"], at + len(reasoning), end) if message["content"] else -1
+                    start = answer if answer >= 0 else at + len(reasoning)
+            if message.get("weight", 1) != 0:
+                trained.append((start, end))
+        return trained[-1:] if self.config.loss_on == "last_assistant" else trained
 
     def encode(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[dict, bool]:
         """({input_ids, labels}, truncated) for one conversation (with the tools it may call); labels are
         IGNORE_INDEX where no loss."""
         messages, tools = for_template(messages, tools, self.tokenizer.chat_template, self.config.tool_format)
-        text, spans = assistant_spans(self.tokenizer, messages, tools)
-        if self.config.loss_on == "last_assistant":
-            spans = spans[-1:]
-        forged = any(s in m["content"] for m in messages for s in self.control_spellings)
+        text, spans = assistant_spans(self.tokenizer, [self.reasoning.for_template(m) for m in messages], tools)
+        counts = Counter()
+        spans = self.trained_spans(messages, text, spans, counts)
+        forged = any(s in m["content"] or s in m.get(REASONING_FIELD, "") for m in messages for s in self.control_spellings)
         ids, offsets, start = [], [], 0
         for piece, is_content in self.pieces(messages, tools, text) if forged else [(text, False)]:
             encoded = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True,
@@ -164,6 +212,7 @@ class ChatEncoder:
             ids, labels = ids[: self.config.max_length], labels[: self.config.max_length]
         if all(label == IGNORE_INDEX for label in labels):
             raise SampleRejected("no_trained_tokens")
+        self.reasoning_counts += counts
         return {"input_ids": ids, "labels": labels}, truncated
 
 
@@ -282,6 +331,7 @@ def tokenize(
     if (target / "summary.json").exists():
         return TokenizedData(**_read_summary(target) | {"cache_hit": True})
     rejected: dict[str, int] = {}
+    reasoning: dict[str, int] = {}
     if task != "causal_lm":
         label_ids = {label: number for number, label in enumerate(labels)}
         train_encoded = list(encode_labelled_rows(tokenizer, _rows(train_path), label_ids, config, rejected))
@@ -300,6 +350,8 @@ def tokenize(
         truncated = sum(was_truncated for _, was_truncated in train_encoded + eval_encoded)
         train = Dataset.from_list([sample for sample, _ in train_encoded])
         evaluation = Dataset.from_list([sample for sample, _ in eval_encoded])
+        reasoning = dict(encoder.reasoning_counts)
+        encoder.reasoning.save(tokenizer)  # evaluation and serving render and split reasoning as training did
     else:
         truncated = 0
         train_texts, eval_texts = _documents(_rows(train_path), rejected), _documents(_rows(eval_path), rejected)
@@ -324,6 +376,7 @@ def tokenize(
         "truncated": truncated,
         "cache_key": key,
         "labels": list(labels),
+        "reasoning": reasoning,
     }
     (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     try:
@@ -376,7 +429,8 @@ def tokenize_task(
         {"tokenize_train_samples": result.train_samples, "tokenize_train_rows": result.train_rows,
          "tokenize_eval_samples": result.eval_samples, "tokenize_train_tokens": result.train_tokens,
          "tokenize_truncated": result.truncated, "tokenize_cache_hit": int(result.cache_hit)}
-        | {f"tokenize_rejected_{reason}": count for reason, count in result.rejected.items()},
+        | {f"tokenize_rejected_{reason}": count for reason, count in result.rejected.items()}
+        | {f"tokenize_reasoning_{what}": count for what, count in result.reasoning.items()},
     )
     set_tags(run_id, {"tokenize.cache_key": result.cache_key})
     return result
