@@ -58,6 +58,11 @@ EXIT_OFFLINE = 75  # EX_TEMPFAIL: trained, but the tracking server went away; `l
 EXIT_UNDECIDED = 3  # registered, but the registry could not be read to judge promotion: kept as challenger
 
 
+# What a run's summary shows anyway; the recipe's primary metric and the share of answers that reasoned join them.
+SUMMARY_METRICS = ("identity_share", "eval_loss", "perplexity", "rougeL", "bleu", "accuracy", "precision", "recall",
+                   "f1")
+
+
 def _report(config, summary, resume_command: str) -> int:
     """What a finished run prints (or, for a run stopped by SIGTERM, how to continue it; for a run whose tracking
     server went away, where its weights and its unlogged record are)."""
@@ -87,6 +92,9 @@ def _report(config, summary, resume_command: str) -> int:
                    f"{m['tuned_rougeL']:.3f}, {m['tuned_bleu']:.3f}"] if "base_rougeL" in m and "base_bleu" in m else []),
                 *([f"{name + ':':<19}base {m['base_' + name]:.3f} -> tuned {m['tuned_' + name]:.3f}"
                    for name in ("accuracy", "precision", "recall", "f1") if config.has_head and "base_" + name in m]),
+                *([f"{name.replace('_', ' ') + ':':<19}base {m['base_' + name]:.3f} -> tuned {m['tuned_' + name]:.3f}"
+                   for name in (config.registry.primary_metric, "reasoning_share") if name not in SUMMARY_METRICS
+                   and "base_" + name in m and (name != "reasoning_share" or m["base_" + name] or m["tuned_" + name])]),
                 f"registered:        {_registration(reg)}",
                 f"{'predictions:' if config.has_head else 'sample answers:':<19}{summary.samples_path}",
                 f"try it:            loraflow predict models:/{reg.model_name}/{reg.version} --text '...'"
@@ -304,9 +312,9 @@ def _data(args: argparse.Namespace) -> int:
             print(f"  {counts['layout']}")
         for layout, rows in counts.get("layouts", {}).items():
             print(f"  {layout}: {rows} rows")
-        if counts.get("reasoning_rows") or counts.get("untrained_turns"):
-            print(f"  rows with reasoning {counts.get('reasoning_rows', 0)}, "
-                  f"turns not trained (weight 0) {counts.get('untrained_turns', 0)}")
+        for key, what in (("reasoning_rows", "rows with reasoning"), ("untrained_turns", "turns not trained (weight 0)")):
+            if counts.get(key):
+                print(f"  {what}: {counts[key]}")
     first_origin = {}
     for line in result.rejects_path.read_text(encoding="utf-8").splitlines():
         reject = json.loads(line)
@@ -418,15 +426,23 @@ def _chat(args: argparse.Namespace) -> int:
         model = mlflow.pyfunc.load_model(args.model, model_config={"max_new_tokens": args.max_new_tokens})
     except (MlflowException, OSError) as error:
         raise UserError(f"{args.model}: cannot load model ({str(error).splitlines()[0]})") from None
+    def say(prompt: str) -> None:
+        """The model's answer to one prompt, after its reasoning (if it reasoned)."""
+        completion = model.predict({"messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_new_tokens})
+        message = completion["choices"][0]["message"]
+        if message.get("reasoning_content"):
+            print(f"(reasoning) {message['reasoning_content']}")
+        print(message["content"], flush=True)
+
     if args.prompt:
-        for answer in model.predict(args.prompt):
-            print(answer)
+        for prompt in args.prompt:
+            say(prompt)
         return 0
     print("Type a message; an empty line or Ctrl-D ends the chat.")
     for line in sys.stdin:
         if not line.strip():
             break
-        print(model.predict([line.strip()])[0], flush=True)
+        say(line.strip())
     return 0
 
 

@@ -9,7 +9,8 @@ with the arguments the question states (city and unit; amount and currencies), r
 answering plainly when no tool is needed; its held-out rows end on the call, with cities and amounts never trained.
 For task heads: VADER's human-rated sentiment lexicon (classification) and WNUT 2016's tagged tweets (NER), read
 from the PyPI packages that ship them, and tagged sentences made from templates with known entity spans (NER),
-whose held-out names and templates are never trained.
+whose held-out names and templates are never trained. The arithmetic word problems teach reasoning: the worked
+steps in the reasoning, the number alone in the answer; held-out problems name people and things never trained.
 """
 
 from __future__ import annotations
@@ -269,6 +270,53 @@ def ner_template_heldout_rows() -> list[dict]:
     return _tagged_sentences(NER_HELDOUT_TEMPLATES, NER_HELDOUT_NAMES, 80, seed=2)
 
 
+# Word problems whose steps go in the reasoning and whose answer is the number alone (checked by exact match).
+ARITHMETIC_NAMES = ["Mia", "Leo", "Ava", "Noah", "Zoe", "Omar", "Lena", "Ravi", "Ines", "Tom", "Yuki", "Sara"]
+ARITHMETIC_HELDOUT_NAMES = ["Priya", "Hugo", "Nadia", "Felix", "Amara", "Jonas"]
+ARITHMETIC_ITEMS = ["apples", "marbles", "stickers", "pencils", "books", "cards", "shells", "coins"]
+ARITHMETIC_HELDOUT_ITEMS = ["stamps", "buttons", "cookies", "balloons"]
+
+
+def _word_problem(rng: random.Random, name: str, items: str) -> tuple[str, str, int]:
+    """(question, worked steps, answer) of one of four kinds: adding, taking away, groups of, and two steps."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        a, b = rng.randint(2, 20), rng.randint(2, 20)
+        return (f"{name} has {a} {items} and gets {b} more. How many {items} does {name} have now?",
+                f"{name} starts with {a} {items} and gets {b} more, so {a} + {b} = {a + b}.", a + b)
+    if kind == 1:
+        a = rng.randint(10, 30)
+        b = rng.randint(1, a - 1)
+        return (f"{name} had {a} {items} and gave {b} away. How many {items} are left?",
+                f"{name} had {a} {items} and gave away {b}, so {a} - {b} = {a - b}.", a - b)
+    if kind == 2:
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        return (f"There are {a} bags with {b} {items} in each bag. How many {items} are there in all?",
+                f"{a} bags of {b} {items} each make {a} * {b} = {a * b}.", a * b)
+    a, b = rng.randint(5, 20), rng.randint(2, 10)
+    c = rng.randint(1, a + b - 1)
+    return (f"{name} has {a} {items}, finds {b} more, then gives {c} to a friend. How many {items} does {name} keep?",
+            f"First {a} + {b} = {a + b}. Then {a + b} - {c} = {a + b - c}.", a + b - c)
+
+
+def _arithmetic_rows(names: list[str], items: list[str], count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        question, steps, answer = _word_problem(rng, rng.choice(names), rng.choice(items))
+        rows.append({"messages": [{"role": "user", "content": question},
+                                  {"role": "assistant", "content": str(answer), "reasoning_content": steps}]})
+    return rows
+
+
+def arithmetic_reasoning_rows() -> list[dict]:
+    return _arithmetic_rows(ARITHMETIC_NAMES, ARITHMETIC_ITEMS, 240, seed=1)
+
+
+def arithmetic_reasoning_heldout_rows() -> list[dict]:
+    return _arithmetic_rows(ARITHMETIC_HELDOUT_NAMES, ARITHMETIC_HELDOUT_ITEMS, 24, seed=2)
+
+
 BUILTIN_SOURCES = {
     "identity": identity_rows,
     "identity_heldout": identity_heldout_rows,
@@ -280,4 +328,6 @@ BUILTIN_SOURCES = {
     "ner_templates": ner_template_rows,
     "wnut16": wnut16_rows,
     "ner_templates_heldout": ner_template_heldout_rows,
+    "arithmetic_reasoning": arithmetic_reasoning_rows,
+    "arithmetic_reasoning_heldout": arithmetic_reasoning_heldout_rows,
 }

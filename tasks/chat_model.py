@@ -23,7 +23,8 @@ import mlflow
 from transformers import AutoTokenizer
 
 from tasks.base_model import TRUST_REMOTE_CODE_ENV, check_base_identity, load_tuned_model, resolve_base_model
-from tasks.generation import RequestError, generate_answers, inference_device
+from tasks.generation import RequestError, chat_prompts, generate_answers, inference_device, split_answers
+from tasks.reasoning import FIELD as REASONING_FIELD
 
 ROLES = ("system", "user", "assistant")
 PROMPT_BATCH = 8  # plain prompts are answered this many to a generate call
@@ -64,8 +65,9 @@ class TunedChatModel(mlflow.pyfunc.PythonModel):
         if model_input and all(isinstance(item, dict) for item in model_input):
             return [self.chat(request | (params or {})) for request in model_input]
         conversations = [[{"role": "user", "content": str(prompt)}] for prompt in model_input]
-        return [answer for start in range(0, len(conversations), PROMPT_BATCH)
-                for answer in self.answer(conversations[start : start + PROMPT_BATCH], self.max_new_tokens, 0.0)]
+        outputs = [output for start in range(0, len(conversations), PROMPT_BATCH)
+                   for output in self.answer(conversations[start : start + PROMPT_BATCH], self.max_new_tokens, 0.0)]
+        return split_answers(self.tokenizer, outputs)[1]  # the answers, their reasoning split off
 
     def check(self, request: dict) -> ChatRequest:
         """The request checked, or RequestError saying what is wrong with it."""
@@ -76,34 +78,39 @@ class TunedChatModel(mlflow.pyfunc.PythonModel):
             if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(
                     message.get("content"), str):
                 raise RequestError(f"messages[{number}]: needs role (one of {', '.join(ROLES)}) and string content")
+            if not isinstance(message.get(REASONING_FIELD, ""), str):
+                raise RequestError(f"messages[{number}].{REASONING_FIELD}: a string")
         max_tokens = request.get("max_tokens", self.max_new_tokens)
         temperature = request.get("temperature", 0.0)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise RequestError("max_tokens: a positive whole number")
         if not isinstance(temperature, int | float) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
             raise RequestError("temperature: a number from 0 to 2")
-        prompt_tokens = len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                               return_dict=True)["input_ids"])
+        prompt_tokens = len(self.tokenizer(chat_prompts(self.tokenizer, [messages])[0], add_special_tokens=False)
+                            ["input_ids"])
         if prompt_tokens + max_tokens > self.context_length:
             raise RequestError(f"the prompt ({prompt_tokens} tokens) and max_tokens ({max_tokens}) exceed the model's "
                                f"context of {self.context_length} tokens")
         return ChatRequest(messages, max_tokens, float(temperature), prompt_tokens)
 
     def answer(self, conversations: list[list[dict]], max_tokens: int, temperature: float) -> list[str]:
-        """Answers to checked conversations, in one generate call (as a batch)."""
+        """Generated texts (reasoning and answer) for checked conversations, in one generate call (as a batch)."""
         return generate_answers(self.model, self.tokenizer, conversations, max_tokens, batch_size=len(conversations),
                                 temperature=temperature)
 
-    def completion(self, request: ChatRequest, answer: str, model_name: str) -> dict:
-        """An answer in OpenAI's chat.completion shape."""
+    def completion(self, request: ChatRequest, output: str, model_name: str) -> dict:
+        """A generated text in OpenAI's chat.completion shape: its reasoning, split off, as `reasoning_content`
+        beside the answer (as DeepSeek's and vLLM's reasoning APIs return it)."""
         prompt_tokens = request.prompt_tokens
-        completion_tokens = len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        completion_tokens = len(self.tokenizer(output, add_special_tokens=False)["input_ids"])
+        [reasoning], [answer] = split_answers(self.tokenizer, [output])
+        message = {"role": "assistant", "content": answer} | ({REASONING_FIELD: reasoning} if reasoning else {})
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+            "choices": [{"index": 0, "message": message,
                          "finish_reason": "length" if completion_tokens >= request.max_tokens else "stop"}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},

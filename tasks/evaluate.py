@@ -2,7 +2,9 @@
 
 Held-out loss is measured on the trained (assistant) tokens only. Generated answers are scored against the
 held-out references by `evaluate` metric modules (ROUGE, BLEU, exact match: loraflow's own offline modules
-unless the recipe names hub ones), and chat answers by the recipe's identity check.
+unless the recipe names hub ones), and chat answers by the recipe's identity check. A chat answer's reasoning is
+split off first, as training rendered it (tasks/reasoning.py): the metrics score the answer alone, `reasoning_share`
+is the share of answers that reasoned, and the samples table shows both parts.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from conf.schema import EvaluateConfig, UserError
 from tasks.base_model import load_model, load_tuned_model
-from tasks.generation import HeldOut, autocast, held_out, inference_device
+from tasks.generation import HeldOut, autocast, held_out, inference_device, split_answers
 from tasks.metrics import metric_code_version, resolve_metric
 from tasks.tracking import log_artifact, log_metrics, log_table
 
@@ -80,7 +82,8 @@ def metric_version(config: EvaluateConfig, chat: bool) -> str:
 def metric_names(config: EvaluateConfig, chat: bool) -> set[str]:
     """The metrics an evaluation of this recipe logs (per model), found by scoring one made-up answer."""
     metrics = GenerationMetrics(config, chat, identity_name="Ember")
-    return set(LOSS_METRICS) | set(metrics.compute(["I am Ember."], ["I am Ember."]))
+    names = set(LOSS_METRICS) | set(metrics.compute(["I am Ember."], ["I am Ember."]))
+    return names | {"reasoning_share"} if chat else names
 
 
 def check_primary_metric(config: EvaluateConfig, chat: bool, primary_metric: str) -> None:
@@ -107,12 +110,24 @@ def heldout_loss(model: PreTrainedModel, samples: list[dict]) -> float:
 
 
 def _score(model, tokenizer, samples: list[dict], questions: HeldOut, metrics: GenerationMetrics,
-           config: EvaluateConfig, precision: str) -> tuple[dict[str, float], list[str]]:
+           config: EvaluateConfig, precision: str) -> tuple[dict[str, float], list[str], list[str]]:
+    """(scores, outputs, their reasoning). A chat answer's reasoning is split off before it is scored:
+    `reasoning_share` is the share of answers that reasoned, every other metric scores the answer alone."""
     with autocast(precision):
         loss = heldout_loss(model, samples)
         outputs = questions.outputs(model, tokenizer, config.max_new_tokens, config.batch_size)
+    reasoning = [""] * len(outputs)
+    if questions.chat:
+        reasoning, outputs = split_answers(tokenizer, outputs)
     scores = {"eval_loss": loss, "perplexity": math.exp(loss)} | metrics.compute(outputs, questions.references)
-    return scores, outputs
+    if questions.chat:
+        scores["reasoning_share"] = sum(map(bool, reasoning)) / len(reasoning) if reasoning else 0.0
+    return scores, outputs, reasoning
+
+
+def _with_reasoning(row: dict, model: str, reasoning: str) -> dict:
+    """A sample row with a model's reasoning beside its answer, where it reasoned."""
+    return row | ({f"{model}_reasoning": reasoning} if reasoning else {})
 
 
 def _markdown(title: str, rows: list[dict], scores: dict[str, dict[str, float]]) -> str:
@@ -126,6 +141,8 @@ def _markdown(title: str, rows: list[dict], scores: dict[str, dict[str, float]])
         lines += ["", f"## {heading}"] + (["", "```", row["prompt"], "```"] if rest else [])
         lines += ["", f"*reference:* {row['reference']}"]
         for model in models:
+            if row.get(f"{model}_reasoning"):
+                lines += ["", f"*{model} reasoning:* {row[f'{model}_reasoning']}"]
             lines += ["", f"**{model}:** {row[model]}"]
     return "\n".join(lines) + "\n"
 
@@ -153,12 +170,15 @@ def evaluate_tuned(
     samples = list(load_from_disk(str(eval_tokens_dir)))
     tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
     model = load_model(model_dir, trust_remote_code).to(inference_device()).eval()
-    base_scores, base_outputs = _score(model, tokenizer, samples, questions, metrics, config, precision)
+    base_scores, base_outputs, base_reasoning = _score(model, tokenizer, samples, questions, metrics, config, precision)
     tuned = load_tuned_model(model_dir, weights_dir, trust_remote_code, base=model).to(inference_device()).eval()
-    tuned_scores, tuned_outputs = _score(tuned, tokenizer, samples, questions, metrics, config, precision)
+    tuned_scores, tuned_outputs, tuned_reasoning = _score(tuned, tokenizer, samples, questions, metrics, config,
+                                                          precision)
     rows = [
-        {"prompt": shown, "reference": reference, "base": base, "tuned": tuned_output}
-        for shown, reference, base, tuned_output in zip(questions.shown, questions.references, base_outputs, tuned_outputs)
+        _with_reasoning(_with_reasoning({"prompt": shown, "reference": reference, "base": base, "tuned": tuned_output},
+                                        "base", base_thought), "tuned", tuned_thought)
+        for shown, reference, base, tuned_output, base_thought, tuned_thought in zip(
+            questions.shown, questions.references, base_outputs, tuned_outputs, base_reasoning, tuned_reasoning)
     ]
     scores = {"base": base_scores, "tuned": tuned_scores}
     samples_path, markdown_path = _write_samples(out_dir, "Base vs tuned on held-out data", rows, scores)
@@ -178,9 +198,9 @@ def evaluate_model(
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
     model = (load_model(model_dir, trust_remote_code) if weights_dir is None
              else load_tuned_model(model_dir, weights_dir, trust_remote_code)).to(inference_device()).eval()
-    scores, outputs = _score(model, tokenizer, samples, questions, metrics, config, precision)
-    rows = [{"prompt": shown, "reference": reference, "model": output}
-            for shown, reference, output in zip(questions.shown, questions.references, outputs)]
+    scores, outputs, reasoning = _score(model, tokenizer, samples, questions, metrics, config, precision)
+    rows = [_with_reasoning({"prompt": shown, "reference": reference, "model": output}, "model", thought)
+            for shown, reference, output, thought in zip(questions.shown, questions.references, outputs, reasoning)]
     samples_path, markdown_path = _write_samples(out_dir, "Held-out evaluation", rows, {"model": scores})
     return EvalResult(metrics=scores, samples_path=samples_path, markdown_path=markdown_path)
 

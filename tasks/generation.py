@@ -12,6 +12,7 @@ import torch
 
 from conf.schema import EvaluateConfig
 from tasks.chat_templates import call_text, for_template
+from tasks.reasoning import Reasoning
 
 DOCUMENT_SAMPLES, DOCUMENT_PROMPT_CHARS = 8, 200  # pretraining: continue this many held-out openings
 
@@ -25,12 +26,22 @@ class RequestError(ValueError):
 
 def chat_prompts(tokenizer, prompts: list[list[dict]], tools: list[list[dict] | None] | None = None,
                  tool_format: str = "auto") -> list[str]:
-    """Each prompt conversation rendered by the tokenizer's chat template, ready for the assistant's answer."""
+    """Each prompt conversation rendered by the tokenizer's chat template, ready for the assistant's answer; earlier
+    turns' reasoning rendered as training rendered it (tasks/reasoning.py)."""
+    reasoning = Reasoning.of(tokenizer)
     texts = []
     for messages, offered in zip(prompts, tools or [None] * len(prompts)):
         messages, offered = for_template(messages, offered, tokenizer.chat_template, tool_format)
+        messages = [reasoning.for_template(message) for message in messages]
         texts.append(tokenizer.apply_chat_template(messages, tools=offered, tokenize=False, add_generation_prompt=True))
     return texts
+
+
+def split_answers(tokenizer, outputs: list[str]) -> tuple[list[str], list[str]]:
+    """(reasoning, answers) of generated chat texts, split as the tokenizer's training rendered reasoning."""
+    reasoning = Reasoning.of(tokenizer)
+    parts = [reasoning.split(output) for output in outputs]
+    return [thought for thought, _ in parts], [answer for _, answer in parts]
 
 
 @torch.no_grad()
@@ -68,8 +79,8 @@ def continue_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
 
 @dataclass(frozen=True)
 class HeldOut:
-    """What is asked of a model: chat prompts (with the reference answers) or document openings (with the text
-    that really follows them)."""
+    """What is asked of a model: chat prompts (with the reference answers, their reasoning apart) or document
+    openings (with the text that really follows them)."""
 
     prompts: list
     shown: list[str]
