@@ -93,7 +93,8 @@ def _report(config, summary, resume_command: str) -> int:
                 *([f"{name + ':':<19}base {m['base_' + name]:.3f} -> tuned {m['tuned_' + name]:.3f}"
                    for name in ("accuracy", "precision", "recall", "f1") if config.has_head and "base_" + name in m]),
                 *([f"{name.replace('_', ' ') + ':':<19}base {m['base_' + name]:.3f} -> tuned {m['tuned_' + name]:.3f}"
-                   for name in (config.registry.primary_metric, "reasoning_share") if name not in SUMMARY_METRICS
+                   for name in dict.fromkeys((config.registry.primary_metric, "reasoning_share"))
+                   if name not in SUMMARY_METRICS
                    and "base_" + name in m and (name != "reasoning_share" or m["base_" + name] or m["tuned_" + name])]),
                 f"registered:        {_registration(reg)}",
                 f"{'predictions:' if config.has_head else 'sample answers:':<19}{summary.samples_path}",

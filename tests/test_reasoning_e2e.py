@@ -1,0 +1,53 @@
+"""The reasoning recipe as a user runs it (1 step, short answers): what holds whatever a step learns. The reasoning
+reaches the trained tokens, travels with the registered tokenizer, and evaluation scores answers apart from it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+from transformers import AutoTokenizer
+
+from tasks.reasoning import DEFAULT_FORMAT, Reasoning
+from tests.conftest import REPO, STATE_DIR
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run():
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", str(REPO / "conf" / "reasoning_sft.yaml"),
+         "-o", "train.max_steps=1", "-o", "train.batch_size=2", "-o", "evaluate.max_new_tokens=8"],
+        capture_output=True, text=True, cwd=STATE_DIR, env=dict(os.environ), timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = next(line.split()[2] for line in result.stdout.splitlines() if line.startswith("MLflow run:"))
+    return MlflowClient().get_run(run_id), result.stdout
+
+
+def test_every_row_carries_reasoning_and_every_sample_trains_it(run):
+    run, _ = run
+    client = MlflowClient()
+    report = json.loads(open(client.download_artifacts(run.info.run_id, "data/report.json")).read())
+    metrics = run.data.metrics
+    assert report["reasoning_rows"] == metrics["data_train_rows"] + metrics["data_eval_rows"]
+    # One reasoning turn per row, each rendered into the sample (SmolLM2's template knows none: the default format).
+    assert metrics["tokenize_reasoning_rendered"] == metrics["tokenize_train_samples"] + metrics["tokenize_eval_samples"]
+
+
+def test_the_registered_tokenizer_splits_as_training_rendered_and_scores_are_of_answers(run):
+    run, stdout = run
+    client = MlflowClient()
+    (version,) = client.search_model_versions(f"run_id='{run.info.run_id}'")
+    adapter = client.download_artifacts(run.info.run_id, "adapter_peft")
+    assert Reasoning.of(AutoTokenizer.from_pretrained(adapter)) == Reasoning("train", DEFAULT_FORMAT, None)
+    metrics = run.data.metrics
+    for model in ("base", "tuned"):
+        assert 0 <= metrics[f"{model}_reasoning_share"] <= 1 and 0 <= metrics[f"{model}_exact_match"] <= 1
+    table = json.loads(open(client.download_artifacts(run.info.run_id, "eval/samples_table.json")).read())
+    rows = [dict(zip(table["columns"], values)) for values in table["data"]]
+    assert all(row["reference"].isdigit() for row in rows)  # the reference is the answer, its reasoning apart
+    assert version.tags["loraflow.primary_metric"] == "exact_match" and "exact match:" in stdout
