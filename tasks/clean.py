@@ -60,6 +60,7 @@ REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 # Whether an assistant turn is trained: OpenAI fine-tuning's `weight`, `loss_weight`, axolotl's `training`, `train`.
 WEIGHT_FIELDS = ("weight", "loss_weight", "training", "train")
 THINK_BLOCK = re.compile(r"\s*<think>(.*?)</think>\s*", re.DOTALL)  # a leading block, as R1-style models write it
+THINK_STARTS = ("<think>", " ", "\n", "\t")  # a quick test before the block is looked for
 FORMAT_NAMES = {"openai": "openai messages", "sharegpt": "sharegpt conversations", "alpaca": "alpaca",
                 "prompt_completion": "prompt/completion", "text": "text"}
 HINTS = {"preference_pair": "chosen/rejected pairs need a preference-tuning recipe (DPO, ORPO); SFT cannot train them",
@@ -327,7 +328,9 @@ def _clean_text(text: object, data: DataConfig, values: dict[str, str]) -> str:
         text = unicodedata.normalize("NFC", CONTROL_CHARS.sub("", text))
         if "  " in text or "\t" in text or "\u00a0" in text:  # most text has nothing to collapse: skip the regex
             text = SPACES.sub(" ", text)
-        text = "\n".join(line.strip() for line in text.split("\n")).strip()
+        if "\n" in text:  # most turns are one line: strip it without splitting
+            text = "\n".join(line.strip() for line in text.split("\n"))
+        text = text.strip()
     if "{{" in text:
         text = PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
     if not text.strip():
@@ -439,39 +442,43 @@ def _message(turn: dict, data: DataConfig, values: dict[str, str], features: set
         raise RowRejected("unknown_role")
     if normal_role == "tool" and isinstance(content, dict | list) and not _is_content_parts(content):
         content = json.dumps(content, ensure_ascii=False)  # a tool's structured result, as the text it returns
-    reasoning, trained = [], []
+    reasoning, trained = (), ()
     if isinstance(content, list):
         content, reasoning, trained = _content_parts(content, features)
     if normal_role != "assistant":
         if reasoning:
             raise RowRejected("reasoning_not_from_assistant")
         return _plain_message(normal_role, content, data, values)
-    for field in REASONING_FIELDS:
-        if turn.get(field) is not None:
-            if not isinstance(turn[field], str):
-                raise RowRejected("wrong_type")
-            reasoning.append(turn[field])
+    weight = 1
+    if len(turn) > 2:  # most turns hold a role and a content alone
+        reasoning = list(reasoning)
+        for field in REASONING_FIELDS:
+            if turn.get(field) is not None:
+                if not isinstance(turn[field], str):
+                    raise RowRejected("wrong_type")
+                reasoning.append(turn[field])
+                features.add(field)
+        field = next((field for field in WEIGHT_FIELDS if turn.get(field) is not None), None)
+        if field:
+            weight = _weight(turn[field], 1)
             features.add(field)
-    if isinstance(content, str) and content.lstrip().startswith("<think>"):
+    if isinstance(content, str) and content.startswith(THINK_STARTS) and content.lstrip().startswith("<think>"):
         block = THINK_BLOCK.match(content)
         if block is None:
             raise RowRejected("unclosed_think")
-        reasoning.append(block.group(1))
+        reasoning = [*reasoning, block.group(1)]
         content = content[block.end():]
         features.add("<think> block")
-    field = next((field for field in WEIGHT_FIELDS if turn.get(field) is not None), None)
-    weight = _weight(turn[field], 1) if field else 1
-    if field:
-        features.add(field)
-    if trained and len(set(trained)) > 1:
-        raise RowRejected("partial_turn_weight")
-    weight = min(weight, int(all(trained)))
+    if trained:
+        if len(set(trained)) > 1:
+            raise RowRejected("partial_turn_weight")
+        weight = min(weight, int(trained[0]))
     calls = _tool_calls(turn["tool_calls"]) if turn.get("tool_calls") else None
     message = {"role": "assistant", "content": ""} if calls and not content else _plain_message(
         "assistant", content, data, values)
     if calls:
         message["tool_calls"] = calls
-    if any(part.strip() for part in reasoning):
+    if reasoning and any(part.strip() for part in reasoning):
         message["reasoning_content"] = _clean_text("\n".join(part for part in reasoning if part.strip()), data, values)
     if weight == 0:
         message["weight"] = 0
@@ -533,7 +540,7 @@ def normalise_row(raw: object, data: DataConfig, values: dict[str, str], task: s
         raise RowRejected("no_assistant_turn")
     if messages[-1]["role"] != "assistant":
         raise RowRejected("ends_on_user_turn")
-    if all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
+    if features and all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
         raise RowRejected("no_trained_turn")
     clean = {"messages": messages} | ({"tools": _tools(row["tools"])} if row.get("tools") else {})
     if len(_plain_text(clean)) > data.max_chars:

@@ -125,9 +125,11 @@ def _score(model, tokenizer, samples: list[dict], questions: HeldOut, metrics: G
     return scores, outputs, reasoning
 
 
-def _with_reasoning(row: dict, model: str, reasoning: str) -> dict:
-    """A sample row with a model's reasoning beside its answer, where it reasoned."""
-    return row | ({f"{model}_reasoning": reasoning} if reasoning else {})
+def _with_reasoning(rows: list[dict], reasoning: dict[str, list[str]]) -> list[dict]:
+    """Sample rows with each model's reasoning beside its answers (`<model>_reasoning`), for the models that reasoned
+    at all: every row has the same columns, as MLflow's table needs."""
+    shown = {model: thoughts for model, thoughts in reasoning.items() if any(thoughts)}
+    return [row | {f"{model}_reasoning": thoughts[n] for model, thoughts in shown.items()} for n, row in enumerate(rows)]
 
 
 def _markdown(title: str, rows: list[dict], scores: dict[str, dict[str, float]]) -> str:
@@ -174,12 +176,10 @@ def evaluate_tuned(
     tuned = load_tuned_model(model_dir, weights_dir, trust_remote_code, base=model).to(inference_device()).eval()
     tuned_scores, tuned_outputs, tuned_reasoning = _score(tuned, tokenizer, samples, questions, metrics, config,
                                                           precision)
-    rows = [
-        _with_reasoning(_with_reasoning({"prompt": shown, "reference": reference, "base": base, "tuned": tuned_output},
-                                        "base", base_thought), "tuned", tuned_thought)
-        for shown, reference, base, tuned_output, base_thought, tuned_thought in zip(
-            questions.shown, questions.references, base_outputs, tuned_outputs, base_reasoning, tuned_reasoning)
-    ]
+    rows = _with_reasoning([
+        {"prompt": shown, "reference": reference, "base": base, "tuned": tuned_output}
+        for shown, reference, base, tuned_output in zip(questions.shown, questions.references, base_outputs, tuned_outputs)
+    ], {"base": base_reasoning, "tuned": tuned_reasoning})
     scores = {"base": base_scores, "tuned": tuned_scores}
     samples_path, markdown_path = _write_samples(out_dir, "Base vs tuned on held-out data", rows, scores)
     flat = {f"{model}_{name}": value for model, values in scores.items() for name, value in values.items()}
@@ -199,8 +199,9 @@ def evaluate_model(
     model = (load_model(model_dir, trust_remote_code) if weights_dir is None
              else load_tuned_model(model_dir, weights_dir, trust_remote_code)).to(inference_device()).eval()
     scores, outputs, reasoning = _score(model, tokenizer, samples, questions, metrics, config, precision)
-    rows = [_with_reasoning({"prompt": shown, "reference": reference, "model": output}, "model", thought)
-            for shown, reference, output, thought in zip(questions.shown, questions.references, outputs, reasoning)]
+    rows = _with_reasoning([{"prompt": shown, "reference": reference, "model": output}
+                            for shown, reference, output in zip(questions.shown, questions.references, outputs)],
+                           {"model": reasoning})
     samples_path, markdown_path = _write_samples(out_dir, "Held-out evaluation", rows, {"model": scores})
     return EvalResult(metrics=scores, samples_path=samples_path, markdown_path=markdown_path)
 

@@ -285,6 +285,9 @@ def test_evaluation_scores_the_answer_alone_and_counts_the_answers_that_reasoned
     scores, answers, reasoning = evaluate_stage._score(None, tokenizer, [], questions, metrics, config, "fp32")
     assert answers == ["5", "6"] and reasoning == ["2 + 3 = 5", ""]
     assert scores["exact_match"] == 0.5 and scores["reasoning_share"] == 0.5
+    # The samples table: a reasoning column for each model that reasoned, in every row (MLflow's table needs them).
+    rows = evaluate_stage._with_reasoning([{"prompt": "a"}, {"prompt": "b"}], {"base": ["", ""], "tuned": reasoning})
+    assert rows == [{"prompt": "a", "tuned_reasoning": "2 + 3 = 5"}, {"prompt": "b", "tuned_reasoning": ""}]
 
 
 def test_the_openai_answer_carries_reasoning_content_beside_the_content(tokenizer):
