@@ -827,7 +827,8 @@ def _layouts(source: str, text_split: str, formats: Counter, documents: Counter)
     if documents["documents"]:
         how = f"split by {text_split}" if reads_text_files(source) else "a `text` field per row"
         layouts["layout"] = f"text, {how}: {documents['documents']} documents, {documents['characters']} characters"
-    detailed = {FORMAT_NAMES[f.split(" with ")[0]] + f[f.index(" with "):]: n for f, n in formats.items() if " with " in f}
+    detailed = {FORMAT_NAMES[f.split(" with ")[0]] + f[f.index(" with "):]: n
+                for f, n in formats.items() if " with " in f}
     if detailed:
         layouts["layouts"] = dict(sorted(detailed.items()))
         layouts |= {key: documents[key] for key in ("reasoning_rows", "untrained_turns") if documents[key]}

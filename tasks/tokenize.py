@@ -190,7 +190,8 @@ class ChatEncoder:
         text, spans = assistant_spans(self.tokenizer, [self.reasoning.for_template(m) for m in messages], tools)
         counts = Counter()
         spans = self.trained_spans(messages, text, spans, counts)
-        forged = any(s in m["content"] or s in m.get(REASONING_FIELD, "") for m in messages for s in self.control_spellings)
+        forged = any(spelling in m["content"] or spelling in m.get(REASONING_FIELD, "")
+                     for m in messages for spelling in self.control_spellings)
         ids, offsets, start = [], [], 0
         for piece, is_content in self.pieces(messages, tools, text) if forged else [(text, False)]:
             encoded = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True,

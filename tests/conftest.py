@@ -30,6 +30,20 @@ importlib.import_module("prefect")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def loraflow_run(*args: str):
+    """`loraflow run ARGS` as a user runs it, in a process of its own: (its MLflow run, what it printed)."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], capture_output=True, text=True,
+                            cwd=STATE_DIR, env=dict(os.environ), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = next(line.split()[2] for line in result.stdout.splitlines() if line.startswith("MLflow run:"))
+    return MlflowClient().get_run(run_id), result.stdout
+
+
 def wait_for_http(url: str, server, seconds: float = 120) -> None:
     """Until `url` answers, or fail the test when the `server` process exits or time runs out."""
     import time

@@ -2,30 +2,22 @@
 perplexity."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from datasets import load_from_disk
 from mlflow.tracking import MlflowClient
 
 from tasks.base_model import cache_root
-from tests.conftest import REPO, STATE_DIR
+from tests.conftest import REPO, loraflow_run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def run():
-    result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(REPO / "conf" / "pretrain_pydoc.yaml"),
-         "-o", "train.max_steps=2", "-o", "evaluate.max_new_tokens=8", "-o", "data.eval_fraction=0.05"],
-        capture_output=True, text=True, cwd=STATE_DIR, env=dict(os.environ), timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_id = next(line.split()[2] for line in result.stdout.splitlines() if line.startswith("MLflow run:"))
-    return MlflowClient().get_run(run_id)
+    run, _ = loraflow_run(str(REPO / "conf" / "pretrain_pydoc.yaml"), "-o", "train.max_steps=2",
+                          "-o", "evaluate.max_new_tokens=8", "-o", "data.eval_fraction=0.05")
+    return run
 
 
 def documents(run, split):

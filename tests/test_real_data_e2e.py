@@ -2,26 +2,15 @@
 `datasets`' text loader), and the tool-calling recipe (train, evaluate with the tool-call metric, register)."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
 from transformers import AutoTokenizer
 
-from tests.conftest import REPO, STATE_DIR
+from tests.conftest import REPO, loraflow_run
 
 pytestmark = pytest.mark.slow
-
-
-def loraflow_run(*args):
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], capture_output=True, text=True,
-                            cwd=STATE_DIR, env=dict(os.environ), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_id = next(line.split()[2] for line in result.stdout.splitlines() if line.startswith("MLflow run:"))
-    return MlflowClient().get_run(run_id), result.stdout
 
 
 def test_every_long_article_of_a_one_per_line_corpus_is_pretrained_on(tmp_path, model_dir):

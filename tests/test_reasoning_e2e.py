@@ -2,30 +2,21 @@
 reaches the trained tokens, travels with the registered tokenizer, and evaluation scores answers apart from it."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
 from transformers import AutoTokenizer
 
 from tasks.reasoning import DEFAULT_FORMAT, Reasoning
-from tests.conftest import REPO, STATE_DIR
+from tests.conftest import REPO, loraflow_run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def run():
-    result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(REPO / "conf" / "reasoning_sft.yaml"),
-         "-o", "train.max_steps=1", "-o", "train.batch_size=2", "-o", "evaluate.max_new_tokens=8"],
-        capture_output=True, text=True, cwd=STATE_DIR, env=dict(os.environ), timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_id = next(line.split()[2] for line in result.stdout.splitlines() if line.startswith("MLflow run:"))
-    return MlflowClient().get_run(run_id), result.stdout
+    return loraflow_run(str(REPO / "conf" / "reasoning_sft.yaml"), "-o", "train.max_steps=1",
+                        "-o", "train.batch_size=2", "-o", "evaluate.max_new_tokens=8")
 
 
 def test_every_row_carries_reasoning_and_every_sample_trains_it(run):
