@@ -59,8 +59,12 @@ REASONING_PARTS = ("reasoning", "thinking")  # content parts that hold reasoning
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 # Whether an assistant turn is trained: OpenAI fine-tuning's `weight`, `loss_weight`, axolotl's `training`, `train`.
 WEIGHT_FIELDS = ("weight", "loss_weight", "training", "train")
-THINK_BLOCK = re.compile(r"\s*<think>(.*?)</think>\s*", re.DOTALL)  # a leading block, as R1-style models write it
-THINK_STARTS = ("<think>", " ", "\n", "\t")  # a quick test before the block is looked for
+# A leading reasoning block in an answer: R1-style models' <think>, and the thought/solution markers of
+# Bespoke-Stratos and OpenThoughts (whose answer then sits in solution markers, dropped with them).
+THINK_OPENINGS = ("<think>", "<|begin_of_thought|>")
+THINK_BLOCK = re.compile(r"\s*(?:<think>(.*?)</think>|<\|begin_of_thought\|>(.*?)<\|end_of_thought\|>)\s*", re.DOTALL)
+SOLUTION = re.compile(r"<\|begin_of_solution\|>(.*)<\|end_of_solution\|>\s*$", re.DOTALL)
+THINK_STARTS = (*THINK_OPENINGS, " ", "\n", "\t")  # a quick test before the block is looked for
 FORMAT_NAMES = {"openai": "openai messages", "sharegpt": "sharegpt conversations", "alpaca": "alpaca",
                 "prompt_completion": "prompt/completion", "text": "text"}
 HINTS = {"preference_pair": "chosen/rejected pairs need a preference-tuning recipe (DPO, ORPO); SFT cannot train them",
@@ -462,13 +466,16 @@ def _message(turn: dict, data: DataConfig, values: dict[str, str], features: set
         if field:
             weight = _weight(turn[field], 1)
             features.add(field)
-    if isinstance(content, str) and content.startswith(THINK_STARTS) and content.lstrip().startswith("<think>"):
+    if isinstance(content, str) and content.startswith(THINK_STARTS) and content.lstrip().startswith(THINK_OPENINGS):
         block = THINK_BLOCK.match(content)
         if block is None:
             raise RowRejected("unclosed_think")
-        reasoning = [*reasoning, block.group(1)]
+        think, thought = block.groups()
+        reasoning = [*reasoning, think if think is not None else thought]
         content = content[block.end():]
-        features.add("<think> block")
+        solution = SOLUTION.match(content)
+        content = solution.group(1) if solution else content
+        features.add("<think> block" if think is not None else "begin_of_thought block")
     if trained:
         if len(set(trained)) > 1:
             raise RowRejected("partial_turn_weight")

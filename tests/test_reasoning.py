@@ -85,18 +85,21 @@ def test_every_reasoning_shape_becomes_one_field_and_the_report_counts_them(tmp_
         qa({"content": "<think>\nR6\n</think>\n\nA6"}, "Q6?"),  # R1-style models' own output
         {"instruction": "Q7?", "output": "A7", "reasoning_content": "R7"},  # alpaca with a reasoning column
         {"conversations": [{"from": "human", "value": "Q8?"}, {"from": "gpt", "value": "A8", "reasoning": "R8"}]},
-        qa({"content": "A9"}, "Q9?"),
+        {"conversations": [{"from": "user", "value": "Q9?"}, {"from": "assistant", "value":  # Bespoke-Stratos
+            "<|begin_of_thought|>\n\nR9\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\nA9\n\n<|end_of_solution|>"}]},
+        qa({"content": "A10"}, "Q10?"),
     ]
     result = clean(DataConfig(train=[str(write_jsonl(tmp_path / "rows.jsonl", rows))], eval=[]), {}, tmp_path / "out")
     kept = read_jsonl(result.train_path)
-    assert [row["messages"][-1] for row in kept[:8]] == [
-        {"role": "assistant", "content": f"A{n}", "reasoning_content": f"R{n}"} for n in range(1, 9)]
-    assert kept[8]["messages"][-1] == {"role": "assistant", "content": "A9"}
+    assert [row["messages"][-1] for row in kept[:9]] == [
+        {"role": "assistant", "content": f"A{n}", "reasoning_content": f"R{n}"} for n in range(1, 10)]
+    assert kept[9]["messages"][-1] == {"role": "assistant", "content": "A10"}
     report = json.loads(result.report_path.read_text())
     source = report["sources"][str(tmp_path / "rows.jsonl")]
-    assert source["reasoning_rows"] == report["reasoning_rows"] == 8
+    assert source["reasoning_rows"] == report["reasoning_rows"] == 9
     assert source["layouts"] == {
         "alpaca with reasoning_content": 1, "openai messages with <think> block": 1,
+        "sharegpt conversations with begin_of_thought block": 1,
         "openai messages with content parts, thinking parts": 1, "openai messages with reasoning": 1,
         "openai messages with reasoning parts, text parts keyed value": 1,
         "openai messages with reasoning_content": 1, "openai messages with thinking": 1,
