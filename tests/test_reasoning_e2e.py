@@ -1,5 +1,6 @@
-"""The reasoning recipe as a user runs it (1 step, short answers): what holds whatever a step learns. The reasoning
-reaches the trained tokens, travels with the registered tokenizer, and evaluation scores answers apart from it."""
+"""The reasoning recipe as a user runs it (1 step, short answers, 6 of its held-out problems), in the test process:
+what holds whatever a step learns. The reasoning reaches the trained tokens, travels with the registered tokenizer,
+and evaluation scores answers apart from it."""
 
 import json
 
@@ -7,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from transformers import AutoTokenizer
 
+from tasks.builtin_data import arithmetic_reasoning_heldout_rows
 from tasks.reasoning import DEFAULT_FORMAT, Reasoning
 from tests.conftest import REPO, loraflow_run
 
@@ -14,9 +16,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run():
-    return loraflow_run(str(REPO / "conf" / "reasoning_sft.yaml"), "-o", "train.max_steps=1",
-                        "-o", "train.batch_size=2", "-o", "evaluate.max_new_tokens=8")
+def run(tmp_path_factory):
+    heldout = tmp_path_factory.mktemp("reasoning") / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps(row) + "\n" for row in arithmetic_reasoning_heldout_rows()[:6]))
+    return loraflow_run(str(REPO / "conf" / "reasoning_sft.yaml"), "-o", "train.max_steps=1", "-o", "train.batch_size=2",
+                        "-o", "evaluate.max_new_tokens=8", "-o", f"data.eval=[{heldout}]")
 
 
 def test_every_row_carries_reasoning_and_every_sample_trains_it(run):
