@@ -308,14 +308,14 @@ def _content_parts(content: list, features: set[str]) -> tuple[str, list[str], l
         flag = part.get("train", part.get("training"))
         if flag is not None:
             features.add("part train flags")
-        trained.append(_weight(flag, 1) == 1)
+        trained.append(_weight(flag) == 1)
     return "\n".join(texts), reasoning, trained
 
 
-def _weight(value: object, default: int) -> int:
-    """A turn's weight as 0 or 1; a fractional one is refused, never rounded."""
+def _weight(value: object) -> int:
+    """A turn's weight as 0 or 1 (1 when unset); a fractional one is refused, never rounded."""
     if value is None:
-        return default
+        return 1
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int | float) and value in (0, 1):
@@ -464,7 +464,7 @@ def _message(turn: dict, data: DataConfig, values: dict[str, str], features: set
                 features.add(field)
         field = next((field for field in WEIGHT_FIELDS if turn.get(field) is not None), None)
         if field:
-            weight = _weight(turn[field], 1)
+            weight = _weight(turn[field])
             features.add(field)
     if isinstance(content, str) and content.startswith(THINK_STARTS) and content.lstrip().startswith(THINK_OPENINGS):
         block = THINK_BLOCK.match(content)
