@@ -536,6 +536,9 @@ def normalise_row(raw: object, data: DataConfig, values: dict[str, str], task: s
     turns = _turns(row, row_format)
     if row_format == "alpaca":  # the output's reasoning in a column of its own
         turns[-1] |= {field: row[field] for field in REASONING_FIELDS if field in row}
+    elif row.get("system") and not (turns and isinstance(turns[0], dict) and turns[0].get("role") == "system"):
+        turns = [{"role": "system", "content": row["system"]}, *turns]  # a system column (LLaMA-Factory, OpenThoughts)
+        features.add("system column")
     messages = []
     for turn in turns:
         message = _message(turn, data, values, features)

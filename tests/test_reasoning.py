@@ -143,6 +143,15 @@ def test_an_undesirable_answer_is_rejected_with_a_hint_and_a_desirable_one_is_an
     assert "KTO" in json.loads(result.report_path.read_text())["hints"]["undesirable_answer"]
 
 
+def test_a_system_column_beside_the_conversation_becomes_its_system_turn(tmp_path):
+    row = {"system": "Think step by step.", "conversations": [{"from": "user", "value": "Q?"},  # OpenThoughts' layout
+                                                             {"from": "assistant", "value": "A."}]}
+    result = clean(DataConfig(train=[str(write_jsonl(tmp_path / "rows.jsonl", [row]))], eval=[]), {}, tmp_path / "out")
+    assert read_jsonl(result.train_path)[0]["messages"] == [
+        {"role": "system", "content": "Think step by step."}, {"role": "user", "content": "Q?"},
+        {"role": "assistant", "content": "A."}]
+
+
 def test_content_parts_keyed_value_are_read_and_media_parts_still_rejected(tmp_path):
     rows = [{"messages": [{"role": "user", "content": [{"type": "text", "value": "Look"}, {"type": "text", "value": "here"}]},
                           {"role": "assistant", "content": [{"type": "text", "value": "Seen."}], "loss_weight": 1}]},
