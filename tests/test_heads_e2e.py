@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, STATE_DIR
+from tests.conftest import REPO, STATE_DIR, loraflow_run
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +30,10 @@ def cli(*args, **options):
 @pytest.fixture(scope="module", params=list(RECIPES))
 def run(request):
     recipe, _ = RECIPES[request.param]
-    result = cli("run", str(REPO / "conf" / recipe), "-o", "train.max_steps=6", "-o", "train.checkpoint_every=6",
-                 "-o", "data.eval_fraction=0.03")  # a few hundred held-out rows instead of the recipe's 10%
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_id = next(line.split()[2] for line in result.stdout.splitlines() if line.startswith("MLflow run:"))
-    return request.param, MlflowClient().get_run(run_id), result.stdout
+    mlflow_run, stdout = loraflow_run(str(REPO / "conf" / recipe), "-o", "train.max_steps=6",
+                                      "-o", "train.checkpoint_every=6",
+                                      "-o", "data.eval_fraction=0.03")  # a few hundred held-out rows, not the 10%
+    return request.param, mlflow_run, stdout
 
 
 def test_the_head_run_is_scored_base_vs_tuned_and_registered(run):
