@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from conf.schema import TokenizeConfig
+
 FIELD = "reasoning_content"  # where the clean stage puts a turn's reasoning
-DEFAULT_FORMAT = "<think>\n{reasoning}\n</think>\n\n"
+DEFAULT_FORMAT = TokenizeConfig.model_fields["reasoning_format"].default  # the schema holds every default
 SETTINGS_KEY = "loraflow_reasoning"
 TEMPLATE_FIELDS = ("reasoning_content", "thinking")  # Qwen3 / DeepSeek, GPT-OSS (Harmony)
 
