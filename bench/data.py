@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conf.schema import DataConfig  # noqa: E402
 from tasks.clean import clean  # noqa: E402
+from tasks.context import RunContext  # noqa: E402
 
 ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
 WORDS = "the model data token train learn answer question python code file night run loss rank rate".split()
@@ -57,7 +58,7 @@ def main() -> None:
                     pass
         baseline = time.perf_counter() - started
         started = time.perf_counter()
-        result = clean(DataConfig(train=[str(source)], eval=[], eval_fraction=0.05), {}, Path(tmp) / "out")
+        result = clean(DataConfig(train=[str(source)], eval=[], eval_fraction=0.05), RunContext(Path(tmp)))
         seconds = time.perf_counter() - started
     print(f"rows: {ROWS}, kept: {result.train_rows + result.eval_rows}, rejected: {result.rejected_rows}")
     print(f"baseline json.loads only: {ROWS / baseline:,.0f} rows/s ({baseline:.2f} s)")

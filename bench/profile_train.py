@@ -16,11 +16,14 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-import tasks.train  # noqa: E402
+import tasks.train.stage  # noqa: E402
 from bench.train import BATCH, prepare  # noqa: E402
 from conf.schema import TrainConfig  # noqa: E402
 from tasks.base_model import resolve_base_model  # noqa: E402
-from tasks.train import choose_precision, train  # noqa: E402
+from tasks.context import RunContext  # noqa: E402
+from tasks.device import choose_precision  # noqa: E402
+from tasks.tokenize import cached_tokens  # noqa: E402
+from tasks.train import train  # noqa: E402
 
 WARMUP, PROFILED, OTHERS_SHOWN = 2, 4, 8
 GROUPS = {  # operator name fragments -> group, first match wins (the loss's log-softmax before attention's softmax)
@@ -53,17 +56,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="loraflow-bench-profile-"))
     prepare(work, model_dir)
     profile = _Profile()
-    original = tasks.train.TrainedPositionsTrainer
+    original = tasks.train.stage.TrainedPositionsTrainer
 
     class Profiled(original):
         def __init__(self, *args, callbacks=None, **kwargs):
             super().__init__(*args, callbacks=[*(callbacks or []), profile], **kwargs)
 
-    tasks.train.TrainedPositionsTrainer = Profiled
+    tasks.train.stage.TrainedPositionsTrainer = Profiled
     config = TrainConfig(max_steps=WARMUP + PROFILED, batch_size=BATCH, learning_rate=1e-4, warmup_steps=0,
                          precision=precision, checkpoint_every=WARMUP + PROFILED, compile=compiled)
-    train(work / "packed" / "train", work / "packed" / "tokenizer", model_dir, config, 0, work / "out",
-          lambda step, metrics: None)
+    train(cached_tokens((work / "packed").resolve()), model_dir, config, RunContext(work / "out"))
     totals: dict[str, float] = defaultdict(float)
     others: dict[str, float] = {}
     for event in profile.profiler.key_averages():

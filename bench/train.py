@@ -58,8 +58,11 @@ from conf.schema import DataConfig, LoraConfig as LoraSettings, TokenizeConfig, 
 from tasks.base_model import resolve_base_model  # noqa: E402
 from tasks.clean import clean  # noqa: E402
 from tasks.labels import Head  # noqa: E402
-from tasks.tokenize import tokenize  # noqa: E402
-from tasks.train import choose_precision, train  # noqa: E402
+from tasks.tokenize import cached_tokens, tokenize  # noqa: E402
+from tasks.context import RunContext  # noqa: E402
+from tasks.device import choose_precision  # noqa: E402
+from tasks.results import CleanResult, TokenizedData  # noqa: E402
+from tasks.train import train  # noqa: E402
 
 CONVERSATIONS, INSTRUCTIONS, MAX_LENGTH, BATCH, RANKS = 60, 40, 512, 4, (16, 8)
 HEAD_BATCH, HEAD_STEPS = 32, 20
@@ -118,8 +121,7 @@ def _peft(model, rank: int, task_type: str = "CAUSAL_LM", **extra):
                                             task_type=task_type, **extra))
 
 
-def loraflow_run(samples_dir: Path, tokenizer_dir: Path, model_dir: str, config: TrainConfig, out_dir: Path,
-                 head: Head | None = None) -> tuple[float, float]:
+def loraflow_run(tokens: TokenizedData, model_dir: str, config: TrainConfig, work_dir: Path) -> tuple[float, float]:
     """loraflow's train stage: real tokens/s from the end of step 1 to the last step, and the mean step loss."""
     seen: dict[int, tuple[float, float]] = {}
     losses: list[float] = []
@@ -128,7 +130,7 @@ def loraflow_run(samples_dir: Path, tokenizer_dir: Path, model_dir: str, config:
         seen[step] = (time.perf_counter(), metrics["tokens_seen"])
         losses.append(metrics["train_loss"])
 
-    train(samples_dir, tokenizer_dir, model_dir, config, 0, out_dir, on_step, head=head)
+    train(tokens, model_dir, config, RunContext(work_dir), on_step=on_step)
     (first_time, first_tokens), (last_time, last_tokens) = seen[1], seen[config.max_steps]
     return (last_tokens - first_tokens) / (last_time - first_time), sum(losses) / len(losses)
 
@@ -144,7 +146,7 @@ def run_setup(setup: str, rank: int, work: Path, precision: str) -> dict:
         config = TrainConfig(max_steps=steps, batch_size=BATCH, learning_rate=1e-4, warmup_steps=0,
                              precision=precision, checkpoint_every=steps, lora=LoraSettings(r=rank, alpha=2 * rank),
                              low_memory=setup == "lean", compile=setup == "c_compile")
-        tokens_per_second, loss = loraflow_run(packed / "train", packed / "tokenizer", model_dir, config, out_dir)
+        tokens_per_second, loss = loraflow_run(cached_tokens(packed.resolve()), model_dir, config, out_dir)
     else:
         timer = _Timer()
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
@@ -217,17 +219,18 @@ def prepare(work: Path, model_dir: str) -> tuple[int, int]:
     rows.write_text("".join(json.dumps({"messages": m}) + "\n" for m in samples), encoding="utf-8")
     settings = {"max_length": MAX_LENGTH, "too_long": "truncate"}
     for name, packing in (("unpacked", False), ("packed", True)):
-        tokens = tokenize(rows, rows, model_dir, TokenizeConfig(**settings, packing=packing), work / "cache")
+        tokens = tokenize(CleanResult.of_files(rows, rows), model_dir, TokenizeConfig(**settings, packing=packing),
+                          RunContext(work, cache_dir=work / "cache"))
         (work / name).symlink_to(tokens.train_dir.parent)
     return tokens.train_samples, tokens.train_tokens
 
 
 def classification_line(work: Path, model_dir: str, precision: str) -> None:
-    cleaned = clean(DataConfig(train=["builtin:vader_lexicon"], eval=[], eval_fraction=0.1), {}, work / "classify",
-                    "sequence_classification")
-    head = Head("sequence_classification", cleaned.labels)
-    texts = tokenize(cleaned.train_path, cleaned.eval_path, model_dir, TokenizeConfig(max_length=32), work / "cache",
-                     task=head.task, labels=head.labels)
+    ctx = RunContext(work / "classify", cache_dir=work / "cache")
+    cleaned = clean(DataConfig(train=["builtin:vader_lexicon"], eval=[], eval_fraction=0.1), ctx,
+                    task="sequence_classification")
+    texts = tokenize(cleaned, model_dir, TokenizeConfig(max_length=32), ctx)
+    head = Head("sequence_classification", texts.labels)
     print(f"classification: {texts.train_samples} texts of VADER's lexicon, {texts.train_tokens} tokens; batches of "
           f"{HEAD_BATCH}, {HEAD_STEPS} steps (the first untimed)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(texts.tokenizer_dir)
@@ -244,7 +247,7 @@ def classification_line(work: Path, model_dir: str, precision: str) -> None:
     print(f"(c') HF Trainer + PEFT (SEQ_CLS), padded batches: {usual:,.0f} tokens/s")
     config = TrainConfig(max_steps=HEAD_STEPS, batch_size=HEAD_BATCH, learning_rate=1e-4, warmup_steps=0,
                          precision=precision, checkpoint_every=HEAD_STEPS)
-    ours, _ = loraflow_run(texts.train_dir, texts.tokenizer_dir, model_dir, config, work / "loraflow-head", head)
+    ours, _ = loraflow_run(texts, model_dir, config, work / "loraflow-head")
     print(f"(d)  loraflow train stage, classification head:  {ours:,.0f} tokens/s")
     print(f"classification speedup: {ours / usual:.2f}")
 

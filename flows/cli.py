@@ -298,10 +298,11 @@ def _data(args: argparse.Namespace) -> int:
 
     from conf.schema import DataConfig
     from tasks.clean import clean
+    from tasks.context import RunContext
 
     data = DataConfig(train=[str(p) for p in args.paths], eval=[], format=args.format, text_split=args.text_split)
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="loraflow-data-"))
-    result = clean(data, {}, out_dir)
+    result = clean(data, RunContext(out_dir))
     report = json.loads(result.report_path.read_text(encoding="utf-8"))
     if args.json:
         print(json.dumps(report["sources"]))
@@ -335,15 +336,15 @@ def _preview(args: argparse.Namespace) -> int:
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    from tasks.base_model import cache_root, resolve_base_model
-    from tasks.clean import clean
-    from tasks.tokenize import ChatEncoder, encode_chat_rows, head_sample_text, marked_text, padding_share, tokenize
+    from flows.stages import prepare_data
+    from tasks.base_model import resolve_base_model
+    from tasks.context import RunContext
+    from tasks.tokenize import ChatEncoder, encode_chat_rows, head_sample_text, marked_text, padding_share
 
     config = load_config(args.config, args.override)
-    cleaned = clean(config.data, config.identity.model_dump(), Path(tempfile.mkdtemp(prefix="loraflow-preview-")),
-                    config.task)
-    tokens = tokenize(cleaned.train_path, cleaned.eval_path, resolve_base_model(config.base_model), config.tokenize,
-                      cache_root() / "tokenized", task=config.task, labels=cleaned.labels)
+    ctx = RunContext(Path(tempfile.mkdtemp(prefix="loraflow-preview-")), trust_remote_code=config.trust_remote_code)
+    data = prepare_data(config, resolve_base_model(config.base_model), ctx)
+    cleaned, tokens = data.cleaned, data.tokens
     tokenizer = AutoTokenizer.from_pretrained(tokens.tokenizer_dir)
     train_rows = load_from_disk(str(tokens.train_dir))
     if config.tokenize.mode == "chat" and not config.has_head:
@@ -556,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
                       choices=["auto", "alpaca", "sharegpt", "openai", "prompt_completion", "text"])
     data.add_argument("--text-split", default="line", choices=["line", "paragraph", "file"],
                       help=".txt/.md files: a document per non-empty line (default), per paragraph, or per file")
-    data.add_argument("--out", type=Path, help="folder for the cleaned rows, rejects and report (default: a temp folder)")
+    data.add_argument("--out", type=Path, help="work folder: the cleaned rows, rejects and report land in its clean/ (default: a temp folder)")
     data.add_argument("--json", action="store_true", help="print one JSON object: per file, format and counts")
     data.set_defaults(handler=_data)
 

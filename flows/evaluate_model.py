@@ -10,18 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 from prefect import flow
 
 from conf.schema import RunConfig, UserError
-from flows.runs import CONFIG_HASH_TAG, experiment_id, log_config, run_tags
-from tasks.base_model import cache_root
-from tasks.clean import check_readable, clean_task
-from tasks.evaluate import evaluate_model_task, metric_names
+from flows.runs import CONFIG_HASH_TAG, experiment_id, log_config, run_context, run_tags
+from flows.stages import evaluate_model_task, prepare_data
+from tasks.clean import check_readable
+from tasks.device import choose_precision
+from tasks.evaluate import metric_names
 from tasks.logged_model import fetch_model
-from tasks.tracking import check_tracking_store
-from tasks.tokenize import tokenize_task
-from tasks.train import choose_precision
+from tasks.tracking import check_tracking_store, flow_run
 
 EVALUATED_MODEL_TAG = "loraflow.evaluated_model"
 
@@ -47,18 +45,11 @@ def preflight_evaluation(config: RunConfig) -> None:
 def evaluate_model(config: RunConfig, model: str) -> EvalSummary:
     """Score `model` on the recipe's held-out rows: loss, perplexity, generation metrics and its answers."""
     tags = {key: value for key, value in run_tags(config).items() if key not in (CONFIG_HASH_TAG, "base_model")}
-    with mlflow.start_run(experiment_id=experiment_id(config.experiment), run_name=f"eval {model}",
-                          tags=tags | {EVALUATED_MODEL_TAG: model, "loraflow.kind": "evaluation"}) as run:
-        run_id = run.info.run_id
-        work_dir = config.output_dir / run_id
-        log_config(run_id, config, work_dir)
-        source = fetch_model(model, work_dir / "model", config.trust_remote_code)
-        cleaned = clean_task(config.data, config.identity.model_dump(), work_dir / "clean", run_id)
-        tokens = tokenize_task(cleaned.train_path, cleaned.eval_path, source.tokenizer_dir, config.tokenize,
-                               cache_root() / "tokenized", run_id, source.trust_remote_code)
-        evaluated = evaluate_model_task(
-            cleaned.eval_path, tokens.eval_dir, tokens.tokenizer_dir, source.model_dir, source.weights_dir,
-            config.identity.name, config.evaluate, work_dir / "eval", run_id, choose_precision(config.train.precision),
-            source.trust_remote_code, tool_format=config.tokenize.tool_format,
-        )
-    return EvalSummary(run_id, evaluated.metrics, evaluated.markdown_path)
+    with flow_run(config.output_dir, experiment_id=experiment_id(config.experiment), run_name=f"eval {model}",
+                  tags=tags | {EVALUATED_MODEL_TAG: model, "loraflow.kind": "evaluation"}) as run:
+        ctx = run_context(config, run.info.run_id)
+        log_config(ctx.run_id, config, ctx.work_dir)
+        source = fetch_model(model, ctx.work_dir / "model", config.trust_remote_code)
+        data = prepare_data(config, source.tokenizer_dir, ctx)
+        evaluated = evaluate_model_task(data, source, config, ctx, choose_precision(config.train.precision))
+    return EvalSummary(ctx.run_id, evaluated.metrics, evaluated.markdown_path)

@@ -18,20 +18,15 @@ from prefect import flow, get_run_logger
 
 from conf.schema import RunConfig, UserError
 from flows.runs import (
-    RERUN_OF_TAG, RESUME_FORCED_TAG, Origin, experiment_id, holds_run_lock, log_config, register_from_record, run_lock,
-    run_tags, score_basis_tags,
+    RERUN_OF_TAG, RESUME_FORCED_TAG, Origin, experiment_id, holds_run_lock, log_config, run_context, run_lock, run_tags,
+    score_basis_tags,
 )
-from tasks.base_model import cache_root, resolve_base_model
-from tasks.clean import CleanResult, clean_task
-from tasks.evaluate import evaluate_model_task, evaluate_task
-from tasks.evaluate_heads import HeadEvalResult, evaluate_head_task
+from flows.stages import evaluate_task, prepare_data, register_task, score_champion_head_to_head, train_task
+from tasks.base_model import resolve_base_model
 from tasks.generation import sample_prompts
-from tasks.labels import Head
-from tasks.logged_model import fetch_model
-from tasks.register import RegisterResult, RegistryUnavailable, champion_to_rescore
-from tasks.tokenize import TokenizedData, tokenize_task
+from tasks.register import RegisterRequest, RegisterResult
 from tasks.tracking import end_run, flow_run, keep_unlogged, offline_record, set_tags
-from tasks.train import TrainingStopped, TrainResult, stop_on_sigterm, train_task
+from tasks.train import TrainingStopped, stop_on_sigterm
 
 
 @dataclass(frozen=True)
@@ -84,107 +79,41 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
     if origin is not None and origin.git_commit != tags["git_commit"]:
         get_run_logger().warning(f"re-running {origin.run_id} with code {tags['git_commit'][:12]}; it ran "
                                  f"{origin.git_commit[:12]}")
-    trust = config.trust_remote_code
     with flow_run(config.output_dir, run_id=resume.run_id if resume else None,
                   experiment_id=experiment_id(config.experiment), run_name=config.name, tags=tags,
                   log_system_metrics=True) as run:
-        run_id = run.info.run_id
-        work_dir = config.output_dir / run_id
-        with run_lock(work_dir):
+        ctx = run_context(config, run.info.run_id)
+        with run_lock(ctx.work_dir):
             if resume is None:
-                log_config(run_id, config, work_dir)
+                log_config(ctx.run_id, config, ctx.work_dir)
             elif resume.forced:
-                set_tags(run_id, {RESUME_FORCED_TAG: resume.forced})
+                set_tags(ctx.run_id, {RESUME_FORCED_TAG: resume.forced})
 
-            cleaned = clean_task(config.data, config.identity.model_dump(), work_dir / "clean", run_id, config.task)
-            if origin is not None and origin.data_hash != cleaned.data_hash:
+            data = prepare_data(config, model_dir, ctx)
+            if origin is not None and origin.data_hash != data.cleaned.data_hash:
                 get_run_logger().warning(f"re-running {origin.run_id} on different data: its data hash was "
-                                         f"{origin.data_hash[:12]}, now {cleaned.data_hash[:12]}")
-                set_tags(run_id, {"loraflow.rerun_data_changed": "true"})
-
-            tokens = tokenize_task(
-                cleaned.train_path, cleaned.eval_path, model_dir, config.tokenize, cache_root() / "tokenized", run_id,
-                trust, config.task, cleaned.labels,
-            )
+                                         f"{origin.data_hash[:12]}, now {data.cleaned.data_hash[:12]}")
+                set_tags(ctx.run_id, {"loraflow.rerun_data_changed": "true"})
 
             try:
                 with stop_on_sigterm():
-                    trained = train_task(
-                        tokens.train_dir, tokens.tokenizer_dir, model_dir, config.train, config.seed,
-                        work_dir / "train", run_id, resume=resume is not None, trust_remote_code=trust,
-                        samples=None if config.has_head else sample_prompts(config.evaluate, cleaned.eval_path,
-                                                                            config.tokenize.tool_format),
-                        head=Head(config.task, tokens.labels) if config.has_head else None,
-                    )
+                    samples = None if config.has_head else sample_prompts(config.evaluate, data.cleaned.eval_path,
+                                                                          config.tokenize.tool_format)
+                    trained = train_task(data, model_dir, config, ctx, resume=resume is not None, samples=samples)
             except TrainingStopped as stopped:
-                end_run(run_id, "KILLED")
-                return Interrupted(run_id, stopped.step, stopped.checkpoint)
+                end_run(ctx.run_id, "KILLED")
+                return Interrupted(ctx.run_id, stopped.step, stopped.checkpoint)
 
-            evaluated = evaluate_stage(config, cleaned, tokens, trained, model_dir, work_dir / "eval", run_id)
+            evaluated = evaluate_task(data, trained, config, ctx)
 
-            basis = score_basis_tags(config, cleaned.eval_hash)
-            register_args = {
-                "weights_dir": str(trained.weights_dir), "base_model": config.base_model, "metrics": evaluated.metrics,
-                "tags": tags | basis | {"data_hash": cleaned.data_hash},
-                "registry": config.registry.model_dump(mode="json"),
-            }
-            if (record := offline_record(run_id)) is not None:
-                keep_unlogged(run_id, {"op": "register"} | register_args)
-                return Offline(run_id, evaluated.metrics, trained.weights_dir, record)
-            register_args["champion_score"] = score_champion_head_to_head(
-                config, basis, cleaned, work_dir, run_id, trained.precision)
-            registered = register_from_record(run_id, register_args)
-    return RunSummary(run_id, run.info.experiment_id, evaluated.metrics, registered, evaluated.markdown_path)
+            basis = score_basis_tags(config, data.cleaned.eval_hash)
+            request = RegisterRequest(run_id=ctx.run_id, weights_dir=trained.weights_dir, base_model=config.base_model,
+                                      metrics=evaluated.metrics, tags=tags | basis | {"data_hash": data.cleaned.data_hash},
+                                      registry=config.registry)
+            if (record := offline_record(ctx.run_id)) is not None:
+                keep_unlogged(ctx.run_id, {"op": "register"} | request.model_dump(mode="json"))
+                return Offline(ctx.run_id, evaluated.metrics, trained.weights_dir, record)
+            request.champion_score = score_champion_head_to_head(config, basis, data.cleaned, ctx, trained.precision)
+            registered = register_task(request)
+    return RunSummary(ctx.run_id, run.info.experiment_id, evaluated.metrics, registered, evaluated.markdown_path)
 
-
-def evaluate_stage(config: RunConfig, cleaned: CleanResult, tokens: TokenizedData, trained: TrainResult, model_dir: str,
-                   out_dir: Path, run_id: str, label: str = ""):
-    """Stage 4, base vs tuned: a task head's labels, or the language model's loss and answers."""
-    if config.has_head:
-        return evaluate_head_task(tokens.eval_dir, model_dir, trained.weights_dir, config.evaluate, out_dir, run_id,
-                                  config.seed, trained.precision, config.trust_remote_code, label)
-    return evaluate_task(cleaned.eval_path, tokens.eval_dir, model_dir, trained.weights_dir, config.identity.name,
-                         config.evaluate, out_dir, run_id, trained.precision, config.trust_remote_code,
-                         config.tokenize.tool_format)
-
-
-def score_champion_head_to_head(config: RunConfig, basis: dict[str, str], cleaned: CleanResult, work_dir: Path,
-                                run_id: str, precision: str) -> dict | None:
-    """The champion scored again on this run's held-out rows when its own score was measured on other rows or by
-    other metric code ({version, value}, logged as champion_<metric>); None when its stored score compares as is.
-
-    A registry that cannot be read here is left to the register stage, which reads it again and keeps the version
-    undecided if it still cannot: an unreadable champion is never taken for no champion.
-    """
-    try:
-        champion = champion_to_rescore(config.registry.model_name, basis)
-    except RegistryUnavailable:
-        return None
-    if champion is None:
-        return None
-    get_run_logger().info(f"the champion (version {champion.version}) was scored on other held-out data or metric "
-                          "code: scoring it again on this run's held-out data")
-    folder = work_dir / "champion"
-    source = fetch_model(f"models:/{config.registry.model_name}/{champion.version}", folder / "model",
-                         config.trust_remote_code)
-    if config.has_head:  # the champion's head, scored as the tuned model is (its base head drawn with this seed)
-        champion_head = Head.of(source.weights_dir)
-        if champion_head is None or champion_head.task != config.task or set(cleaned.labels) - set(champion_head.labels):
-            get_run_logger().warning(f"the champion (version {champion.version}) cannot label this data (another task "
-                                     "or fewer labels); it is not scored again, and this version is not compared")
-            return None
-        tokens = tokenize_task(cleaned.train_path, cleaned.eval_path, source.model_dir, config.tokenize,
-                               cache_root() / "tokenized", run_id, config.trust_remote_code, config.task,
-                               champion_head.labels)
-        scored: HeadEvalResult = evaluate_head_task(
-            tokens.eval_dir, source.model_dir, source.weights_dir, config.evaluate, folder / "eval", run_id,
-            config.seed, precision, config.trust_remote_code, label="champion")
-        return {"version": str(champion.version), "value": scored.metrics[f"tuned_{config.registry.primary_metric}"]}
-    tokens = tokenize_task(cleaned.train_path, cleaned.eval_path, source.tokenizer_dir, config.tokenize,
-                           cache_root() / "tokenized", run_id, config.trust_remote_code)
-    scored = evaluate_model_task(
-        cleaned.eval_path, tokens.eval_dir, tokens.tokenizer_dir, source.model_dir, source.weights_dir,
-        config.identity.name, config.evaluate, folder / "eval", run_id, precision, config.trust_remote_code,
-        label="champion", tool_format=config.tokenize.tool_format,
-    )
-    return {"version": str(champion.version), "value": scored.metrics[config.registry.primary_metric]}

@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -26,18 +26,18 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from conf.environment import shown_uri
-from conf.schema import RegistryConfig, RunConfig, UserError, flatten
+from conf.schema import RunConfig, UserError, flatten
+from flows.stages import register_task
 from tasks.base_model import check_base_model, resolve_base_model
 from tasks.clean import check_readable, clean
+from tasks.context import RunContext
+from tasks.device import check_compile, check_deepspeed, check_sample_prompts, choose_attention, choose_precision
 from tasks.evaluate import check_primary_metric, metric_version
 from tasks.evaluate_heads import check_head_metric, head_metric_version
-from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, PRIMARY_METRIC_TAG, RegisterResult, register_task
+from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, PRIMARY_METRIC_TAG, RegisterRequest, RegisterResult
 from tasks.tokenize import load_tokenizer
 from tasks.tracking import UNLOGGED_FILE, check_tracking_store, log_artifact, log_params, read_record, replay
-from tasks.train import (
-    check_compile, check_deepspeed, check_sample_prompts, checkpoints_folder, choose_attention, choose_precision,
-    resumable_checkpoint,
-)
+from tasks.train import checkpoints_folder, resumable_checkpoint
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "mlflow", "prefect")
 CONFIG_HASH_TAG = "loraflow.config_hash"
@@ -56,6 +56,12 @@ def git_commit() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def run_context(config: RunConfig, run_id: str) -> RunContext:
+    """What the stages of the run `run_id` share: its work folder under the recipe's output_dir, seed and trust."""
+    return RunContext(work_dir=config.output_dir / run_id, run_id=run_id, seed=config.seed,
+                      trust_remote_code=config.trust_remote_code)
 
 
 def config_hash(config: RunConfig) -> str:
@@ -138,7 +144,8 @@ def claimed_cut_off_run(config: RunConfig) -> Iterator[str | None]:
 def current_data_hash(config: RunConfig) -> str:
     """The hash the clean stage would record for the recipe's data as it is now (cleaned into a scratch folder)."""
     with tempfile.TemporaryDirectory(prefix="loraflow-data-hash-") as scratch:
-        return clean(config.data, config.identity.model_dump(), Path(scratch)).data_hash
+        return clean(config.data, RunContext(Path(scratch)), values=config.identity.model_dump(),
+                     task=config.task).data_hash
 
 
 def check_resume_data(run_id: str, data_hash: str, force: bool) -> str | None:
@@ -233,13 +240,6 @@ def recorded_run(run_id: str) -> tuple[RunConfig, Origin]:
     return RunConfig.model_validate(logged), Origin(run_id, tags.get("data_hash", ""), tags.get("git_commit", ""))
 
 
-def register_from_record(run_id: str, args: dict,
-                         register: Callable[..., RegisterResult] = register_task) -> RegisterResult:
-    """The register stage, given its arguments in the JSON form an offline run keeps in its record."""
-    return register(run_id, Path(args["weights_dir"]), args["base_model"], args["metrics"], args["tags"],
-                    RegistryConfig.model_validate(args["registry"]), args.get("champion_score"))
-
-
 @dataclass(frozen=True)
 class Synced:
     run_id: str
@@ -267,7 +267,8 @@ def sync_run(run_id: str, output_dir: Path) -> Synced:
     registered: list[RegisterResult] = []
 
     def register_entry(client: MlflowClient, run_id: str, entry: dict) -> None:
-        registered.append(register_from_record(run_id, entry, register_task.fn))  # a plain call: no Prefect flow runs
+        # A plain call (no Prefect flow runs); a record kept before requests carried their run id gets it here.
+        registered.append(register_task.fn(RegisterRequest.model_validate({"run_id": run_id} | entry)))
 
     try:
         applied = replay(run_id, record, {"register": register_entry})

@@ -19,22 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import RunConfig, SearchRange, SweepConfig, load_config
-from flows.finetune import evaluate_stage, score_champion_head_to_head
-from flows.runs import CONFIG_HASH_TAG, experiment_id, log_config, preflight, run_tags, score_basis_tags
-from tasks.base_model import cache_root, resolve_base_model
-from tasks.clean import CleanResult, clean_task
-from tasks.labels import Head
-from tasks.register import RegisterResult, register_task
-from tasks.tokenize import TokenizedData, tokenize_task
-from tasks.tracking import log_metrics, log_table, set_tags
-from tasks.train import train_task
+from flows.runs import CONFIG_HASH_TAG, experiment_id, log_config, preflight, run_context, run_tags, score_basis_tags
+from flows.stages import evaluate_task, prepare_data, register_task, score_champion_head_to_head, train_task
+from tasks.base_model import resolve_base_model
+from tasks.register import RegisterRequest, RegisterResult
+from tasks.results import PreparedData
+from tasks.tracking import UNLOGGED_FILE, flow_run, log_metrics, log_params, log_table, recording_unlogged, set_tags
 
 RESULTS_TABLE = "sweep/results.json"
 
@@ -100,33 +96,30 @@ def _point_name(point: dict[str, Any]) -> str:
 
 
 @task(name="sweep-point", cache_policy=NO_CACHE)
-def run_point(
-    config: RunConfig, point: dict[str, Any], parent_run_id: str, cleaned: CleanResult, tokens: TokenizedData,
-    model_dir: str,
-) -> PointResult:
+def run_point(config: RunConfig, point: dict[str, Any], parent_run_id: str, data: PreparedData,
+              model_dir: str) -> PointResult:
     """Train and evaluate one point as a child run of the sweep (tagged with its own config's hash); any failure is
-    recorded and returned, not raised."""
+    recorded and returned, not raised. Should the tracking server go away, the child keeps what it cannot log as
+    the parent does."""
     client = MlflowClient()
     child = client.create_run(
         client.get_run(parent_run_id).info.experiment_id, run_name=_point_name(point),
         tags=run_tags(config) | {MLFLOW_PARENT_RUN_ID: parent_run_id, "loraflow.sweep_point": json.dumps(point),
-                                 "data_hash": cleaned.data_hash},
+                                 "data_hash": data.cleaned.data_hash},
     )
-    run_id = child.info.run_id
-    work_dir = config.output_dir / run_id
-    try:
-        log_config(run_id, config, work_dir)
-        trained = train_task(tokens.train_dir, tokens.tokenizer_dir, model_dir, config.train, config.seed,
-                             work_dir / "train", run_id, trust_remote_code=config.trust_remote_code,
-                             head=Head(config.task, tokens.labels) if config.has_head else None)
-        evaluated = evaluate_stage(config, cleaned, tokens, trained, model_dir, work_dir / "eval", run_id)
-    except Exception as error:  # one point's failure (a bad value, out of memory) must not end the sweep
-        reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
-        set_tags(run_id, {"loraflow.error": reason})
-        client.set_terminated(run_id, "FAILED")
-        return PointResult(point, run_id, "FAILED", {}, None, reason)
-    client.set_terminated(run_id, "FINISHED")
-    return PointResult(point, run_id, "FINISHED", evaluated.metrics, trained.weights_dir, "", trained.precision)
+    ctx = run_context(config, child.info.run_id)
+    with recording_unlogged(ctx.run_id, ctx.work_dir / UNLOGGED_FILE):
+        try:
+            log_config(ctx.run_id, config, ctx.work_dir)
+            trained = train_task(data, model_dir, config, ctx)
+            evaluated = evaluate_task(data, trained, config, ctx)
+        except Exception as error:  # one point's failure (a bad value, out of memory) must not end the sweep
+            reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+            set_tags(ctx.run_id, {"loraflow.error": reason})
+            client.set_terminated(ctx.run_id, "FAILED")
+            return PointResult(point, ctx.run_id, "FAILED", {}, None, reason)
+    client.set_terminated(ctx.run_id, "FINISHED")
+    return PointResult(point, ctx.run_id, "FINISHED", evaluated.metrics, trained.weights_dir, "", trained.precision)
 
 
 def best_point(results: list[PointResult], metric: str, direction: str) -> PointResult | None:
@@ -154,37 +147,33 @@ def sweep(sweep_config: SweepConfig, points: list[dict[str, Any]], configs: list
     # The parent is no run of any one point's recipe: without a config hash, nothing takes it for one.
     tags = {key: value for key, value in run_tags(base).items() if key != CONFIG_HASH_TAG}
     registry = base.registry
-    with mlflow.start_run(experiment_id=experiment_id(base.experiment), run_name=f"sweep {base.name}",
-                          tags=tags | {"loraflow.kind": "sweep"}) as parent:
-        parent_run_id = parent.info.run_id
-        work_dir = base.output_dir / parent_run_id
-        mlflow.log_params({"sweep.recipe": str(sweep_config.recipe), "sweep.method": sweep_config.method,
-                           "sweep.points": len(points), "sweep.seed": sweep_config.seed,
-                           "sweep.parameters": json.dumps(sweep_config.model_dump(mode="json")["parameters"])})
-        cleaned = clean_task(base.data, base.identity.model_dump(), work_dir / "clean", parent_run_id, base.task)
-        tokens = tokenize_task(cleaned.train_path, cleaned.eval_path, model_dir, base.tokenize,
-                               cache_root() / "tokenized", parent_run_id, base.trust_remote_code, base.task,
-                               cleaned.labels)
-        results = [run_point(config, point, parent_run_id, cleaned, tokens, model_dir)
-                   for config, point in zip(configs, points)]
-        log_table(parent_run_id, results_table(results, registry.primary_metric), RESULTS_TABLE)
-        log_metrics(parent_run_id, {"sweep_points_finished": sum(r.status == "FINISHED" for r in results),
-                                    "sweep_points_failed": sum(r.status == "FAILED" for r in results)})
+    with flow_run(base.output_dir, experiment_id=experiment_id(base.experiment), run_name=f"sweep {base.name}",
+                  tags=tags | {"loraflow.kind": "sweep"}) as parent:
+        ctx = run_context(base, parent.info.run_id)
+        log_params(ctx.run_id, {"sweep.recipe": str(sweep_config.recipe), "sweep.method": sweep_config.method,
+                                "sweep.points": str(len(points)), "sweep.seed": str(sweep_config.seed),
+                                "sweep.parameters": json.dumps(sweep_config.model_dump(mode="json")["parameters"])})
+        data = prepare_data(base, model_dir, ctx)
+        results = [run_point(config, point, ctx.run_id, data, model_dir) for config, point in zip(configs, points)]
+        log_table(ctx.run_id, results_table(results, registry.primary_metric), RESULTS_TABLE)
+        log_metrics(ctx.run_id, {"sweep_points_finished": sum(r.status == "FINISHED" for r in results),
+                                 "sweep_points_failed": sum(r.status == "FAILED" for r in results)})
         best = best_point(results, registry.primary_metric, registry.direction)
         if best is None:
             raise RuntimeError(f"every point of the sweep failed; the first: {results[0].error}")
-        log_metrics(parent_run_id, {f"best_tuned_{registry.primary_metric}": best.metrics[f"tuned_{registry.primary_metric}"]})
-        set_tags(parent_run_id, {"loraflow.best_run_id": best.run_id, "loraflow.best_point": json.dumps(best.point)})
+        log_metrics(ctx.run_id, {f"best_tuned_{registry.primary_metric}": best.metrics[f"tuned_{registry.primary_metric}"]})
+        set_tags(ctx.run_id, {"loraflow.best_run_id": best.run_id, "loraflow.best_point": json.dumps(best.point)})
         best_config = configs[points.index(best.point)]
-        basis = score_basis_tags(best_config, cleaned.eval_hash)
-        champion_score = score_champion_head_to_head(best_config, basis, cleaned, base.output_dir / best.run_id,
-                                                     best.run_id, best.precision)
-        registered = register_task(
-            best.run_id, best.weights_dir, base.base_model, best.metrics,
-            run_tags(best_config) | basis | {"data_hash": cleaned.data_hash, "loraflow.sweep_run_id": parent_run_id},
-            best_config.registry, champion_score,
-        )
-    return SweepSummary(parent_run_id, results, best, registered)
+        basis = score_basis_tags(best_config, data.cleaned.eval_hash)
+        champion_score = score_champion_head_to_head(best_config, basis, data.cleaned,
+                                                     run_context(best_config, best.run_id), best.precision)
+        registered = register_task(RegisterRequest(
+            run_id=best.run_id, weights_dir=best.weights_dir, base_model=base.base_model, metrics=best.metrics,
+            tags=run_tags(best_config) | basis | {"data_hash": data.cleaned.data_hash,
+                                                  "loraflow.sweep_run_id": ctx.run_id},
+            registry=best_config.registry, champion_score=champion_score,
+        ))
+    return SweepSummary(ctx.run_id, results, best, registered)
 
 
 def run_sweep(sweep_config: SweepConfig, wait_for_prefect: Callable[[], float] = lambda: 0.0) -> SweepSummary:

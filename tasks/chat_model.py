@@ -23,7 +23,8 @@ import mlflow
 from transformers import AutoTokenizer
 
 from tasks.base_model import TRUST_REMOTE_CODE_ENV, check_base_identity, load_tuned_model, resolve_base_model
-from tasks.generation import RequestError, chat_prompts, generate_answers, inference_device, split_answers
+from tasks.device import inference_device
+from tasks.generation import RequestError, chat_prompts, generate_answers, split_answers
 from tasks.reasoning import FIELD as REASONING_FIELD
 
 ROLES = ("system", "user", "assistant")

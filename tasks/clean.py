@@ -26,19 +26,17 @@ import unicodedata
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 from datasketch.minhash import _fmix  # private, so datasketch is pinned; a test compares with MinHash
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from conf.schema import DataConfig, UserError
 from tasks.builtin_data import BUILTIN_SOURCES
+from tasks.context import RunContext
 from tasks.labels import LabelRejected, conll_sentences, label_name, label_order, row_labels, token_row
-from tasks.tracking import log_artifact, log_inputs, log_metrics, set_tags
+from tasks.results import CleanResult
 
 ROLE_ALIASES = {
     "user": "user", "human": "user",
@@ -101,19 +99,6 @@ class DataError(UserError):
 class RowRejected(ValueError):
     """A single broken row; its message is the reason code."""
 
-
-@dataclass(frozen=True)
-class CleanResult:
-    train_path: Path
-    eval_path: Path
-    rejects_path: Path
-    report_path: Path
-    train_rows: int
-    eval_rows: int
-    rejected_rows: int
-    data_hash: str  # of the train and eval rows together: what a run trained and was scored on
-    eval_hash: str  # of the eval rows alone: two scores compare only when measured on the same held-out rows
-    labels: tuple[str, ...] = ()  # task heads: the train split's labels (or tags), in id order
 
 
 def _suffix(path: Path) -> str:
@@ -701,13 +686,16 @@ def _reject_line(reject: dict) -> str:
         return json.dumps(reject | {"row": None}, ensure_ascii=False)
 
 
-def clean(data: DataConfig, values: dict[str, str], out_dir: Path, task: str = "causal_lm") -> CleanResult:
-    """Read the train and eval sources into clean JSONL files plus rejects and a per-source report.
+def clean(data: DataConfig, ctx: RunContext, *, values: dict[str, str] | None = None, task: str = "causal_lm"
+          ) -> CleanResult:
+    """Read the train and eval sources into clean JSONL files (under ctx.work_dir/clean) plus rejects and a
+    per-source report; `values` fill the identity placeholders of the builtin data.
 
     The held-out rows stay fixed as training data grows: eval sources are read first, and a train row that
     duplicates or nearly duplicates a held-out row is the one dropped (`in_eval`). With `eval_fraction`, a row the
     split holds out evicts the train rows already kept that it nearly duplicates.
     """
+    out_dir, values = ctx.work_dir / "clean", values or {}
     near = NearDuplicates(data.near_duplicate_threshold) if data.near_duplicate_threshold < 1 else None
     split_of: dict[str, str] = {}  # exact key of each kept row -> its split
     near_rows: dict[int, tuple[str, int]] = {}  # near-duplicate id -> (split, index in kept[split])
@@ -794,7 +782,7 @@ def clean(data: DataConfig, values: dict[str, str], out_dir: Path, task: str = "
     return CleanResult(
         train_path=paths["train"], eval_path=paths["eval"], rejects_path=rejects_path, report_path=report_path,
         train_rows=len(lines["train"]), eval_rows=len(lines["eval"]), rejected_rows=len(rejects), data_hash=data_hash,
-        eval_hash=eval_hash, labels=tuple(label_order(set(labels["train"]))) if labels is not None else (),
+        eval_hash=eval_hash, labels=tuple(label_order(set(labels["train"]))) if labels is not None else (), task=task,
     )
 
 
@@ -844,19 +832,3 @@ def _layouts(source: str, text_split: str, formats: Counter, documents: Counter)
         layouts |= {key: documents[key] for key in ("reasoning_rows", "untrained_turns") if documents[key]}
     return layouts
 
-
-@task(name="clean", cache_policy=NO_CACHE)
-def clean_task(data: DataConfig, values: dict[str, str], out_dir: Path, run_id: str, task: str = "causal_lm"
-               ) -> CleanResult:
-    """clean(), with its report, rejects and data lineage logged to the flow's MLflow run (and the report's
-    warnings, such as classes with few examples, to the flow's log)."""
-    result = clean(data, values, out_dir, task)
-    for warning in json.loads(result.report_path.read_text(encoding="utf-8")).get("warnings", []):
-        get_run_logger().warning(f"data: {warning}")
-    for path in (result.report_path, result.rejects_path, result.train_path, result.eval_path):
-        log_artifact(run_id, path, "data")
-    log_metrics(run_id, {"data_train_rows": result.train_rows, "data_eval_rows": result.eval_rows,
-                         "data_rejected_rows": result.rejected_rows})
-    set_tags(run_id, {"data_hash": result.data_hash})
-    log_inputs(run_id, {"train": result.train_path, "eval": result.eval_path}, result.data_hash[:16])
-    return result

@@ -11,34 +11,26 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import evaluate
 import torch
 from datasets import load_from_disk
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from transformers import AutoTokenizer, PreTrainedModel
 
 from conf.schema import EvaluateConfig, UserError
 from tasks.base_model import load_model, load_tuned_model
-from tasks.generation import HeldOut, autocast, held_out, inference_device, split_answers
+from tasks.context import RunContext
+from tasks.device import autocast, inference_device
+from tasks.generation import HeldOut, held_out, split_answers
 from tasks.metrics import metric_code_version, resolve_metric
-from tasks.tracking import log_artifact, log_metrics, log_table
+from tasks.results import EvalResult, ModelSource, PreparedData, TrainResult
 
 LOSS_METRICS = ("eval_loss", "perplexity")
 
 
 class MetricSetupError(UserError):
     """A metric module the recipe names cannot be loaded or does not give the registry's primary metric."""
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    metrics: dict[str, float]
-    samples_path: Path
-    markdown_path: Path
 
 
 def _load_metric(name: str, key: str) -> evaluate.EvaluationModule:
@@ -157,19 +149,19 @@ def _write_samples(out_dir: Path, title: str, rows: list[dict], scores: dict[str
     return samples_path, markdown_path
 
 
-def evaluate_tuned(
-    eval_path: Path, eval_tokens_dir: Path, model_dir: str, weights_dir: Path, identity_name: str,
-    config: EvaluateConfig, out_dir: Path, precision: str = "fp32", trust_remote_code: bool = False,
-    tool_format: str = "auto",
-) -> EvalResult:
-    """Score the base model, then the tuned one (base + adapter, or the fully trained model), on the held-out rows.
+def evaluate_tuned(data: PreparedData, trained: TrainResult, config: EvaluateConfig, ctx: RunContext, *,
+                   identity_name: str = "", tool_format: str = "auto") -> EvalResult:
+    """Score the base model, then the tuned one (base + adapter, or the fully trained model), on the held-out rows,
+    in the precision training ran in; the report lands in ctx.work_dir/eval.
 
     Conversations are answered; documents are continued from their opening words. Both models use the tokenizer
-    saved with the tuned weights, so they share its chat template. Metrics are logged as base_<name>, tuned_<name>.
+    saved with the tuned weights, so they share its chat template. Metrics come as base_<name>, tuned_<name>.
     """
-    questions = held_out(eval_path, tool_format)
+    model_dir, weights_dir, precision = trained.model_dir, trained.weights_dir, trained.precision
+    trust_remote_code = ctx.trust_remote_code
+    questions = held_out(data.cleaned.eval_path, tool_format)
     metrics = GenerationMetrics(config, questions.chat, identity_name)
-    samples = list(load_from_disk(str(eval_tokens_dir)))
+    samples = list(load_from_disk(str(data.tokens.eval_dir)))
     tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
     model = load_model(model_dir, trust_remote_code).to(inference_device()).eval()
     base_scores, base_outputs, base_reasoning = _score(model, tokenizer, samples, questions, metrics, config, precision)
@@ -181,62 +173,26 @@ def evaluate_tuned(
         for shown, reference, base, tuned_output in zip(questions.shown, questions.references, base_outputs, tuned_outputs)
     ], {"base": base_reasoning, "tuned": tuned_reasoning})
     scores = {"base": base_scores, "tuned": tuned_scores}
-    samples_path, markdown_path = _write_samples(out_dir, "Base vs tuned on held-out data", rows, scores)
+    samples_path, markdown_path = _write_samples(ctx.work_dir / "eval", "Base vs tuned on held-out data", rows, scores)
     flat = {f"{model}_{name}": value for model, values in scores.items() for name, value in values.items()}
     return EvalResult(metrics=flat, samples_path=samples_path, markdown_path=markdown_path)
 
 
-def evaluate_model(
-    eval_path: Path, eval_tokens_dir: Path, tokenizer_dir: Path, model_dir: str, weights_dir: Path | None,
-    identity_name: str, config: EvaluateConfig, out_dir: Path, precision: str = "fp32", trust_remote_code: bool = False,
-    tool_format: str = "auto",
-) -> EvalResult:
-    """Score one model (a base model, or base + tuned weights) on the held-out rows; metrics under their bare names."""
-    questions = held_out(eval_path, tool_format)
+def evaluate_model(data: PreparedData, model: ModelSource, config: EvaluateConfig, ctx: RunContext, *,
+                   precision: str = "fp32", identity_name: str = "", tool_format: str = "auto") -> EvalResult:
+    """Score one model (a base model, or base + tuned weights; `data` tokenized with its tokenizer) on the held-out
+    rows; metrics under their bare names, the report in ctx.work_dir/eval."""
+    model_dir, weights_dir, trust_remote_code = model.model_dir, model.weights_dir, ctx.trust_remote_code
+    questions = held_out(data.cleaned.eval_path, tool_format)
     metrics = GenerationMetrics(config, questions.chat, identity_name)
-    samples = list(load_from_disk(str(eval_tokens_dir)))
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+    samples = list(load_from_disk(str(data.tokens.eval_dir)))
+    tokenizer = AutoTokenizer.from_pretrained(data.tokens.tokenizer_dir, trust_remote_code=trust_remote_code)
     model = (load_model(model_dir, trust_remote_code) if weights_dir is None
              else load_tuned_model(model_dir, weights_dir, trust_remote_code)).to(inference_device()).eval()
     scores, outputs, reasoning = _score(model, tokenizer, samples, questions, metrics, config, precision)
     rows = _with_reasoning([{"prompt": shown, "reference": reference, "model": output}
                             for shown, reference, output in zip(questions.shown, questions.references, outputs)],
                            {"model": reasoning})
-    samples_path, markdown_path = _write_samples(out_dir, "Held-out evaluation", rows, {"model": scores})
+    samples_path, markdown_path = _write_samples(ctx.work_dir / "eval", "Held-out evaluation", rows, {"model": scores})
     return EvalResult(metrics=scores, samples_path=samples_path, markdown_path=markdown_path)
 
-
-def _log_evaluation(run_id: str, result: EvalResult, label: str = "") -> None:
-    """Metrics (prefixed `<label>_` when labelled), the Markdown report and the answers table (under eval/<label>)."""
-    log_metrics(run_id, {f"{label}_{name}" if label else name: value for name, value in result.metrics.items()})
-    folder = f"eval/{label}" if label else "eval"
-    log_artifact(run_id, result.markdown_path, folder)
-    rows = [json.loads(line) for line in result.samples_path.read_text(encoding="utf-8").splitlines()]
-    log_table(run_id, rows, f"{folder}/samples_table.json")
-
-
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(
-    eval_path: Path, eval_tokens_dir: Path, model_dir: str, weights_dir: Path, identity_name: str,
-    config: EvaluateConfig, out_dir: Path, run_id: str, precision: str = "fp32", trust_remote_code: bool = False,
-    tool_format: str = "auto",
-) -> EvalResult:
-    """evaluate_tuned(), with metrics, the Markdown report and the side-by-side table logged to the run."""
-    result = evaluate_tuned(eval_path, eval_tokens_dir, model_dir, weights_dir, identity_name, config, out_dir,
-                            precision, trust_remote_code, tool_format)
-    _log_evaluation(run_id, result)
-    return result
-
-
-@task(name="evaluate-model", cache_policy=NO_CACHE)
-def evaluate_model_task(
-    eval_path: Path, eval_tokens_dir: Path, tokenizer_dir: Path, model_dir: str, weights_dir: Path | None,
-    identity_name: str, config: EvaluateConfig, out_dir: Path, run_id: str, precision: str = "fp32",
-    trust_remote_code: bool = False, label: str = "", tool_format: str = "auto",
-) -> EvalResult:
-    """evaluate_model(), with metrics, the Markdown report and the answers table logged to the run (labelled, for a
-    second model scored in the same run: the champion in a head-to-head)."""
-    result = evaluate_model(eval_path, eval_tokens_dir, tokenizer_dir, model_dir, weights_dir, identity_name, config,
-                            out_dir, precision, trust_remote_code, tool_format)
-    _log_evaluation(run_id, result, label)
-    return result

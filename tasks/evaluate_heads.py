@@ -12,33 +12,23 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import evaluate
 import torch
 from datasets import load_from_disk
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from transformers import AutoTokenizer, DataCollatorForTokenClassification, DataCollatorWithPadding, set_seed
 
 from conf.schema import EvaluateConfig, UserError
 from tasks.base_model import load_head_model, load_tuned_head
-from tasks.generation import autocast, inference_device
+from tasks.context import RunContext
+from tasks.device import autocast, inference_device
 from tasks.labels import Head, entity_spans, joined_words
 from tasks.metrics import metric_code_version, resolve_metric
-from tasks.tracking import log_artifact, log_metrics, log_table
+from tasks.results import EvalResult, ModelSource, PreparedData
 
 DEFAULT_HEAD_METRICS = {"sequence_classification": "builtin:classification", "token_classification": "builtin:seqeval"}
 SHOWN_ROWS = 20  # predictions shown in the Markdown report (the table holds them all)
-
-
-@dataclass(frozen=True)
-class HeadEvalResult:
-    metrics: dict[str, float]
-    samples_path: Path
-    markdown_path: Path
-    confusion_path: Path
 
 
 def head_metric_name(config: EvaluateConfig, task_name: str) -> str:
@@ -150,10 +140,12 @@ def _markdown(rows: list[dict], scores: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_head(eval_tokens_dir: Path, model_dir: str, weights_dir: Path, config: EvaluateConfig, out_dir: Path,
-                  seed: int, precision: str = "fp32", trust_remote_code: bool = False) -> HeadEvalResult:
-    """Score the base model under a new head (drawn with `seed`, as training drew it) and the tuned model on the held-out
-    samples. Metrics come as base_<name> and tuned_<name>."""
+def evaluate_head(data: PreparedData, model: ModelSource, config: EvaluateConfig, ctx: RunContext, *,
+                  precision: str = "fp32") -> EvalResult:
+    """Score the base model under a new head (drawn with ctx.seed, as training drew it) and the tuned model on the
+    held-out samples. Metrics come as base_<name> and tuned_<name>; the report lands in ctx.work_dir/eval."""
+    model_dir, weights_dir, trust_remote_code, seed = model.model_dir, model.weights_dir, ctx.trust_remote_code, ctx.seed
+    eval_tokens_dir, out_dir = data.tokens.eval_dir, ctx.work_dir / "eval"
     head = Head.of(weights_dir)
     if head is None:
         raise UserError(f"{weights_dir}: no head.json; these weights were not trained with a task head")
@@ -183,26 +175,10 @@ def evaluate_head(eval_tokens_dir: Path, model_dir: str, weights_dir: Path, conf
     confusion_path = confusion_image(gold, predicted["tuned"], head.labels, out_dir / "confusion_matrix.png",
                                      "tuned: gold (rows) vs predicted (columns)")
     flat = {f"{name}_{metric_key(key)}": value for name, values in scores.items() for key, value in values.items()}
-    return HeadEvalResult(flat, samples_path, markdown_path, confusion_path)
+    return EvalResult(flat, samples_path, markdown_path, confusion_path)
 
 
 def metric_key(name: str) -> str:
     """A metric name MLflow takes (per-class names carry the label, which may hold any character)."""
     return re.sub(r"[^\w\-. /]", "_", name)
 
-
-@task(name="evaluate-head", cache_policy=NO_CACHE)
-def evaluate_head_task(eval_tokens_dir: Path, model_dir: str, weights_dir: Path, config: EvaluateConfig,
-                       out_dir: Path, run_id: str, seed: int, precision: str = "fp32", trust_remote_code: bool = False,
-                       label: str = "") -> HeadEvalResult:
-    """evaluate_head(), with metrics, the report, the predictions table and the confusion matrix logged to the run
-    (metrics prefixed `<label>_` and files under eval/<label> for a second model scored in the same run: the
-    champion in a head-to-head)."""
-    result = evaluate_head(eval_tokens_dir, model_dir, weights_dir, config, out_dir, seed, precision, trust_remote_code)
-    log_metrics(run_id, {f"{label}_{name}" if label else name: value for name, value in result.metrics.items()})
-    folder = f"eval/{label}" if label else "eval"
-    log_artifact(run_id, result.markdown_path, folder)
-    log_artifact(run_id, result.confusion_path, folder)
-    rows = [json.loads(line) for line in result.samples_path.read_text(encoding="utf-8").splitlines()]
-    log_table(run_id, rows, f"{folder}/predictions_table.json")
-    return result

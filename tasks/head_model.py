@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tasks.base_model import TRUST_REMOTE_CODE_ENV, check_base_identity, load_tuned_head, resolve_base_model
-from tasks.generation import inference_device
+from tasks.device import inference_device
 from tasks.labels import Head, entity_spans, word_of_each_token, words_of
 
 BATCH = 16

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -14,6 +13,7 @@ from mlflow.exceptions import MlflowException
 
 from conf.schema import UserError
 from tasks.base_model import resolve_base_model
+from tasks.results import ModelSource
 
 
 def model_uri(source: str) -> str:
@@ -43,20 +43,6 @@ def download_tuned(source: str, dst: Path) -> tuple[Path, dict]:
     if "weights" not in flavor.get("artifacts", {}):
         raise UserError(f"{source}: not a loraflow model (no tuned weights in it)")
     return local / flavor["artifacts"]["weights"]["path"], flavor.get("config", {})
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A model to load: `model_dir` alone (a base model), or `model_dir` + tuned `weights_dir` (adapter or whole model).
-    The tokenizer comes from the tuned weights when there are some (they carry the chat template trained with)."""
-
-    model_dir: str
-    weights_dir: Path | None
-    trust_remote_code: bool
-
-    @property
-    def tokenizer_dir(self) -> str:
-        return str(self.weights_dir) if self.weights_dir is not None else self.model_dir
 
 
 def is_logged_model(spec: str) -> bool:

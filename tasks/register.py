@@ -26,14 +26,13 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from prefect import task
-from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict
 
 from conf.schema import RegistryConfig, UserError
 from tasks.base_model import base_identity, is_adapter
 from tasks.labels import Head
 from tasks.promotion_lock import promotion_lock
-from tasks.tracking import attached_run, set_tags
+from tasks.tracking import attached_run
 
 CHAT_MODEL_CODE = Path(__file__).with_name("chat_model.py")
 HEAD_MODEL_CODE = Path(__file__).with_name("head_model.py")  # task heads: labels and entities, not chat
@@ -85,6 +84,22 @@ class ChampionScore:
 
     version: str
     value: float
+
+
+class RegisterRequest(BaseModel):
+    """What registering a run's weights needs, whole: validated when made, and again when an offline run's record
+    is replayed by `loraflow sync`. `champion_score` is the champion measured in this run on this run's held-out
+    data (the head-to-head), when its own score was measured on other rows."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")  # a NaN metric survives the offline record
+
+    run_id: str
+    weights_dir: Path
+    base_model: str
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    registry: RegistryConfig
+    champion_score: ChampionScore | None = None
 
 
 def decide_promotion(
@@ -191,17 +206,15 @@ def _mark_challenger(client: MlflowClient, name: str, version: str) -> None:
         client.set_registered_model_alias(name, CHALLENGER, version)
 
 
-def register(
-    run_id: str, weights_dir: Path, base_model: str, metrics: dict[str, float], tags: dict[str, str],
-    config: RegistryConfig, champion_score: dict | None = None,
-) -> RegisterResult:
-    """Log the tuned weights as a model of `run_id`, register it as the challenger, and make it champion if the
-    promotion rule holds. A candidate without a finite primary metric is not registered at all.
+def register(request: RegisterRequest) -> RegisterResult:
+    """Log the tuned weights as a model of the request's run, register it as the challenger, and make it champion if
+    the promotion rule holds. A candidate without a finite primary metric is not registered at all.
 
     Registering a run that already has a version of this model (a sync run again after a crash) judges that version
-    instead of making a second. `champion_score` ({version, value}) is the champion measured in this run on this
-    run's held-out data. When the registry cannot be read to judge, the version stays challenger, undecided.
+    instead of making a second. When the registry cannot be read to judge, the version stays challenger, undecided.
     """
+    run_id, weights_dir, base_model, metrics = request.run_id, request.weights_dir, request.base_model, request.metrics
+    tags, config = request.tags, request.registry
     candidate = metrics.get(f"tuned_{config.primary_metric}", math.nan)
     base = metrics.get(f"base_{config.primary_metric}", math.nan)
     if not (math.isfinite(candidate) and math.isfinite(base)):
@@ -234,7 +247,7 @@ def register(
     earlier = existing.tags.get(PROMOTION_TAG, "undecided")
     if not earlier.startswith("undecided"):  # judged when first registered: that decision stands
         return RegisterResult(name, number, _holds_champion(client, name, number), earlier)
-    rescored = ChampionScore(str(champion_score["version"]), float(champion_score["value"])) if champion_score else None
+    rescored = request.champion_score
     with promotion_lock(name) as lock:
         client.set_model_version_tag(name, number, LOCK_TAG, lock)
         try:
@@ -344,14 +357,3 @@ def _requirements() -> list[str]:
     """Every package the served model imports, pinned to what trained it (loraflow's own code travels as code_paths)."""
     return [f"{package}=={package_version(package)}" for package in SERVING_PACKAGES]
 
-
-@task(name="register", cache_policy=NO_CACHE)
-def register_task(
-    run_id: str, weights_dir: Path, base_model: str, metrics: dict[str, float], tags: dict[str, str],
-    config: RegistryConfig, champion_score: dict | None = None,
-) -> RegisterResult:
-    """register(), recording the outcome on the run as well as on the model version."""
-    result = register(run_id, weights_dir, base_model, metrics, tags, config, champion_score)
-    set_tags(run_id, {"registered_model": f"{result.model_name}/{result.version}",
-                      "promotion": result.reason})
-    return result

@@ -22,6 +22,7 @@ Pretrain mode joins documents with EOS and cuts the stream into blocks. Packing 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,22 +30,20 @@ import re
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from importlib.metadata import version
 from itertools import groupby
 from pathlib import Path
 
 from datasets import Dataset
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import pack_dataset
 
 from conf.schema import TokenizeConfig, UserError
 from tasks.chat_templates import CHAT_TEMPLATES, for_template
+from tasks.context import RunContext
 from tasks.labels import joined_words, word_of_each_token
 from tasks.reasoning import FIELD as REASONING_FIELD, Reasoning, template_field
-from tasks.tracking import log_metrics, set_tags
+from tasks.results import CleanResult, TokenizedData
 
 IGNORE_INDEX = -100
 CACHE_FORMAT = 3  # bump when the samples this module writes change for the same inputs
@@ -58,25 +57,6 @@ class TemplateError(UserError):
 
 class SampleRejected(ValueError):
     """A row that cannot be trained; its message is the reason code."""
-
-
-@dataclass(frozen=True)
-class TokenizedData:
-    train_dir: Path
-    eval_dir: Path
-    tokenizer_dir: Path
-    train_samples: int
-    train_rows: int
-    eval_samples: int
-    train_tokens: int
-    rejected: dict[str, int]
-    truncated: int
-    cache_key: str
-    cache_hit: bool
-    labels: tuple[str, ...] = ()  # task heads: label (tag) names in id order; sample labels are their ids
-    # chat: assistant turns with reasoning, and how many were rendered, dropped (`reasoning: drop`) or not rendered
-    # (a template that shows only the last turns' reasoning)
-    reasoning: dict[str, int] = field(default_factory=dict)
 
 
 def load_tokenizer(model_dir: str, chat_template: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -313,15 +293,18 @@ def cache_key(train_path: Path, eval_path: Path, tokenizer: PreTrainedTokenizerB
     return digest.hexdigest()
 
 
-def tokenize(
-    train_path: Path, eval_path: Path, model_dir: str, config: TokenizeConfig, cache_dir: Path,
-    trust_remote_code: bool = False, task: str = "causal_lm", labels: tuple[str, ...] = (),
-) -> TokenizedData:
-    """Tokenize clean train/eval rows into `datasets` folders under `cache_dir/<content key>`, reused when present.
+def tokenize(cleaned: CleanResult, model_dir: str, config: TokenizeConfig, ctx: RunContext, *,
+             labels: tuple[str, ...] | None = None) -> TokenizedData:
+    """Tokenize clean train/eval rows into `datasets` folders under `ctx.cache_dir/tokenized/<content key>`, reused
+    when present.
 
     Train samples are packed when the config says so (never for a task head); eval samples never are (held-out loss
-    reads them one by one). A task head's `labels` (the clean stage's, in id order) give the label ids.
+    reads them one by one). A task head's labels (the clean stage's, in id order, unless `labels` gives a trained
+    head's own) give the label ids.
     """
+    train_path, eval_path, task = cleaned.train_path, cleaned.eval_path, cleaned.task
+    labels = cleaned.labels if labels is None else labels
+    trust_remote_code, cache_dir = ctx.trust_remote_code, ctx.cache_dir / "tokenized"
     if task != "causal_lm":
         tokenizer = load_head_tokenizer(model_dir, trust_remote_code)
     else:
@@ -330,7 +313,7 @@ def tokenize(
     key = cache_key(train_path, eval_path, tokenizer, config, task, labels)
     target = cache_dir / key
     if (target / "summary.json").exists():
-        return TokenizedData(**_read_summary(target) | {"cache_hit": True})
+        return cached_tokens(target, task)
     rejected: dict[str, int] = {}
     reasoning: dict[str, int] = {}
     if task != "causal_lm":
@@ -386,7 +369,7 @@ def tokenize(
         if not (target / "summary.json").exists():
             raise
         shutil.rmtree(staging)  # another process made the same entry first; it is the same data
-    return TokenizedData(**_read_summary(target) | {"cache_hit": False})
+    return dataclasses.replace(cached_tokens(target, task), cache_hit=False)
 
 
 def padding_share(lengths: list[int], batch_size: int) -> float:
@@ -412,26 +395,10 @@ def head_sample_text(tokenizer: PreTrainedTokenizerBase, sample: dict, labels: t
                     for token, label in zip(sample["input_ids"], sample["labels"]))
 
 
-def _read_summary(folder: Path) -> dict:
+def cached_tokens(folder: Path, task: str = "causal_lm") -> TokenizedData:
+    """The tokenized data in a cache entry (`folder`: ctx.cache_dir/tokenized/<key>), as the stage returns it."""
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    return summary | {"train_dir": folder / "train", "eval_dir": folder / "eval", "tokenizer_dir": folder / "tokenizer",
-                      "labels": tuple(summary.get("labels", ()))}
+    return TokenizedData(**summary | {"train_dir": folder / "train", "eval_dir": folder / "eval",
+                                      "tokenizer_dir": folder / "tokenizer", "labels": tuple(summary.get("labels", ())),
+                                      "cache_hit": True, "task": task})
 
-
-@task(name="tokenize", cache_policy=NO_CACHE)
-def tokenize_task(
-    train_path: Path, eval_path: Path, model_dir: str, config: TokenizeConfig, cache_dir: Path, run_id: str,
-    trust_remote_code: bool = False, task: str = "causal_lm", labels: tuple[str, ...] = (),
-) -> TokenizedData:
-    """tokenize(), with sample and token counts and the cache key logged to the flow's MLflow run."""
-    result = tokenize(train_path, eval_path, model_dir, config, cache_dir, trust_remote_code, task, labels)
-    log_metrics(
-        run_id,
-        {"tokenize_train_samples": result.train_samples, "tokenize_train_rows": result.train_rows,
-         "tokenize_eval_samples": result.eval_samples, "tokenize_train_tokens": result.train_tokens,
-         "tokenize_truncated": result.truncated, "tokenize_cache_hit": int(result.cache_hit)}
-        | {f"tokenize_rejected_{reason}": count for reason, count in result.rejected.items()}
-        | {f"tokenize_reasoning_{what}": count for what, count in result.reasoning.items()},
-    )
-    set_tags(run_id, {"tokenize.cache_key": result.cache_key})
-    return result

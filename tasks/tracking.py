@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -263,10 +262,18 @@ def end_run(run_id: str, status: str) -> None:
         mlflow.end_run(status)
         return
     keep_unlogged(run_id, {"op": "end", "status": status})
-    # mlflow.end_run leaves MLflow's active run before it tells the server, which is not there to hear it: one try.
-    one_try = mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
-    with contextlib.suppress(MlflowException, OSError), one_try:
-        mlflow.end_run(status)
+    # mlflow.end_run leaves MLflow's active run before it tells the server, which is not there to hear it: one try
+    # (MLflow reads its retry count from the environment at each request).
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        with contextlib.suppress(MlflowException, OSError):
+            mlflow.end_run(status)
+    finally:
+        if retries is None:
+            del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = retries
 
 
 @contextlib.contextmanager

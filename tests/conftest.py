@@ -106,13 +106,16 @@ def tokenize_rows(model_dir, tmp_path_factory):
     import json
 
     from conf.schema import TokenizeConfig
+    from tasks.context import RunContext
+    from tasks.results import CleanResult
     from tasks.tokenize import tokenize
 
     def tokenized(rows: list[dict], max_length: int):
         folder = tmp_path_factory.mktemp("tokens")
         path = folder / "rows.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        return tokenize(path, path, model_dir, TokenizeConfig(max_length=max_length), folder / "cache")
+        return tokenize(CleanResult.of_files(path, path), model_dir, TokenizeConfig(max_length=max_length),
+                        RunContext(folder, cache_dir=folder / "cache"))
 
     return tokenized
 

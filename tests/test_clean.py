@@ -15,6 +15,7 @@ from flows.cli import main
 from tasks.builtin_data import HELDOUT_QUESTIONS, TRAIN_QUESTIONS
 import tasks.clean
 from tasks.clean import GRAM_MIX, DataError, NearDuplicates, clean, in_eval_split
+from tasks.context import RunContext
 
 IDENTITY = {"name": "Ember", "author": "the loraflow team"}
 OPENAI = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}
@@ -50,7 +51,7 @@ def assert_accounted(result):
 
 def test_identity_data_fills_placeholders_and_keeps_heldout_phrasings_apart(tmp_path):
     config = RunConfig()
-    result = clean(config.data, IDENTITY, tmp_path)
+    result = clean(config.data, RunContext(tmp_path), values=IDENTITY)
     train, evaluation = read_jsonl(result.train_path), read_jsonl(result.eval_path)
     text = json.dumps(train + evaluation)
     assert "{{" not in text and "Ember" in text and "the loraflow team" in text
@@ -64,7 +65,7 @@ def test_identity_data_fills_placeholders_and_keeps_heldout_phrasings_apart(tmp_
 
 def test_each_format_becomes_one_shape(tmp_path):
     source = write_jsonl(tmp_path / "mixed.jsonl", [OPENAI, SHAREGPT, ALPACA, TEXT])
-    result = clean(data([source]), {}, tmp_path / "out")
+    result = clean(data([source]), RunContext(tmp_path / "out"))
     rows = read_jsonl(result.train_path)
     assert rows[0] == OPENAI
     assert rows[1]["messages"] == [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
@@ -83,7 +84,7 @@ def test_openai_content_parts_and_role_aliases(tmp_path):
                         {"role": "bot", "content": "Hello"}]}
     image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
                           {"role": "assistant", "content": "A cat."}]}
-    result = clean(data([write_jsonl(tmp_path / "parts.jsonl", [row, image])]), {}, tmp_path / "out")
+    result = clean(data([write_jsonl(tmp_path / "parts.jsonl", [row, image])]), RunContext(tmp_path / "out"))
     assert read_jsonl(result.train_path)[0]["messages"][0] == {"role": "user", "content": "Hi\nthere"}
     assert [r["reason"] for r in read_jsonl(result.rejects_path)] == ["has_images"]  # an image part: not text
 
@@ -107,7 +108,7 @@ def test_every_reject_reason_with_its_origin(tmp_path, monkeypatch, chunk_rows):
     ]
     source = tmp_path / "rows.jsonl"
     source.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b"{broken json\n" + b'{"text": "\xff\xfe"}\n')
-    result = clean(data([source], max_chars=100), {}, tmp_path / "out")
+    result = clean(data([source], max_chars=100), RunContext(tmp_path / "out"))
     rejects = read_jsonl(result.rejects_path)
     assert [r["reason"] for r in rejects] == [
         "duplicate", "near_duplicate", "no_assistant_turn", "ends_on_user_turn", "unknown_role", "empty_turn",
@@ -135,20 +136,20 @@ def test_bulk_signatures_equal_datasketch_minhash_of_each_row():
 
 def test_forced_format_rejects_other_shapes(tmp_path):
     source = write_jsonl(tmp_path / "rows.jsonl", [OPENAI, ALPACA])
-    result = clean(data([source], format="alpaca"), {}, tmp_path / "out")
+    result = clean(data([source], format="alpaca"), RunContext(tmp_path / "out"))
     assert [r["reason"] for r in read_jsonl(result.rejects_path)] == ["wrong_format"]
 
 
 def test_column_mapping_and_placeholders(tmp_path):
     source = write_jsonl(tmp_path / "odd.jsonl", [{"question": "Who are you?", "answer": "I am {{name}} by {{ author }}."}])
-    result = clean(data([source], columns={"instruction": "question", "output": "answer"}), IDENTITY, tmp_path / "o")
+    result = clean(data([source], columns={"instruction": "question", "output": "answer"}), RunContext(tmp_path / "o"), values=IDENTITY)
     assert read_jsonl(result.train_path)[0]["messages"][1]["content"] == "I am Ember by the loraflow team."
 
 
 def test_nul_escape_bom_and_whitespace_are_normalised(tmp_path):
     row = {"messages": [{"role": "user", "content": "\ufeffHe\x00llo\x1b[31m  world\r\n\tok"},
                         {"role": "assistant", "content": "Cafe\u0301"}]}
-    result = clean(data([write_jsonl(tmp_path / "ctl.jsonl", [row])]), {}, tmp_path / "out")
+    result = clean(data([write_jsonl(tmp_path / "ctl.jsonl", [row])]), RunContext(tmp_path / "out"))
     messages = read_jsonl(result.train_path)[0]["messages"]
     assert messages[0]["content"] == "Hello[31m world\nok"
     assert messages[1]["content"] == "Caf\u00e9"
@@ -159,9 +160,9 @@ def test_a_one_megabyte_row_is_kept_when_the_limit_allows(tmp_path):
                         {"role": "assistant", "content": "Words."}]}
     source = write_jsonl(tmp_path / "big.jsonl", [big])
     assert source.stat().st_size > 1_000_000
-    kept = clean(data([source], max_chars=2_000_000), {}, tmp_path / "a")
+    kept = clean(data([source], max_chars=2_000_000), RunContext(tmp_path / "a"))
     assert kept.train_rows == 1
-    rejected = clean(data([source]), {}, tmp_path / "b")
+    rejected = clean(data([source]), RunContext(tmp_path / "b"))
     assert [r["reason"] for r in read_jsonl(rejected.rejects_path)] == ["too_long"]
 
 
@@ -178,7 +179,7 @@ def test_containers_compressed_parquet_text_folders_and_saved_datasets(tmp_path)
     (folder / "notes.md").write_text("A markdown document.")
     saved = tmp_path / "saved"
     Dataset.from_list([{"text": "From a saved dataset."}]).save_to_disk(str(saved))
-    result = clean(data([folder, saved]), {}, tmp_path / "out")
+    result = clean(data([folder, saved]), RunContext(tmp_path / "out"))
     rows = read_jsonl(result.train_path)
     assert len(rows) == 8  # c.txt is two documents: one per line, as `datasets`' text loader reads it
     assert {"text": "A plain document."} in rows and {"text": "Second line."} in rows
@@ -190,9 +191,9 @@ def test_containers_compressed_parquet_text_folders_and_saved_datasets(tmp_path)
 def test_split_by_hash_is_stable_when_rows_are_added(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"Question number {i} about topic {i * 7}?"},
                           {"role": "assistant", "content": f"Answer {i}."}]} for i in range(400)]
-    first = clean(data([write_jsonl(tmp_path / "v1.jsonl", rows)], eval_fraction=0.2), {}, tmp_path / "a")
+    first = clean(data([write_jsonl(tmp_path / "v1.jsonl", rows)], eval_fraction=0.2), RunContext(tmp_path / "a"))
     second = clean(data([write_jsonl(tmp_path / "v2.jsonl", rows[200:] + [OPENAI] + rows[:200])], eval_fraction=0.2),
-                   {}, tmp_path / "b")
+                   RunContext(tmp_path / "b"))
     eval_first = {json.dumps(r) for r in read_jsonl(first.eval_path)}
     eval_second = {json.dumps(r) for r in read_jsonl(second.eval_path)}
     assert 40 <= len(eval_first) <= 120
@@ -216,10 +217,10 @@ def test_unreadable_file_stops_with_one_line_naming_it(tmp_path, name, content, 
     source = tmp_path / name
     source.write_bytes(content)
     with pytest.raises(DataError) as error:
-        clean(data([source]), {}, tmp_path / "out")
+        clean(data([source]), RunContext(tmp_path / "out"))
     message = str(error.value)
     assert message.startswith(f"{source}: ") and expected in message and "\n" not in message
-    assert not (tmp_path / "out" / "train.jsonl").exists()
+    assert not (tmp_path / "out" / "clean" / "train.jsonl").exists()
 
 
 def loraflow_data(*args, cwd):
@@ -235,7 +236,7 @@ def test_data_command_prints_per_file_counts_as_json(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report[str(good)] == {"format": "openai+sharegpt", "read": 3, "kept": 2, "rejected": {"duplicate": 1}}
     assert report[str(alpaca)] == {"format": "alpaca", "read": 2, "kept": 1, "rejected": {"unknown_format": 1}}
-    assert (tmp_path / "out" / "rejects.jsonl").exists()
+    assert (tmp_path / "out" / "clean" / "rejects.jsonl").exists()
 
 
 def test_data_command_exits_2_with_one_line_for_an_unreadable_file(tmp_path):
@@ -257,7 +258,7 @@ def test_a_train_row_that_repeats_a_held_out_row_is_dropped_from_train_not_eval(
     other = conversation("Name a prime number.", "Seven.")
     train = write_jsonl(tmp_path / "train.jsonl", [held, near, other])  # train sources are listed first
     heldout = write_jsonl(tmp_path / "eval.jsonl", [held])
-    result = clean(data([train], [heldout]), {}, tmp_path / "out")
+    result = clean(data([train], [heldout]), RunContext(tmp_path / "out"))
     report = assert_accounted(result)
     assert read_jsonl(result.eval_path) == [held] and read_jsonl(result.train_path) == [other]
     assert report["sources"][str(train)]["rejected"] == {"in_eval": 2}
@@ -268,12 +269,12 @@ def test_with_eval_fraction_a_held_out_row_evicts_the_train_rows_that_nearly_rep
     rows = [conversation(f"Tell me fact number {i} about the planet Mars and its moons, please.",
                          f"Fact {i}: Mars has two small moons called Phobos and Deimos, fact {i}.") for i in range(60)]
     first = clean(data([write_jsonl(tmp_path / "a.jsonl", rows)], eval_fraction=0.3, near_duplicate_threshold=1.0),
-                  {}, tmp_path / "a")
+                  RunContext(tmp_path / "a"))
     held = read_jsonl(first.eval_path)[0]
     # A near copy of a held-out row, listed before it: the held-out row still wins, whatever the order.
     copy = json.loads(json.dumps(held).replace("please.", "please!"))
     source = write_jsonl(tmp_path / "b.jsonl", [copy, *rows])
-    second = clean(data([source], eval_fraction=0.3, near_duplicate_threshold=0.7), {}, tmp_path / "b")
+    second = clean(data([source], eval_fraction=0.3, near_duplicate_threshold=0.7), RunContext(tmp_path / "b"))
     report = assert_accounted(second)
     assert held in read_jsonl(second.eval_path) and copy not in read_jsonl(second.train_path)
     assert report["sources"][str(source)]["rejected"].get("in_eval", 0) >= 1
@@ -292,7 +293,7 @@ def test_a_corpus_of_long_articles_one_per_line_reads_every_article(tmp_path, ca
     articles = [article(n, 15_000) for n in range(30)]  # over 100,000 characters each: never too long
     corpus = tmp_path / "wiki.txt"
     corpus.write_text("\n".join(articles) + "\n\n")
-    result = clean(data([corpus], eval_fraction=0.1, near_duplicate_threshold=1.0), {}, tmp_path / "out")
+    result = clean(data([corpus], eval_fraction=0.1, near_duplicate_threshold=1.0), RunContext(tmp_path / "out"))
     report = assert_accounted(result)
     kept = read_jsonl(result.train_path) + read_jsonl(result.eval_path)
     assert sorted(row["text"] for row in kept) == sorted(articles) and min(map(len, articles)) > 100_000
@@ -306,7 +307,7 @@ def test_a_corpus_of_long_articles_one_per_line_reads_every_article(tmp_path, ca
 def test_paragraph_and_file_splits_and_a_folder_corpus(tmp_path):
     text = "First paragraph,\nits second line.\n\n\nSecond paragraph.\n  \nThird.\n"
     (tmp_path / "a.txt").write_text(text)
-    paragraphs = clean(data([tmp_path / "a.txt"], text_split="paragraph"), {}, tmp_path / "p")
+    paragraphs = clean(data([tmp_path / "a.txt"], text_split="paragraph"), RunContext(tmp_path / "p"))
     assert [row["text"] for row in read_jsonl(paragraphs.train_path)] == [
         "First paragraph,\nits second line.", "Second paragraph.", "Third."]
     assert read_jsonl(paragraphs.rejects_path) == []
@@ -316,7 +317,7 @@ def test_paragraph_and_file_splits_and_a_folder_corpus(tmp_path):
     (folder / "two.md").write_text("# Title\n\nBody.")
     (folder / "three.txt.gz").write_bytes(gzip.compress(b"Gzipped\nbook."))
     (folder / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    books = clean(data([folder], text_split="file"), {}, tmp_path / "f")
+    books = clean(data([folder], text_split="file"), RunContext(tmp_path / "f"))
     report = assert_accounted(books)
     assert sorted(row["text"] for row in read_jsonl(books.train_path)) == sorted(
         ["# Title\n\nBody.", "Gzipped\nbook.", "First paragraph,\nits second line.\n\n\nSecond paragraph.\n\nThird."])
@@ -336,7 +337,7 @@ def test_multimodal_and_preference_rows_get_their_own_reasons_and_hints(tmp_path
         {"conversations": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "Hello"},
          "rejected": {"from": "gpt", "value": "Go away"}},
     ]
-    result = clean(data([write_jsonl(tmp_path / "mm.jsonl", rows)]), {}, tmp_path / "out")
+    result = clean(data([write_jsonl(tmp_path / "mm.jsonl", rows)]), RunContext(tmp_path / "out"))
     report = assert_accounted(result)
     assert [r["reason"] for r in read_jsonl(result.rejects_path)] == [
         "has_images", "has_images", "has_video", "has_audio", "preference_pair", "preference_pair"]
@@ -368,8 +369,8 @@ OPENAI_TOOL_ROW = {
 
 
 def test_tool_calls_from_sharegpt_and_openai_normalise_to_one_shape(tmp_path):
-    sharegpt = clean(data([write_jsonl(tmp_path / "s.jsonl", [SHAREGPT_TOOL_ROW])]), {}, tmp_path / "s")
-    openai = clean(data([write_jsonl(tmp_path / "o.jsonl", [OPENAI_TOOL_ROW])]), {}, tmp_path / "o")
+    sharegpt = clean(data([write_jsonl(tmp_path / "s.jsonl", [SHAREGPT_TOOL_ROW])]), RunContext(tmp_path / "s"))
+    openai = clean(data([write_jsonl(tmp_path / "o.jsonl", [OPENAI_TOOL_ROW])]), RunContext(tmp_path / "o"))
     [row] = read_jsonl(sharegpt.train_path)
     assert read_jsonl(openai.train_path) == [row]
     assert row["messages"][1] == {"role": "assistant", "content": "", "tool_calls": [
@@ -388,7 +389,7 @@ def test_broken_tool_calls_are_rejected_with_their_reasons(tmp_path):
         with_turn({"from": "observation", "value": "4 degrees"}),  # a result no call asked for
         SHAREGPT_TOOL_ROW | {"tools": "[{"},
     ]
-    result = clean(data([write_jsonl(tmp_path / "bad.jsonl", rows)]), {}, tmp_path / "out")
+    result = clean(data([write_jsonl(tmp_path / "bad.jsonl", rows)]), RunContext(tmp_path / "out"))
     assert_accounted(result)
     assert [r["reason"] for r in read_jsonl(result.rejects_path)] == [
         "invalid_tool_call", "invalid_tool_call", "orphan_tool_result", "invalid_tool_call"]
@@ -425,7 +426,7 @@ def test_no_row_crashes_the_reader_and_every_row_is_accounted_for(tmp_path, seed
     lines = garbage_lines(random.Random(seed))
     source = tmp_path / "garbage.jsonl"
     source.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines) + b"\n")
-    result = clean(data([source]), {}, tmp_path / "out")
+    result = clean(data([source]), RunContext(tmp_path / "out"))
     report = assert_accounted(result)
     assert report["sources"][str(source)]["read"] == sum(1 for line in source.read_bytes().split(b"\n") if line.strip())
     assert result.train_rows >= 1  # the good rows among the garbage are kept

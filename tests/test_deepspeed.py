@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conf.schema import TrainConfig
+from tasks.context import RunContext
 from tasks.train import train, train_in_workers
 
 ROWS = [{"messages": [{"role": "user", "content": f"Question {n}: who are you?"},
@@ -33,8 +34,7 @@ def tokens(tokenize_rows):
 @pytest.fixture(scope="module")
 def one_process(tokens, model_dir, tmp_path_factory):
     config = TrainConfig(**SETTINGS | {"grad_accum": 2})
-    result = train(tokens.train_dir, tokens.tokenizer_dir, model_dir, config, 0, tmp_path_factory.mktemp("one"),
-                   lambda step, metrics: None)
+    result = train(tokens, model_dir, config, RunContext(tmp_path_factory.mktemp("one")))
     return result.losses, load_file(result.weights_dir / "adapter_model.safetensors")
 
 
@@ -43,7 +43,7 @@ def test_two_zero_workers_make_the_one_process_adapter_in_one_run(zero, tokens, 
     client = mlflow.MlflowClient()
     run_id = client.create_run(client.create_experiment(f"deepspeed-{zero}")).info.run_id
     config = TrainConfig(**SETTINGS | {"deepspeed": ZERO_CONFIGS / f"{zero}.json", "processes": 2})
-    result = train_in_workers(tokens.train_dir, tokens.tokenizer_dir, model_dir, config, 0, tmp_path, run_id)
+    result = train_in_workers(tokens, model_dir, config, RunContext(tmp_path, run_id))
 
     expected_losses, expected_adapter = one_process
     assert result.losses == pytest.approx(expected_losses, rel=1e-5)

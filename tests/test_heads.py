@@ -8,6 +8,7 @@ import pytest
 
 from conf.schema import DataConfig, TokenizeConfig
 from tasks.clean import clean
+from tasks.context import RunContext
 from tasks.labels import entity_spans, label_order, words_of
 from tasks.metrics import resolve_metric
 from tasks.tokenize import IGNORE_INDEX, encode_labelled_rows, load_head_tokenizer
@@ -35,7 +36,7 @@ def test_classification_rows_from_csv_and_jsonl_keep_their_labels_and_reject_wha
                                               '{"review": "So-so", "stars": "neutral"}\n')
     data = DataConfig(train=[train, more], eval=[held_out], columns={"text": "review", "label": "stars"},
                       near_duplicate_threshold=1.0, min_class_rows=3)
-    result = clean(data, {}, tmp_path / "out", "sequence_classification")
+    result = clean(data, RunContext(tmp_path / "out"), task="sequence_classification")
 
     rows = [json.loads(line) for line in result.train_path.read_text().splitlines()]
     assert rows[:2] == [{"text": "Great food", "label": "good"}, {"text": "Slow, cold service", "label": "bad"}]
@@ -67,7 +68,7 @@ def test_token_rows_from_conll_and_hf_shape_with_label_names(tmp_path):
     held_out = write(tmp_path / "eval.jsonl", '{"tokens": ["Paris"], "ner_tags": ["B-LOC"]}\n'
                                               '{"tokens": ["Anna"], "ner_tags": ["B-PER"]}\n')
     data = DataConfig(train=[conll, hf], eval=[held_out], label_names=names, near_duplicate_threshold=1.0)
-    result = clean(data, {}, tmp_path / "out", "token_classification")
+    result = clean(data, RunContext(tmp_path / "out"), task="token_classification")
 
     rows = [json.loads(line) for line in result.train_path.read_text().splitlines()]
     assert rows == [{"tokens": ["EU", "rejects", "German"], "tags": ["B-ORG", "O", "B-MISC"]},

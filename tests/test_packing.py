@@ -9,7 +9,7 @@ from trl import pack_dataset
 from conf.schema import TokenizeConfig
 from tasks import causal_attention
 from tasks.tokenize import ChatEncoder
-from tasks.train import training_collator
+from tasks.train.collators import training_collator
 
 QUESTIONS = ["Who are you?", "What is the capital of France? Answer in one word.", "Name three colours.",
              "Write a haiku about rain.", "What is 12 times 12?", "Say hello in Spanish."]
@@ -79,7 +79,7 @@ def test_the_train_stage_loss_at_trained_positions_only_equals_the_stock_loss_an
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
-    from tasks.train import TrainedPositionsTrainer
+    from tasks.train.loss import TrainedPositionsTrainer
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")

@@ -15,10 +15,12 @@ from tasks import evaluate as evaluate_stage
 from tasks.builtin_data import arithmetic_reasoning_heldout_rows, arithmetic_reasoning_rows
 from tasks.chat_model import ChatRequest, TunedChatModel
 from tasks.clean import clean
+from tasks.context import RunContext
+from tasks.results import CleanResult
 from tasks.generation import HeldOut, chat_prompts
 from tasks.reasoning import DEFAULT_FORMAT, Reasoning, template_field
 from tasks.tokenize import IGNORE_INDEX, ChatEncoder, tokenize
-from tasks.train import training_collator
+from tasks.train.collators import training_collator
 from tests.conftest import REPO
 
 # A Qwen3-style template, written for these tests after Qwen3's published one: it renders `reasoning_content` in
@@ -89,7 +91,7 @@ def test_every_reasoning_shape_becomes_one_field_and_the_report_counts_them(tmp_
             "<|begin_of_thought|>\n\nR9\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\nA9\n\n<|end_of_solution|>"}]},
         qa({"content": "A10"}, "Q10?"),
     ]
-    result = clean(DataConfig(train=[str(write_jsonl(tmp_path / "rows.jsonl", rows))], eval=[]), {}, tmp_path / "out")
+    result = clean(DataConfig(train=[str(write_jsonl(tmp_path / "rows.jsonl", rows))], eval=[]), RunContext(tmp_path / "out"))
     kept = read_jsonl(result.train_path)
     assert [row["messages"][-1] for row in kept[:9]] == [
         {"role": "assistant", "content": f"A{n}", "reasoning_content": f"R{n}"} for n in range(1, 10)]
@@ -116,7 +118,7 @@ def test_weights_decide_the_trained_turns_and_a_fractional_weight_is_refused_nam
             two_turns({"weight": 0.5}), two_turns({"weight": 0}, {"weight": 0}), two_turns({"weight": -1}),
             two_turns({"content": [{"type": "text", "text": "a", "train": False}, {"type": "text", "text": "b"}]})]
     source = write_jsonl(tmp_path / "weights.jsonl", rows)
-    result = clean(DataConfig(train=[str(source)], eval=[], near_duplicate_threshold=1, dedup=False), {}, tmp_path / "o")
+    result = clean(DataConfig(train=[str(source)], eval=[], near_duplicate_threshold=1, dedup=False), RunContext(tmp_path / "o"))
     kept = read_jsonl(result.train_path)
     assert len(kept) == 4 and all(row["messages"][1] == {"role": "assistant", "content": "Bad.", "weight": 0}
                                   and row["messages"][3] == {"role": "assistant", "content": "Good."} for row in kept)
@@ -135,7 +137,7 @@ def test_an_undesirable_answer_is_rejected_with_a_hint_and_a_desirable_one_is_an
              "label": "false"},
             {"prompt": [{"role": "user", "content": "Q4?"}], "completion": [{"role": "assistant", "content": "Yes."}]}]
     source = write_jsonl(tmp_path / "kto.jsonl", rows)
-    result = clean(DataConfig(train=[str(source)], eval=[]), {}, tmp_path / "out")
+    result = clean(DataConfig(train=[str(source)], eval=[]), RunContext(tmp_path / "out"))
     assert read_jsonl(result.train_path) == [
         {"messages": [{"role": "user", "content": "Q2?"}, {"role": "assistant", "content": "Kind."}]},
         {"messages": [{"role": "user", "content": "Q4?"}, {"role": "assistant", "content": "Yes."}]}]
@@ -146,7 +148,7 @@ def test_an_undesirable_answer_is_rejected_with_a_hint_and_a_desirable_one_is_an
 def test_a_system_column_beside_the_conversation_becomes_its_system_turn(tmp_path):
     row = {"system": "Think step by step.", "conversations": [{"from": "user", "value": "Q?"},  # OpenThoughts' layout
                                                              {"from": "assistant", "value": "A."}]}
-    result = clean(DataConfig(train=[str(write_jsonl(tmp_path / "rows.jsonl", [row]))], eval=[]), {}, tmp_path / "out")
+    result = clean(DataConfig(train=[str(write_jsonl(tmp_path / "rows.jsonl", [row]))], eval=[]), RunContext(tmp_path / "out"))
     assert read_jsonl(result.train_path)[0]["messages"] == [
         {"role": "system", "content": "Think step by step."}, {"role": "user", "content": "Q?"},
         {"role": "assistant", "content": "A."}]
@@ -159,7 +161,7 @@ def test_content_parts_keyed_value_are_read_and_media_parts_still_rejected(tmp_p
                           {"role": "assistant", "content": "A cat."}]},
             {"messages": [{"role": "user", "content": [{"type": "audio", "value": "x.wav"}]},
                           {"role": "assistant", "content": "A dog."}]}]
-    result = clean(DataConfig(train=[str(write_jsonl(tmp_path / "parts.jsonl", rows))], eval=[]), {}, tmp_path / "out")
+    result = clean(DataConfig(train=[str(write_jsonl(tmp_path / "parts.jsonl", rows))], eval=[]), RunContext(tmp_path / "out"))
     assert read_jsonl(result.train_path) == [{"messages": [{"role": "user", "content": "Look\nhere"},
                                                            {"role": "assistant", "content": "Seen."}]}]
     assert [r["reason"] for r in read_jsonl(result.rejects_path)] == ["has_images", "has_audio"]
@@ -255,8 +257,8 @@ def test_packed_loss_equals_unpacked_with_weighted_turns_and_reasoning(model_dir
 
 def test_the_reasoning_settings_travel_with_the_saved_tokenizer(model_dir, tmp_path):
     rows = write_jsonl(tmp_path / "rows.jsonl", [qa({"content": "5", "reasoning_content": "Two and three."})])
-    tokens = tokenize(rows, rows, model_dir, TokenizeConfig(reasoning="mask", reasoning_format="<r>{reasoning}</r>"),
-                      tmp_path / "cache")
+    tokens = tokenize(CleanResult.of_files(rows, rows), model_dir,
+                      TokenizeConfig(reasoning="mask", reasoning_format="<r>{reasoning}</r>"), RunContext(tmp_path))
     assert tokens.reasoning == {"turns": 2, "rendered": 2}  # the train and the eval row
     saved = Reasoning.of(AutoTokenizer.from_pretrained(tokens.tokenizer_dir))
     assert saved == Reasoning("mask", "<r>{reasoning}</r>", None)

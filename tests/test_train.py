@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 from conf.schema import LoraConfig, TrainConfig
 from tasks import causal_attention
 from tasks.base_model import is_adapter, load_model
-from tasks.train import choose_attention, train
+from tasks.context import RunContext
+from tasks.device import choose_attention
+from tasks.train import train
 
 ROWS = [{"messages": [{"role": "user", "content": question},
                       {"role": "assistant", "content": "I am Ember, made by the loraflow team."}]}
@@ -21,9 +23,9 @@ def tokens(tokenize_rows):
     return tokenize_rows(ROWS, max_length=128)
 
 
-def run_train(tokens, model_dir, out_dir, **options):
+def run_train(tokens, model_dir, work_dir, **options):
     config = TrainConfig(**({"max_steps": 2, "batch_size": 2, "warmup_steps": 0} | options))
-    return train(tokens.train_dir, tokens.tokenizer_dir, model_dir, config, 0, out_dir, lambda step, metrics: None)
+    return train(tokens, model_dir, config, RunContext(work_dir))
 
 
 def test_dora_and_rslora_reach_the_saved_adapter(tokens, model_dir, tmp_path):
@@ -50,10 +52,10 @@ def test_full_training_saves_a_whole_model_that_loads_and_changed(tokens, model_
 
 def test_low_memory_keeps_the_frozen_base_in_bf16_the_lora_weights_in_fp32_and_recomputes_activations(
         tokens, model_dir, tmp_path, monkeypatch):
-    import tasks.train
+    import tasks.train.stage
 
     seen = {}
-    real_trainer = tasks.train.TrainedPositionsTrainer
+    real_trainer = tasks.train.stage.TrainedPositionsTrainer
 
     class Watching(real_trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -61,7 +63,7 @@ def test_low_memory_keeps_the_frozen_base_in_bf16_the_lora_weights_in_fp32_and_r
             seen.update(dtypes=dtypes, checkpointing=self.model.is_activation_checkpointing)
             return super().training_step(model, inputs, num_items_in_batch)
 
-    monkeypatch.setattr(tasks.train, "TrainedPositionsTrainer", Watching)
+    monkeypatch.setattr(tasks.train.stage, "TrainedPositionsTrainer", Watching)
     result = run_train(tokens, model_dir, tmp_path, low_memory=True, precision="bf16", lora=LoraConfig(r=8))
     assert seen["dtypes"] == {(False, torch.bfloat16), (True, torch.float32)} and seen["checkpointing"]
     saved = load_file(result.weights_dir / "adapter_model.safetensors")
@@ -73,13 +75,13 @@ def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, mo
     """The Trainer's compile as the stage sets it up, with Dynamo and AOTAutograd tracing each layer's forward and
     backward, but its backend swapped for aot_eager: inductor's C++ code generation of the same graphs takes about a
     minute here (bench/train.py's c_compile and bench/compile.py run it)."""
-    import tasks.train
+    import tasks.train.stage
     from accelerate.utils import DynamoBackend
     from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     compiled_blocks = []
-    real_trainer = tasks.train.TrainedPositionsTrainer
+    real_trainer = tasks.train.stage.TrainedPositionsTrainer
 
     class Watching(real_trainer):
         def __init__(self, *args, **kwargs):
@@ -92,7 +94,7 @@ def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, mo
                                    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule))
             return super().training_step(model, inputs, num_items_in_batch)
 
-    monkeypatch.setattr(tasks.train, "TrainedPositionsTrainer", Watching)
+    monkeypatch.setattr(tasks.train.stage, "TrainedPositionsTrainer", Watching)
     eager = run_train(tokens, model_dir, tmp_path / "eager", max_steps=1, precision="bf16", attn="eager")
     assert compiled_blocks == []
     compiled = run_train(tokens, model_dir, tmp_path / "compiled", max_steps=1, precision="bf16", compile=True)
@@ -121,13 +123,12 @@ def test_a_task_head_trains_under_qlora_dora_and_low_memory_and_is_saved_whole(o
     from tasks.labels import Head
     from tasks.tokenize import tokenize
 
-    cleaned = clean(DataConfig(train=["builtin:ner_templates"], eval=["builtin:ner_templates_heldout"]), {},
-                    tmp_path / "clean", "token_classification")
-    tokens = tokenize(cleaned.train_path, cleaned.eval_path, model_dir, TokenizeConfig(max_length=64),
-                      tmp_path / "cache", task="token_classification", labels=cleaned.labels)
+    ctx = RunContext(tmp_path, cache_dir=tmp_path / "cache")
+    cleaned = clean(DataConfig(train=["builtin:ner_templates"], eval=["builtin:ner_templates_heldout"]), ctx,
+                    task="token_classification")
+    tokens = tokenize(cleaned, model_dir, TokenizeConfig(max_length=64), ctx)
     config = TrainConfig(**{"max_steps": 2, "batch_size": 4, "warmup_steps": 0} | options)
-    result = train(tokens.train_dir, tokens.tokenizer_dir, model_dir, config, 0, tmp_path / "out",
-                   lambda step, metrics: None, head=Head("token_classification", tokens.labels))
+    result = train(tokens, model_dir, config, ctx)
     saved = load_file(result.weights_dir / "adapter_model.safetensors")
     heads = {name: t for name, t in saved.items() if "score" in name}
     # The new head whole, in full precision (under QLoRA not a 4-bit layer, under low_memory not bf16).

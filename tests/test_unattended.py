@@ -216,21 +216,21 @@ def test_a_failed_night_posts_one_message_to_the_webhook(tiny_recipe, monkeypatc
 
 @pytest.mark.slow
 def test_the_nightly_flow_resumes_its_cut_off_run_and_tells_the_webhook_what_each_night_did(tiny_recipe, monkeypatch):
-    import tasks.train
+    import tasks.train.stopping
     from flows.finetune import Interrupted, finetune
     from flows.nightly import nightly
 
     overrides = ["train.max_steps=4", "train.checkpoint_every=2"]
     config = load_config(tiny_recipe, overrides)
-    step_end = tasks.train._StopWhenRequested.on_step_end
+    step_end = tasks.train.stopping.StopWhenRequested.on_step_end
 
     def stop_at_step_two(self, args, state, control, **kwargs):
         if state.global_step == 2:
-            tasks.train.STOP_REQUESTED.set()  # as SIGTERM from a reboot does
+            tasks.train.stopping.STOP_REQUESTED.set()  # as SIGTERM from a reboot does
         return step_end(self, args, state, control, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(tasks.train._StopWhenRequested, "on_step_end", stop_at_step_two)
+        patch.setattr(tasks.train.stopping.StopWhenRequested, "on_step_end", stop_at_step_two)
         cut_off = finetune(config)
     assert isinstance(cut_off, Interrupted) and cut_off.step == 2
 
