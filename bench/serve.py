@@ -42,6 +42,7 @@ from conf.schema import RegistryConfig  # noqa: E402
 from flows.prefect_server import free_port  # noqa: E402
 from tasks.base_model import resolve_base_model  # noqa: E402
 from tasks.deploy import AliasFollower, deploy  # noqa: E402
+from tasks.health import wait_until_healthy  # noqa: E402
 from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, RegisterRequest, promote, register  # noqa: E402
 
 NAME = "loraflow-bench-serve"
@@ -99,18 +100,6 @@ def burst(url: str, body: dict, requests: int, concurrency: int, halfway=lambda:
             "versions": versions}
 
 
-def wait_for(url: str, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
@@ -130,7 +119,8 @@ def main() -> None:
          "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env=os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}, start_new_session=True)
     try:
-        wait_for(f"http://127.0.0.1:{port}/ping")
+        if not wait_until_healthy(f"http://127.0.0.1:{port}/ping", server, 300):
+            raise RuntimeError("mlflow models serve did not come up")
         post(f"http://127.0.0.1:{port}/invocations", PROMPT)
         theirs = burst(f"http://127.0.0.1:{port}/invocations", PROMPT, args.requests, args.concurrency)
     finally:

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_TRACKING_DIR = Path("mlruns")
+CONSOLE_LOG_LEVEL = {"prefect": "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "mlflow": "MLFLOW_LOGGING_LEVEL"}
 
 
 def tool_defaults(project_dir: Path) -> dict[str, str]:
@@ -21,6 +22,10 @@ def tool_defaults(project_dir: Path) -> dict[str, str]:
         # The embedded server's 20 s start-up limit was missed once on this 2-core machine under load.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        # A quiet console: Prefect's line per task run and MLflow's INFO lines (system metrics) only with --verbose.
+        # Prefect's INFO lines still reach its server (the flow run's logs in its UI); only its console skips them.
+        CONSOLE_LOG_LEVEL["prefect"]: "WARNING",
+        CONSOLE_LOG_LEVEL["mlflow"]: "WARNING",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         # MLflow retries a failed request 7 times, with back-off sleeps adding up to about 4 minutes, holding
         # training still; with these it gives up after about 7 s and loraflow carries on offline (tasks/tracking.py).

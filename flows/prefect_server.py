@@ -19,8 +19,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
+
+from tasks.health import wait_until_healthy
 
 
 def free_port() -> int:
@@ -45,16 +46,9 @@ def launch_server(port: int, *options: str) -> subprocess.Popen:
 
 def wait_for_server(server: subprocess.Popen, port: int, timeout: float = 120) -> None:
     """Until the server's API answers; a server that exits or takes too long is stopped with a one-line error."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-            return
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"the Prefect server on 127.0.0.1:{port} did not start (is the port taken?)") from None
-            time.sleep(0.2)
+    if not wait_until_healthy(f"http://127.0.0.1:{port}/api/health", server, timeout, interval=0.2):
+        server.kill()
+        raise RuntimeError(f"the Prefect server on 127.0.0.1:{port} did not start (is the port taken?)")
 
 
 def stop_server(server: subprocess.Popen) -> None:

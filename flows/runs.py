@@ -8,7 +8,6 @@ that was killed has a free lock: that is how a cut-off run is told apart from on
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -33,6 +32,7 @@ from tasks.clean import check_readable, clean
 from tasks.context import RunContext
 from tasks.device import check_compile, check_deepspeed, check_sample_prompts, choose_attention, choose_precision
 from tasks.evaluate import check_primary_metric, metric_version
+from tasks.locks import file_lock, holds
 from tasks.evaluate_heads import check_head_metric, head_metric_version
 from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, PRIMARY_METRIC_TAG, RegisterRequest, RegisterResult
 from tasks.tokenize import load_tokenizer
@@ -78,32 +78,14 @@ def run_tags(config: RunConfig) -> dict[str, str]:
     } | {f"version.{package}": version(package) for package in TRACKED_PACKAGES}
 
 
-_held_locks: set[Path] = set()  # run locks this process holds: taking one again here is not a second trainer
-
-
-@contextlib.contextmanager
-def run_lock(work_dir: Path) -> Iterator[bool]:
-    """Hold the run's lock file while inside; yields False when another live process holds it."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    path = (work_dir / "run.lock").resolve()
-    if path in _held_locks:
-        yield True
-        return
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        _held_locks.add(path)
-        try:
-            yield True
-        finally:
-            _held_locks.discard(path)
+def run_lock(work_dir: Path) -> contextlib.AbstractContextManager[bool]:
+    """Hold the run's lock file while inside; yields False when another live process holds it (taking it again in
+    this process is not a second trainer)."""
+    return file_lock(work_dir / "run.lock", wait=False)
 
 
 def holds_run_lock(work_dir: Path) -> bool:
-    return (work_dir / "run.lock").resolve() in _held_locks
+    return holds(work_dir / "run.lock")
 
 
 def _runs_of(config: RunConfig, extra_filter: str = "", max_results: int = 1000) -> list:

@@ -8,11 +8,13 @@ Prefect task that logs what the stage made to the run named in the context. The 
 from __future__ import annotations
 
 import json
+import sys
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import RunConfig, TokenizeConfig
+from flows.promotion import shared_lock
 from tasks.clean import clean
 from tasks.context import RunContext
 from tasks.evaluate import evaluate_model, evaluate_tuned
@@ -32,6 +34,11 @@ from tasks.tracking import (
 from tasks.train import checkpoints_folder, resumable_checkpoint, train, train_in_workers
 
 
+def _progress(line: str) -> None:
+    """One line per stage on the console (Prefect's own lines per task run show with --verbose)."""
+    print(f"loraflow: {line}", file=sys.stderr, flush=True)
+
+
 @task(name="clean", cache_policy=NO_CACHE)
 def clean_task(config: RunConfig, ctx: RunContext) -> CleanResult:
     """clean(), with its report, rejects and data lineage logged to the run (and the report's warnings, such as
@@ -39,6 +46,8 @@ def clean_task(config: RunConfig, ctx: RunContext) -> CleanResult:
     result = clean(config.data, ctx, values=config.identity.model_dump(), task=config.task)
     if ctx.run_id is None:
         return result
+    _progress(f"clean: {result.train_rows} train rows, {result.eval_rows} held out, {result.rejected_rows} rejected "
+              f"({result.rejects_path})")
     for warning in json.loads(result.report_path.read_text(encoding="utf-8")).get("warnings", []):
         get_run_logger().warning(f"data: {warning}")
     for path in (result.report_path, result.rejects_path, result.train_path, result.eval_path):
@@ -51,13 +60,15 @@ def clean_task(config: RunConfig, ctx: RunContext) -> CleanResult:
 
 
 @task(name="tokenize", cache_policy=NO_CACHE)
-def tokenize_task(cleaned: CleanResult, model_dir: str, config: TokenizeConfig, ctx: RunContext,
+def tokenize_task(cleaned: CleanResult, model_dir: str, config: TokenizeConfig, ctx: RunContext, *,
                   labels: tuple[str, ...] | None = None) -> TokenizedData:
     """tokenize(), with sample and token counts and the cache key logged to the run (a plain call without a run logs
     nothing)."""
     result = tokenize(cleaned, model_dir, config, ctx, labels=labels)
     if ctx.run_id is None:
         return result
+    _progress(f"tokenize: {result.train_samples} samples, {result.train_tokens} tokens in {result.train_rows} rows"
+              + (" (cached)" if result.cache_hit else ""))
     log_metrics(
         ctx.run_id,
         {"tokenize_train_samples": result.train_samples, "tokenize_train_rows": result.train_rows,
@@ -78,12 +89,12 @@ def prepare_data(config: RunConfig, model_dir: str, ctx: RunContext, *, cleaned:
     logged = ctx.run_id is not None
     if cleaned is None:
         cleaned = (clean_task if logged else clean_task.fn)(config, ctx)
-    return PreparedData(cleaned, (tokenize_task if logged else tokenize_task.fn)(cleaned, model_dir, config.tokenize,
-                                                                                  ctx, labels))
+    tokens = (tokenize_task if logged else tokenize_task.fn)(cleaned, model_dir, config.tokenize, ctx, labels=labels)
+    return PreparedData(cleaned, tokens)
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train_task(data: PreparedData, model_dir: str, config: RunConfig, ctx: RunContext, resume: bool = False,
+def train_task(data: PreparedData, model_dir: str, config: RunConfig, ctx: RunContext, *, resume: bool = False,
                samples: SamplePrompts | None = None) -> TrainResult:
     """train() (in torchrun workers for DeepSpeed or processes > 1), each step logged to the run, and the weights.
 
@@ -97,6 +108,8 @@ def train_task(data: PreparedData, model_dir: str, config: RunConfig, ctx: RunCo
     else:
         result = train(data.tokens, model_dir, config.train, ctx, resume_from=resume_from, samples=samples,
                        on_step=step_logger(ctx.run_id), on_samples=sample_logger(ctx.run_id))
+    _progress(f"train: {result.steps} steps in {result.train_seconds:.0f} s ({result.tokens_per_second:.0f} tokens/s, "
+              f"{result.precision}, {result.attn} attention)")
     set_tags(ctx.run_id, {"train.precision_used": result.precision, "train.attn_used": result.attn})
     log_metrics(ctx.run_id, {"train_seconds": result.train_seconds, "train_tokens_per_s": result.tokens_per_second})
     log_artifact(ctx.run_id, result.weights_dir, "model_full" if config.train.method == "full" else "adapter_peft")
@@ -105,6 +118,8 @@ def train_task(data: PreparedData, model_dir: str, config: RunConfig, ctx: RunCo
 
 
 def _log_evaluation(ctx: RunContext, result: EvalResult, label: str) -> None:
+    _progress(f"evaluate{f' ({label})' if label else ''}: {len(result.samples_path.read_text().splitlines())} held-out "
+              f"samples scored ({result.markdown_path})")
     """Metrics (prefixed `<label>_` when labelled), the Markdown report, the confusion matrix of a head and the
     answers table, under eval/<label>: a second model scored in the same run (the champion) keeps its own."""
     log_metrics(ctx.run_id, {f"{label}_{name}" if label else name: value for name, value in result.metrics.items()})
@@ -130,7 +145,7 @@ def evaluate_task(data: PreparedData, trained: TrainResult, config: RunConfig, c
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)
-def evaluate_model_task(data: PreparedData, model: ModelSource, config: RunConfig, ctx: RunContext,
+def evaluate_model_task(data: PreparedData, model: ModelSource, config: RunConfig, ctx: RunContext, *,
                         precision: str = "fp32", label: str = "") -> EvalResult:
     """One model scored on the held-out data, logged to the run (labelled, for a second model scored in the same
     run: the champion in a head-to-head). A task head is scored base vs tuned, as the candidate was."""
@@ -146,7 +161,7 @@ def evaluate_model_task(data: PreparedData, model: ModelSource, config: RunConfi
 @task(name="register", cache_policy=NO_CACHE)
 def register_task(request: RegisterRequest) -> RegisterResult:
     """register(), recording the outcome on the run as well as on the model version."""
-    result = register(request)
+    result = register(request, shared_lock())
     set_tags(request.run_id, {"registered_model": f"{result.model_name}/{result.version}", "promotion": result.reason})
     return result
 
@@ -181,5 +196,5 @@ def score_champion_head_to_head(config: RunConfig, basis: dict[str, str], cleane
         labels, metric = champion_head.labels, f"tuned_{metric}"
     data = prepare_data(config, source.tokenizer_dir if labels is None else source.model_dir, ctx, cleaned=cleaned,
                         labels=labels)
-    scored = evaluate_model_task(data, source, config, ctx, precision, label="champion")
+    scored = evaluate_model_task(data, source, config, ctx, precision=precision, label="champion")
     return ChampionScore(str(champion.version), scored.metrics[metric])

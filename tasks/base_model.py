@@ -8,7 +8,6 @@ reused by later runs. Weights load from safetensors only: a pickled checkpoint f
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from conf.schema import UserError, looks_like_local_path
+from tasks.locks import file_lock
 
 
 class BaseModelError(UserError):
@@ -37,10 +37,7 @@ def cache_root() -> Path:
 def machine_lock(kind: str, key: str) -> Iterator[None]:
     """An exclusive file lock in the cache, waited for: it serialises the processes of one machine on `key` (not
     processes on several machines)."""
-    path = cache_root() / "locks" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with file_lock(cache_root() / "locks" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"):
         yield
 
 

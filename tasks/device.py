@@ -32,7 +32,7 @@ def choose_precision(requested: str) -> str:
 def choose_attention(requested: str, compiled: bool = False) -> str:
     """For `auto`: FlashAttention 2 when CUDA and flash_attn are both present; compiled on a CPU, the model's eager
     attention a block of queries at a time (tasks/causal_attention.py: inductor fuses eager attention's mask and
-    fp32 softmax, which trained faster than SDPA's CPU kernel, which inductor leaves as it is: README,
+    fp32 softmax, which trained faster than SDPA's CPU kernel, which inductor leaves as it is: docs/training.md,
     "train.compile"); else PyTorch SDPA. Never a silent fallback."""
     on_gpu = torch.cuda.is_available()
     flash_ready = on_gpu and importlib.util.find_spec("flash_attn") is not None

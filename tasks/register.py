@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from conf.schema import RegistryConfig, UserError
 from tasks.base_model import base_identity, is_adapter
 from tasks.labels import Head
-from tasks.promotion_lock import promotion_lock
+from tasks.promotion_lock import SharedLock, promotion_lock
 from tasks.tracking import attached_run
 
 CHAT_MODEL_CODE = Path(__file__).with_name("chat_model.py")
@@ -206,9 +206,10 @@ def _mark_challenger(client: MlflowClient, name: str, version: str) -> None:
         client.set_registered_model_alias(name, CHALLENGER, version)
 
 
-def register(request: RegisterRequest) -> RegisterResult:
+def register(request: RegisterRequest, across_machines: SharedLock | None = None) -> RegisterResult:
     """Log the tuned weights as a model of the request's run, register it as the challenger, and make it champion if
-    the promotion rule holds. A candidate without a finite primary metric is not registered at all.
+    the promotion rule holds (deciding under the champion lock, shared between machines by `across_machines` on a
+    tracking server). A candidate without a finite primary metric is not registered at all.
 
     Registering a run that already has a version of this model (a sync run again after a crash) judges that version
     instead of making a second. When the registry cannot be read to judge, the version stays challenger, undecided.
@@ -248,7 +249,7 @@ def register(request: RegisterRequest) -> RegisterResult:
     if not earlier.startswith("undecided"):  # judged when first registered: that decision stands
         return RegisterResult(name, number, _holds_champion(client, name, number), earlier)
     rescored = request.champion_score
-    with promotion_lock(name) as lock:
+    with promotion_lock(name, across_machines) as lock:
         client.set_model_version_tag(name, number, LOCK_TAG, lock)
         try:
             _mark_challenger(client, name, number)
@@ -274,11 +275,12 @@ def _version_of_run(client: MlflowClient, name: str, run_id: str) -> ModelVersio
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def promote(name: str, version: str, force: bool = False, reason: str = "") -> Promotion:
+def promote(name: str, version: str, force: bool = False, reason: str = "",
+            across_machines: SharedLock | None = None) -> Promotion:
     """Move `champion` to `version` by hand if the rule it was registered under holds; `force` moves it anyway,
     recording who did and why on the version."""
     client = MlflowClient()
-    with promotion_lock(name):
+    with promotion_lock(name, across_machines):
         candidate = _version(client, name, version)
         decision = _judge(client, name, candidate)
         champion = _champion(client, name)
@@ -297,10 +299,10 @@ def promote(name: str, version: str, force: bool = False, reason: str = "") -> P
     return decision
 
 
-def rollback(name: str) -> tuple[str, str]:
+def rollback(name: str, across_machines: SharedLock | None = None) -> tuple[str, str]:
     """Move `champion` back to the version that held it before the current one; returns (from, to)."""
     client = MlflowClient()
-    with promotion_lock(name):
+    with promotion_lock(name, across_machines):
         current = _champion(client, name)
         if current is None:
             raise RegistryError(f"{name} has no champion to roll back")

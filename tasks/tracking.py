@@ -100,12 +100,17 @@ def _log_new_metrics(client: MlflowClient, run_id: str, entry: Entry) -> None:
 
 def _log_inputs(client: MlflowClient, run_id: str, entry: Entry) -> None:
     import pandas as pd
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+    def local_file(path: str):
+        # Named as a local file outright: a bare path would match two registered sources, and MLflow warns.
+        return get_dataset_source_from_json(json.dumps({"uri": path}), "local")
+
     client.log_inputs(run_id, datasets=[
         DatasetInput(
-            mlflow.data.from_pandas(pd.read_json(dataset["path"], lines=True), source=dataset["path"],
+            mlflow.data.from_pandas(pd.read_json(dataset["path"], lines=True), source=local_file(dataset["path"]),
                                     name=dataset["name"], digest=dataset["digest"])._to_mlflow_entity(),
             [InputTag(MLFLOW_DATASET_CONTEXT, dataset["name"])],
         )

@@ -27,6 +27,7 @@ from conf.schema import UserError
 from tasks.base_model import TRUST_REMOTE_CODE_ENV, check_base_identity, is_adapter, resolve_base_model
 from tasks.chat_model import TunedChatModel
 from tasks.generation import chat_prompts
+from tasks.health import wait_until_healthy
 from tasks.logged_model import download_tuned
 
 VLLM_ENV = "LORAFLOW_VLLM"  # the `vllm` program to run (default: .venv-vllm/bin/vllm, then `vllm` on PATH)
@@ -106,17 +107,12 @@ class VllmServer:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                lines = Path(self.log.name).read_text(errors="replace").strip().splitlines() or ["(no output)"]
-                raise RuntimeError(f"vllm serve exited with {self.process.returncode}: {lines[-1]} "
-                                   f"(whole log: {self.log.name})")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5):
-                    return
-            except OSError:
-                time.sleep(2)
+        if wait_until_healthy(f"{self.url}/health", self.process, START_SECONDS, interval=2):
+            return
+        if self.process.poll() is not None:
+            lines = Path(self.log.name).read_text(errors="replace").strip().splitlines() or ["(no output)"]
+            raise RuntimeError(f"vllm serve exited with {self.process.returncode}: {lines[-1]} "
+                               f"(whole log: {self.log.name})")
         self.stop()
         raise RuntimeError(f"vllm serve was not ready after {START_SECONDS} s (log: {self.log.name})")
 

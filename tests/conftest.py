@@ -50,17 +50,9 @@ def loraflow_run(*args: str):
 
 def wait_for_http(url: str, server, seconds: float = 120) -> None:
     """Until `url` answers, or fail the test when the `server` process exits or time runs out."""
-    import time
-    import urllib.request
+    from tasks.health import wait_until_healthy
 
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, f"{url} did not come up"
-            time.sleep(1)
+    assert wait_until_healthy(url, server, seconds), f"{url} did not come up"
 
 
 # The longest test files first (from `pytest --durations`, 2026-11-30): `make test` runs a file per process at a time

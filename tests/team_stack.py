@@ -1,6 +1,6 @@
 """A team's stack on loopback, as real programs: PostgreSQL (Debian's package) on a throwaway data folder, an
 `mlflow server` on it with a served artifact store, and a Prefect server on it. Each is started here and stopped by
-its PID (its process group), so nothing is left running. The README's "Running it for a team" runs the same
+its PID (its process group), so nothing is left running. docs/operations.md, "Running it for a team", runs the same
 commands by hand.
 """
 

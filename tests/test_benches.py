@@ -1,4 +1,4 @@
-"""Every bench starts as the README runs it (`python bench/NAME.py`, which puts bench/ first on sys.path): a bench
+"""Every bench starts as a user runs it (`python bench/NAME.py`, which puts bench/ first on sys.path): a bench
 module named like a standard-library one (bench/tokenize.py once was) shadows it and crashes the import.
 
 bench/llamafactory_setup.py runs in LLaMA-Factory's own environment (`make llamafactory`), checked where it exists."""

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from datasketch import MinHash
 
-from conf.schema import DataConfig, RunConfig
+from conf.schema import DataConfig, RunConfig, UserError
 from flows.cli import main
 from tasks.builtin_data import HELDOUT_QUESTIONS, TRAIN_QUESTIONS
-import tasks.clean
+import tasks.clean.stage
 from tasks.clean import GRAM_MIX, DataError, NearDuplicates, clean, in_eval_split
 from tasks.context import RunContext
 
@@ -91,7 +91,7 @@ def test_openai_content_parts_and_role_aliases(tmp_path):
 
 @pytest.mark.parametrize("chunk_rows", [1024, 3])
 def test_every_reject_reason_with_its_origin(tmp_path, monkeypatch, chunk_rows):
-    monkeypatch.setattr(tasks.clean, "CHUNK_ROWS", chunk_rows)  # duplicates across chunk boundaries too
+    monkeypatch.setattr(tasks.clean.stage, "CHUNK_ROWS", chunk_rows)  # duplicates across chunk boundaries too
     rows = [
         OPENAI,
         OPENAI,
@@ -430,3 +430,19 @@ def test_no_row_crashes_the_reader_and_every_row_is_accounted_for(tmp_path, seed
     report = assert_accounted(result)
     assert report["sources"][str(source)]["read"] == sum(1 for line in source.read_bytes().split(b"\n") if line.strip())
     assert result.train_rows >= 1  # the good rows among the garbage are kept
+
+
+def test_a_builtin_set_whose_example_package_is_missing_stops_in_one_line(monkeypatch):
+    import importlib.util
+
+    import tasks.builtin_data
+    from tasks.clean import check_source
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(tasks.builtin_data.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "vaderSentiment" else real(name, *args))
+    with pytest.raises(UserError) as error:
+        check_source("builtin:vader_lexicon")
+    assert str(error.value) == ("builtin:vader_lexicon reads the vaderSentiment package, which is not installed: "
+                                "pip install -e '.[examples]'")
+    check_source("builtin:identity")  # the sets made here need no package

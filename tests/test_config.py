@@ -150,3 +150,16 @@ def test_every_command_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0
     assert f"usage: loraflow {command}" in result.stdout
+
+
+def test_the_recipe_reference_in_docs_is_current_and_names_every_key():
+    from conf.reference import TARGET, markdown
+
+    written = TARGET.read_text(encoding="utf-8")
+    assert written == markdown(), "docs/recipes.md is stale: run python -m conf.reference"
+    # Every key a resolved recipe has (what MLflow records as params), dict-valued keys included, has its row.
+    keys = [key for key in flatten(RunConfig()) if not key.startswith("data.columns")] + ["data.columns"]
+    missing = [key for key in keys if f"| `{key}` |" not in written]
+    assert not missing, missing
+    undescribed = [line.split("|")[1] for line in written.splitlines() if line.startswith("| `") and line.endswith("|  |")]
+    assert not undescribed, f"fields without a description in conf/schema.py: {undescribed}"

@@ -84,7 +84,7 @@ def test_a_sweep_runs_each_point_as_a_child_records_a_failed_point_and_registers
     assert client.get_run(finished.info.run_id).info.status == "FINISHED"  # registering left its status alone
 
 
-SCREENSHOTS = os.environ.get("LORAFLOW_SCREENSHOTS")  # a folder: the pages are also saved there as PNGs (README's)
+SCREENSHOTS = os.environ.get("LORAFLOW_SCREENSHOTS")  # a folder: the pages are also saved there as PNGs (the README's)
 
 
 def chromium(url: str, shows: str, height: int = 1000, screenshot: str = "") -> str:

@@ -107,8 +107,9 @@ def logged(stack: TeamStack, run_id: str, text: str, seconds: float = 60) -> boo
 
 HOLDER = """
 import sys, time
+from flows.promotion import shared_lock
 from tasks.promotion_lock import promotion_lock
-with promotion_lock("contended-model") as lock:
+with promotion_lock("contended-model", shared_lock()) as lock:
     print("held", time.time(), lock, flush=True)
     time.sleep(float(sys.argv[1]))
     print("releasing", time.time(), flush=True)

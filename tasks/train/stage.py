@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -142,15 +143,14 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
     if config.method != "full":
         set_seed(seed)  # LoRA's A matrices are drawn here, before the Trainer seeds anything
         lora = config.lora
-        model = get_peft_model(
-            model,
-            LoraConfig(
+        with warnings.catch_warnings():  # PEFT reads transformers' deprecated alias; nothing of ours to change
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = get_peft_model(model, LoraConfig(
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
                 use_dora=lora.use_dora, use_rslora=lora.use_rslora, task_type=PEFT_TASK_TYPES[head.task if head else None],
                 # The new head is trained whole (modules_to_save); "all-linear" would otherwise put LoRA on it too.
                 exclude_modules=list(HEAD_MODULES) if head else None,
-            ),
-        )
+            ))
         if (dtype := frozen_dtype(config.method, precision, config.low_memory)) is not None:
             # PEFT's own cast: the frozen base stays 16-bit, every trainable weight in fp32 (a task head's trained
             # copy would otherwise be 16-bit, as the base it was loaded with).
