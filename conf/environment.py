@@ -7,6 +7,7 @@ here can reach it, and Prefect logs an error each time it tries). Values the use
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,6 +23,8 @@ def tool_defaults(project_dir: Path) -> dict[str, str]:
         # The embedded server's 20 s start-up limit was missed once on this 2-core machine under load.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' weight-loading bar too; the Trainer's training bar stays
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         # A quiet console: Prefect's line per task run and MLflow's INFO lines (system metrics) only with --verbose.
         # Prefect's INFO lines still reach its server (the flow run's logs in its UI); only its console skips them.
         CONSOLE_LOG_LEVEL["prefect"]: "WARNING",
@@ -46,6 +49,8 @@ def apply_tool_defaults(project_dir: Path | None = None) -> None:
         del defaults["LORAFLOW_ARTIFACT_ROOT"]
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    # PEFT reads transformers' deprecated `is_gradient_checkpointing` on every model it wraps: nothing of ours to change.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def shown_uri(uri: str) -> str:

@@ -74,6 +74,13 @@ def check_sample_prompts(config: TrainConfig, every_steps: int | None) -> None:
                               "(bitsandbytes); unset it for method qlora (the evaluation after training still runs)")
 
 
+def name_deepspeed_accelerator() -> None:
+    """DeepSpeed (which the Trainer imports when it is installed) probes for an accelerator and warns when it settles
+    on the CPU; on a machine without CUDA it is told so outright."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def peak_memory_mb() -> float:
     """Peak CUDA memory allocated by torch on a GPU; on a CPU the process's peak resident set (Linux: KiB)."""
     if torch.cuda.is_available():

@@ -243,7 +243,7 @@ def register(request: RegisterRequest, across_machines: SharedLock | None = None
             RULE_TAG: json.dumps({"direction": config.direction, "min_improvement": config.min_improvement}),
             "loraflow.run_id": run_id,
         }
-        existing = mlflow.register_model(info.model_uri, name, tags=version_tags)
+        existing = _new_version(client, name, info, version_tags)
     number = str(existing.version)
     earlier = existing.tags.get(PROMOTION_TAG, "undecided")
     if not earlier.startswith("undecided"):  # judged when first registered: that decision stands
@@ -262,6 +262,18 @@ def register(request: RegisterRequest, across_machines: SharedLock | None = None
         if decision.promote:
             _make_champion(client, name, number)
     return RegisterResult(name, number, decision.promote, decision.reason)
+
+
+def _new_version(client: MlflowClient, name: str, logged: mlflow.models.model.ModelInfo,
+                 tags: dict[str, str]) -> ModelVersion:
+    """A version of `name` (made if new) from the logged model: `mlflow.register_model` through the client, which
+    prints nothing (the fluent API prints two lines to the console)."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    return client.create_model_version(name, logged.model_uri, tags=tags, model_id=logged.model_id)
 
 
 def _holds_champion(client: MlflowClient, name: str, version: str) -> bool:

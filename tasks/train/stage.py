@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +36,9 @@ from conf.schema import TrainConfig
 from tasks import causal_attention
 from tasks.base_model import load_head_model
 from tasks.context import RunContext
-from tasks.device import check_compile, check_deepspeed, check_sample_prompts, choose_attention, choose_precision
+from tasks.device import (
+    check_compile, check_deepspeed, check_sample_prompts, choose_attention, choose_precision, name_deepspeed_accelerator,
+)
 from tasks.generation import SamplePrompts
 from tasks.labels import Head
 from tasks.results import TokenizedData, TrainResult
@@ -106,6 +107,7 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
     train_dir, tokenizer_dir, out_dir = tokens.train_dir, tokens.tokenizer_dir, ctx.work_dir / "train"
     seed, trust_remote_code = ctx.seed, ctx.trust_remote_code
     head = Head(tokens.task, tokens.labels) if tokens.task != "causal_lm" else None
+    name_deepspeed_accelerator()
     precision = choose_precision(config.precision)
     attn = choose_attention(config.attn, config.compile)
     check_deepspeed(config)
@@ -143,14 +145,12 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
     if config.method != "full":
         set_seed(seed)  # LoRA's A matrices are drawn here, before the Trainer seeds anything
         lora = config.lora
-        with warnings.catch_warnings():  # PEFT reads transformers' deprecated alias; nothing of ours to change
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            model = get_peft_model(model, LoraConfig(
-                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                use_dora=lora.use_dora, use_rslora=lora.use_rslora, task_type=PEFT_TASK_TYPES[head.task if head else None],
-                # The new head is trained whole (modules_to_save); "all-linear" would otherwise put LoRA on it too.
-                exclude_modules=list(HEAD_MODULES) if head else None,
-            ))
+        model = get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            use_dora=lora.use_dora, use_rslora=lora.use_rslora, task_type=PEFT_TASK_TYPES[head.task if head else None],
+            # The new head is trained whole (modules_to_save); "all-linear" would otherwise put LoRA on it too.
+            exclude_modules=list(HEAD_MODULES) if head else None,
+        ))
         if (dtype := frozen_dtype(config.method, precision, config.low_memory)) is not None:
             # PEFT's own cast: the frozen base stays 16-bit, every trainable weight in fp32 (a task head's trained
             # copy would otherwise be 16-bit, as the base it was loaded with).
