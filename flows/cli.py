@@ -206,7 +206,8 @@ def _promote(args: argparse.Namespace) -> int:
 
     if args.force and not args.reason:
         raise UserError("--force needs --reason '...': the reason is recorded on the version")
-    decision = promote(args.name, args.version, args.force, args.reason or "", shared_lock())
+    decision = promote(args.name, args.version, force=args.force, reason=args.reason or "",
+                       across_machines=shared_lock())
     print(f"{args.name} version {args.version}: " + ("champion; " if decision.promote else "") + decision.reason)
     return 0
 

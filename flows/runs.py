@@ -81,7 +81,7 @@ def run_tags(config: RunConfig) -> dict[str, str]:
 def run_lock(work_dir: Path) -> contextlib.AbstractContextManager[bool]:
     """Hold the run's lock file while inside; yields False when another live process holds it (taking it again in
     this process is not a second trainer)."""
-    return file_lock(work_dir / "run.lock", wait=False)
+    return file_lock(work_dir / "run.lock", wait=False, process_wide=True)
 
 
 def holds_run_lock(work_dir: Path) -> bool:

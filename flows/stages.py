@@ -166,7 +166,7 @@ def register_task(request: RegisterRequest) -> RegisterResult:
     return result
 
 
-def score_champion_head_to_head(config: RunConfig, basis: dict[str, str], cleaned: CleanResult, ctx: RunContext,
+def score_champion_head_to_head(config: RunConfig, basis: dict[str, str], cleaned: CleanResult, ctx: RunContext, *,
                                 precision: str) -> ChampionScore | None:
     """The champion scored again on this run's held-out rows (under ctx.work_dir/champion) when its own score was
     measured on other rows or by other metric code, logged as champion_<metric>; None when its stored score compares

@@ -166,7 +166,7 @@ def sweep(sweep_config: SweepConfig, points: list[dict[str, Any]], configs: list
         best_config = configs[points.index(best.point)]
         basis = score_basis_tags(best_config, data.cleaned.eval_hash)
         champion_score = score_champion_head_to_head(best_config, basis, data.cleaned,
-                                                     run_context(best_config, best.run_id), best.precision)
+                                                     run_context(best_config, best.run_id), precision=best.precision)
         registered = register_task(RegisterRequest(
             run_id=best.run_id, weights_dir=best.weights_dir, base_model=base.base_model, metrics=best.metrics,
             tags=run_tags(best_config) | basis | {"data_hash": data.cleaned.data_hash,

@@ -11,8 +11,10 @@ import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,10 +70,16 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks.device import name_deepspeed_accelerator
+
     staging = target.with_name(target.name + f".partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    name_deepspeed_accelerator()
+    print(f"loraflow: converting {gguf.name} to a safetensors folder in {target.parent} (once: the cache keeps it)",
+          file=sys.stderr, flush=True)
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' conversion bar, which no setting turns off
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF loads as "gguf-quantized", which save_pretrained refuses until the marker is removed.
     model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(staging)

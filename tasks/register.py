@@ -287,7 +287,7 @@ def _version_of_run(client: MlflowClient, name: str, run_id: str) -> ModelVersio
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def promote(name: str, version: str, force: bool = False, reason: str = "",
+def promote(name: str, version: str, *, force: bool = False, reason: str = "",
             across_machines: SharedLock | None = None) -> Promotion:
     """Move `champion` to `version` by hand if the rule it was registered under holds; `force` moves it anyway,
     recording who did and why on the version."""

@@ -1,7 +1,8 @@
-"""MLflow helpers for the stages: everything is addressed to an explicit run id.
+"""Every MLflow call of a run, addressed to an explicit run id: the flows' Prefect tasks (flows/stages.py) and the
+training workers log through here; the stages themselves never do.
 
-Prefect may run a task in another thread, where MLflow's thread-local "active run" is not visible, so no
-stage relies on it.
+Prefect may run a task in another thread, where MLflow's thread-local "active run" is not visible, so nothing here
+relies on it.
 
 Each logging call is a small JSON entry applied through `_send`. While a flow holds its run in `flow_run`, a
 tracking server that goes away does not end the run: the entries it cannot take are kept, in order, in the run's
