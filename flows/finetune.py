@@ -113,8 +113,7 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
             if (record := offline_record(ctx.run_id)) is not None:
                 keep_unlogged(ctx.run_id, {"op": "register"} | request.model_dump(mode="json"))
                 return Offline(ctx.run_id, evaluated.metrics, trained.weights_dir, record)
-            request.champion_score = score_champion_head_to_head(config, basis, data.cleaned, ctx,
-                                                                   precision=trained.precision)
-            registered = register_task(request)
+            champion = score_champion_head_to_head(config, basis, data.cleaned, ctx, precision=trained.precision)
+            registered = register_task(request.model_copy(update={"champion_score": champion}))
     return RunSummary(ctx.run_id, run.info.experiment_id, evaluated.metrics, registered, evaluated.markdown_path)
 
