@@ -118,16 +118,15 @@ def train_task(data: PreparedData, model_dir: str, config: RunConfig, ctx: RunCo
 
 
 def _log_evaluation(ctx: RunContext, result: EvalResult, label: str) -> None:
-    _progress(f"evaluate{f' ({label})' if label else ''}: {len(result.samples_path.read_text().splitlines())} held-out "
-              f"samples scored ({result.markdown_path})")
     """Metrics (prefixed `<label>_` when labelled), the Markdown report, the confusion matrix of a head and the
     answers table, under eval/<label>: a second model scored in the same run (the champion) keeps its own."""
+    rows = [json.loads(line) for line in result.samples_path.read_text(encoding="utf-8").splitlines()]
+    _progress(f"evaluate{f' ({label})' if label else ''}: {len(rows)} held-out samples scored ({result.markdown_path})")
     log_metrics(ctx.run_id, {f"{label}_{name}" if label else name: value for name, value in result.metrics.items()})
     folder = f"eval/{label}" if label else "eval"
     log_artifact(ctx.run_id, result.markdown_path, folder)
     if result.confusion_path is not None:
         log_artifact(ctx.run_id, result.confusion_path, folder)
-    rows = [json.loads(line) for line in result.samples_path.read_text(encoding="utf-8").splitlines()]
     table = "predictions_table.json" if result.confusion_path is not None else "samples_table.json"
     log_table(ctx.run_id, rows, f"{folder}/{table}")
 

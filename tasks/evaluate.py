@@ -178,11 +178,11 @@ def evaluate_tuned(data: PreparedData, trained: TrainResult, config: EvaluateCon
     return EvalResult(metrics=flat, samples_path=samples_path, markdown_path=markdown_path)
 
 
-def evaluate_model(data: PreparedData, model: ModelSource, config: EvaluateConfig, ctx: RunContext, *,
+def evaluate_model(data: PreparedData, source: ModelSource, config: EvaluateConfig, ctx: RunContext, *,
                    precision: str = "fp32", identity_name: str = "", tool_format: str = "auto") -> EvalResult:
     """Score one model (a base model, or base + tuned weights; `data` tokenized with its tokenizer) on the held-out
     rows; metrics under their bare names, the report in ctx.work_dir/eval."""
-    model_dir, weights_dir, trust_remote_code = model.model_dir, model.weights_dir, ctx.trust_remote_code
+    model_dir, weights_dir, trust_remote_code = source.model_dir, source.weights_dir, ctx.trust_remote_code
     questions = held_out(data.cleaned.eval_path, tool_format)
     metrics = GenerationMetrics(config, questions.chat, identity_name)
     samples = list(load_from_disk(str(data.tokens.eval_dir)))

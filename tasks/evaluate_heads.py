@@ -140,11 +140,11 @@ def _markdown(rows: list[dict], scores: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_head(data: PreparedData, model: ModelSource, config: EvaluateConfig, ctx: RunContext, *,
+def evaluate_head(data: PreparedData, source: ModelSource, config: EvaluateConfig, ctx: RunContext, *,
                   precision: str = "fp32") -> EvalResult:
     """Score the base model under a new head (drawn with ctx.seed, as training drew it) and the tuned model on the
     held-out samples. Metrics come as base_<name> and tuned_<name>; the report lands in ctx.work_dir/eval."""
-    model_dir, weights_dir, trust_remote_code, seed = model.model_dir, model.weights_dir, ctx.trust_remote_code, ctx.seed
+    model_dir, weights_dir, trust_remote_code, seed = source.model_dir, source.weights_dir, ctx.trust_remote_code, ctx.seed
     eval_tokens_dir, out_dir = data.tokens.eval_dir, ctx.work_dir / "eval"
     head = Head.of(weights_dir)
     if head is None:
