@@ -142,6 +142,10 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(default=2, gt=0, description="newest checkpoints kept on disk")
     deepspeed: Path | None = Field(default=None, description="a DeepSpeed ZeRO config JSON, e.g. conf/deepspeed/zero3.json")
     processes: int = Field(default=1, gt=0, description="training processes (torchrun); with deepspeed, ZeRO shards over them")
+    nodes: int = Field(default=1, gt=0, description="machines training together, `processes` each (torchrun's c10d "
+                       "rendezvous at `rendezvous`); the flow's machine logs, the others run `loraflow train-node`")
+    rendezvous: str | None = Field(default=None, description="nodes > 1: host:port of the rendezvous, on one of the "
+                                   "nodes (every node names the same)")
     low_memory: bool = Field(
         default=False, description="LoRA's frozen base in the run's bf16/fp16 and activations recomputed in backward "
         "(gradient checkpointing): much less memory, somewhat slower"
@@ -151,6 +155,17 @@ class TrainConfig(_Section):
         "steps after a one-off compile that inductor caches on disk for the next run; on a CPU, attn auto then means "
         "the model's eager attention a block of queries at a time (tasks/causal_attention.py), which inductor fuses"
     )
+
+    @property
+    def in_workers(self) -> bool:
+        """Whether training runs as torchrun workers (DeepSpeed, several processes or several machines)."""
+        return self.deepspeed is not None or self.processes > 1 or self.nodes > 1
+
+    @model_validator(mode="after")
+    def _nodes_meet(self) -> "TrainConfig":
+        if self.nodes > 1 and (self.rendezvous is None or ":" not in self.rendezvous):
+            raise ValueError(f"rendezvous: nodes {self.nodes} need the host:port every node meets at")
+        return self
 
     @field_validator("deepspeed")
     @classmethod
@@ -206,6 +221,10 @@ class EvaluateConfig(_Section):
         default_factory=list, description="prompts answered during training; empty: the first sample_count held-out ones"
     )
     sample_count: int = Field(default=4, gt=0, description="held-out prompts answered during training")
+    loss_every_steps: int | None = Field(
+        default=None, gt=0, description="held-out loss every N training steps (metric eval_loss; a sweep's pruner "
+        "reads it); None: only after training"
+    )
     head_metric: str | None = Field(
         default=None, description="task heads: the `evaluate` module scoring predicted labels; None: "
         "builtin:classification (accuracy, macro-F1) or builtin:seqeval (entity-level, strict IOB2)"
@@ -276,6 +295,12 @@ class RunConfig(_Section):
     def _has_eval_rows(self) -> "RunConfig":
         if not self.data.eval and self.data.eval_fraction == 0:
             raise ValueError("data.eval is empty: name eval sources or set data.eval_fraction")
+        if self.has_head and self.evaluate.loss_every_steps is not None:
+            raise ValueError("evaluate.loss_every_steps: the held-out loss during training is the language model's; "
+                             "a task head is scored after training")
+        if self.evaluate.loss_every_steps is not None and self.train.in_workers:
+            raise ValueError("evaluate.loss_every_steps: not measured in torchrun workers (train.processes, nodes "
+                             "or deepspeed); the held-out loss is measured after training")
         return self
 
 
@@ -328,7 +353,8 @@ def flatten(config: RunConfig) -> dict[str, str]:
 
 
 class SearchRange(_Section):
-    """A range a random search draws from: uniform, or log-uniform (learning rates); whole numbers if both ends are."""
+    """A range a random or TPE search draws from: uniform, or log-uniform (learning rates); whole numbers if both ends
+    are."""
 
     low: float = Field(description="the range's lower end")
     high: float = Field(description="the range's upper end")
@@ -340,23 +366,51 @@ class SearchRange(_Section):
             raise ValueError("needs low < high (and low > 0 with log: true)")
         return self
 
+    @property
+    def whole(self) -> bool:
+        return float(self.low).is_integer() and float(self.high).is_integer()
+
+
+class SweepRunner(_Section):
+    """Where a sweep's points run: as flow runs of the `sweep-point/<pool>` deployment on a Prefect work pool."""
+
+    pool: str = Field(min_length=1, description="the work pool; prefect.yaml deploys sweep-point/<pool> on it")
+    max_parallel: int = Field(default=2, gt=0, description="points running on the pool at once")
+    crashed_after_s: int = Field(
+        default=600, ge=60, description="a point whose flow run sent no heartbeat for this long is marked crashed "
+        "(its worker died); above the workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
+
 
 class SweepConfig(_Section):
-    """A sweep over recipe keys: every combination (grid), or `budget` points drawn at random (random).
+    """A sweep over recipe keys: every combination (grid), `budget` points drawn at random (random), or `budget`
+    points proposed by Optuna's TPE sampler from the points finished so far (tpe).
 
     Each point is the recipe with `overrides`, then the point's own values, applied. Keys that change the data
-    (data, tokenize, identity) are not swept: every point trains on the one cleaned, tokenized data set. Points run
-    one at a time: training sets process-wide state (seeds, torch threads) that concurrent points would share.
+    (data, tokenize, identity) are not swept: every point trains on the same cleaned, tokenized data set, checked by
+    its content hash. Points run one at a time in this process; with `max_concurrency` > 1, that many at once in
+    processes of their own (the machine's cores divided between them); with `runner`, as flow runs on a work pool.
     """
 
     recipe: Path = Field(description="the recipe every point runs")
     overrides: list[str] = Field(default_factory=list, description="key=value applied to every point")
-    method: Literal["grid", "random"] = Field(default="grid", description="every combination, or budget random points")
+    method: Literal["grid", "random", "tpe"] = Field(
+        default="grid", description="every combination, budget random points, or budget points from Optuna's TPE")
     parameters: dict[str, list[Any] | SearchRange] = Field(
-        min_length=1, description="recipe key -> a list of values, or (random) a range {low, high, log}")
-    budget: int | None = Field(default=None, gt=0, description="random: how many points")
-    seed: int = Field(default=0, description="random: the draw's seed")
-    max_concurrency: int = Field(default=1, gt=0, description="points trained at once; only 1 (see the docstring)")
+        min_length=1, description="recipe key -> a list of values, or (random, tpe) a range {low, high, log}")
+    budget: int | None = Field(default=None, gt=0, description="random, tpe: how many points")
+    seed: int = Field(default=0, description="random, tpe: the draw's seed")
+    first_points: list[dict[str, Any]] = Field(
+        default_factory=list, description="tpe: points tried first, before the sampler proposes any (Optuna's "
+        "enqueue_trial), e.g. a known good recipe")
+    pruner: Literal["none", "median", "hyperband"] = Field(
+        default="none", description="tpe: stop a point whose held-out loss (every evaluate.loss_every_steps) is "
+        "worse than the median of earlier points at that step (median), or by successive halving (hyperband)")
+    pruner_startup: int = Field(
+        default=2, ge=0, description="tpe: points that must have finished before any is pruned")
+    max_concurrency: int = Field(
+        default=1, gt=0, description="points trained at once on this machine, each in a process of its own")
+    runner: SweepRunner | None = Field(
+        default=None, description="run the points on a Prefect work pool (or `loraflow sweep --pool NAME`)")
 
     @model_validator(mode="after")
     def _well_formed(self) -> "SweepConfig":
@@ -365,15 +419,21 @@ class SweepConfig(_Section):
                 raise ValueError(f"parameters.{key}: a sweep shares one data set and experiment; sweep train, "
                                  "evaluate or registry keys")
             if isinstance(values, SearchRange) and self.method == "grid":
-                raise ValueError(f"parameters.{key}: a grid needs a list of values (ranges are for method random)")
+                raise ValueError(f"parameters.{key}: a grid needs a list of values (ranges are for random and tpe)")
             if isinstance(values, list) and not values:
                 raise ValueError(f"parameters.{key}: no values")
-        if self.max_concurrency > 1:
-            raise ValueError(f"max_concurrency {self.max_concurrency}: points share one process's seeds and torch "
-                             "threads, so they run one at a time; fan a sweep out with one `loraflow sweep` per "
-                             "machine or Prefect worker instead")
-        if self.method == "random" and self.budget is None:
-            raise ValueError("budget: method random needs a budget (how many points to draw)")
+        if self.method != "grid" and self.budget is None:
+            raise ValueError(f"budget: method {self.method} needs a budget (how many points to draw)")
+        if self.method != "tpe":
+            for key, value in (("first_points", self.first_points), ("pruner", self.pruner != "none")):
+                if value:
+                    raise ValueError(f"{key}: needs method tpe (an Optuna study)")
+        for number, point in enumerate(self.first_points):
+            if unknown := set(point) - set(self.parameters):
+                raise ValueError(f"first_points.{number}: {sorted(unknown)} are not swept parameters")
+        if self.runner is not None and self.max_concurrency > 1:
+            raise ValueError("max_concurrency: points on a work pool run runner.max_parallel at once; "
+                             "max_concurrency is for points on this machine")
         return self
 
 

@@ -40,6 +40,32 @@ def _run(args: argparse.Namespace) -> int:
         return _report(config, finetune(config, resume), resume_command)
 
 
+def _train_node(args: argparse.Namespace) -> int:
+    """Another machine of a multi-node training: the same recipe's data prepared here, this node's torchrun workers
+    joined to the rendezvous; the flow's own machine (`loraflow run`) logs the run and registers the weights."""
+    import socket
+
+    from flows.stages import prepare_data
+    from tasks.base_model import resolve_base_model
+    from tasks.context import RunContext
+    from tasks.train import stop_on_sigterm, train_in_workers
+
+    config = load_config(args.config, args.override)
+    if config.train.nodes == 1:
+        raise UserError(f"{args.config}: train.nodes is 1: a node joins a training of several (-o train.nodes=N "
+                        "-o train.rendezvous=HOST:PORT, as the flow's machine runs it)")
+    model_dir = resolve_base_model(config.base_model)
+    ctx = RunContext(config.output_dir / f"node-{socket.gethostname()}", seed=config.seed,
+                     trust_remote_code=config.trust_remote_code)
+    data = prepare_data(config, model_dir, ctx)
+    print(f"loraflow: node joining {config.train.nodes}-node training at {config.train.rendezvous} "
+          f"(data {data.cleaned.data_hash[:12]})", flush=True)
+    with stop_on_sigterm():
+        result = train_in_workers(data.tokens, model_dir, config.train, ctx)
+    print(f"loraflow: node done: {result.steps} steps; weights (as the flow's machine has them) {result.weights_dir}")
+    return 0
+
+
 def _rerun(args: argparse.Namespace) -> int:
     wait_for_prefect = start_in_background()
     from flows.finetune import finetune
@@ -156,6 +182,15 @@ def _sweep(args: argparse.Namespace) -> int:
     sweep_config = load_sweep(args.sweep)
     if args.override:
         sweep_config = sweep_config.model_copy(update={"overrides": [*sweep_config.overrides, *args.override]})
+    if args.pool:
+        from conf.schema import SweepRunner
+
+        runner = sweep_config.runner or SweepRunner(pool=args.pool)
+        sweep_config = sweep_config.model_copy(update={"runner": runner.model_copy(update={"pool": args.pool}),
+                                                       "max_concurrency": 1})
+    if sweep_config.runner is not None and "PREFECT_API_URL" not in os.environ:
+        raise UserError(f"{args.sweep}: points on work pool {sweep_config.runner.pool} need the Prefect server its "
+                        "workers poll: set PREFECT_API_URL")
     wait_for_prefect = start_in_background()
     from flows.sweep import run_sweep
 
@@ -511,10 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="as for run")
     serving.set_defaults(handler=_serve)
 
-    sweeping = commands.add_parser("sweep", help="train a recipe over a grid or a random search of keys (one parent run)")
+    sweeping = commands.add_parser("sweep", help="train a recipe over a grid, random or TPE search of keys (one parent run)")
     sweeping.add_argument("sweep", type=Path, help="sweep YAML, e.g. conf/sweep_identity.yaml")
     sweeping.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                           help="a recipe key for every point, e.g. -o train.max_steps=10 (repeatable)")
+    sweeping.add_argument("--pool", metavar="NAME", help="run the points as flow runs of deployment sweep-point/NAME on "
+                          "that Prefect work pool (PREFECT_API_URL: the team's server)")
     sweeping.set_defaults(handler=_sweep)
 
     evaluation = commands.add_parser("eval", help="score one model on a recipe's held-out data, as its own MLflow run")
@@ -564,6 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--out", type=Path, help="work folder: the cleaned rows, rejects and report land in its clean/ (default: a temp folder)")
     data.add_argument("--json", action="store_true", help="print one JSON object: per file, format and counts")
     data.set_defaults(handler=_data)
+
+    node = commands.add_parser("train-node", help="join a multi-node training as one of its other machines")
+    node.add_argument("config", type=Path, help="recipe YAML, the one the flow's machine runs")
+    node.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                      help="as for run, e.g. -o train.nodes=2 -o train.rendezvous=node0:29400")
+    node.set_defaults(handler=_train_node)
 
     preview = commands.add_parser("preview", help="show how a recipe's samples will be trained: text, trained spans, packing")
     preview.add_argument("config", type=Path, help="recipe YAML")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -31,7 +32,7 @@ from tasks.tracking import (
     log_artifact, log_inputs, log_loss_plot, log_metrics, log_table, sample_logger, set_tags, step_logger,
     unlogged_record_path,
 )
-from tasks.train import checkpoints_folder, resumable_checkpoint, train, train_in_workers
+from tasks.train import HeldOutReport, checkpoints_folder, resumable_checkpoint, train, train_in_workers
 
 
 def _progress(line: str) -> None:
@@ -95,19 +96,30 @@ def prepare_data(config: RunConfig, model_dir: str, ctx: RunContext, *, cleaned:
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(data: PreparedData, model_dir: str, config: RunConfig, ctx: RunContext, *, resume: bool = False,
-               samples: SamplePrompts | None = None) -> TrainResult:
-    """train() (in torchrun workers for DeepSpeed or processes > 1), each step logged to the run, and the weights.
+               samples: SamplePrompts | None = None, prune: Callable[[int, float], bool] | None = None) -> TrainResult:
+    """train() (in torchrun workers for DeepSpeed, several processes or nodes), each step logged to the run, and the
+    weights.
 
     With `resume`, training continues from the newest complete checkpoint of this run, if there is one. Answers to
-    `samples` during training go to the run's table eval/during_training.json.
+    `samples` during training go to the run's table eval/during_training.json. With `evaluate.loss_every_steps`, the
+    held-out loss is logged as eval_loss at those steps, and `prune(step, loss)` answering True stops training there
+    (TrainingPruned).
     """
     resume_from = resumable_checkpoint(checkpoints_folder(ctx.work_dir / "train")) if resume else None
-    if config.train.deepspeed is not None or config.train.processes > 1:
+    if config.train.in_workers:
         result = train_in_workers(data.tokens, model_dir, config.train, ctx, resume_from=resume_from, samples=samples,
                                   unlogged_record=unlogged_record_path(ctx.run_id))
     else:
+        log_step = step_logger(ctx.run_id)
+
+        def on_heldout_loss(step: int, loss: float) -> bool:
+            log_step(step, {"eval_loss": loss})
+            return prune is not None and prune(step, loss)
+
+        every = config.evaluate.loss_every_steps
         result = train(data.tokens, model_dir, config.train, ctx, resume_from=resume_from, samples=samples,
-                       on_step=step_logger(ctx.run_id), on_samples=sample_logger(ctx.run_id))
+                       on_step=log_step, on_samples=sample_logger(ctx.run_id),
+                       heldout=HeldOutReport(every, on_heldout_loss) if every else None)
     _progress(f"train: {result.steps} steps in {result.train_seconds:.0f} s ({result.tokens_per_second:.0f} tokens/s, "
               f"{result.precision}, {result.attn} attention)")
     set_tags(ctx.run_id, {"train.precision_used": result.precision, "train.attn_used": result.attn})

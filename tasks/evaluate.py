@@ -14,15 +14,15 @@ import math
 from pathlib import Path
 
 import evaluate
-import torch
 from datasets import load_from_disk
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer
 
 from conf.schema import EvaluateConfig, UserError
 from tasks.base_model import load_model, load_tuned_model
 from tasks.context import RunContext
 from tasks.device import autocast, inference_device
 from tasks.generation import HeldOut, held_out, split_answers
+from tasks.heldout import heldout_loss
 from tasks.metrics import metric_code_version, resolve_metric
 from tasks.results import EvalResult, ModelSource, PreparedData, TrainResult
 
@@ -85,20 +85,6 @@ def check_primary_metric(config: EvaluateConfig, chat: bool, primary_metric: str
         raise MetricSetupError(
             f"registry.primary_metric: {primary_metric!r} is not measured by this recipe; it measures {sorted(names)}"
         )
-
-
-@torch.no_grad()
-def heldout_loss(model: PreTrainedModel, samples: list[dict]) -> float:
-    """Mean cross-entropy per trained token over all samples (token-weighted, not sample-weighted)."""
-    total, count = 0.0, 0
-    for sample in samples:
-        ids = torch.tensor([sample["input_ids"]], device=model.device)
-        labels = torch.tensor([sample["labels"]], device=model.device)
-        logits = model(input_ids=ids).logits[0, :-1].float()
-        targets = labels[0, 1:]
-        total += torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
-        count += int((targets != -100).sum())
-    return total / count
 
 
 def _score(model, tokenizer, samples: list[dict], questions: HeldOut, metrics: GenerationMetrics,

@@ -1,10 +1,12 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 in 2 CPU worker processes (gloo), launched as the train task launches them:
-one MLflow run with each step logged once (rank 0 only), and the same adapter one process makes.
+one MLflow run with each step logged once (rank 0 only), and the same adapter one process makes. And two nodes on
+loopback, met at torchrun's c10d rendezvous: the adapter two processes on one node make.
 
 Two workers with a batch of 2 each see the same global batches as one process with a batch of 2 and 2
 accumulation steps (the distributed sampler deals batches out in turn), so the adapters must agree.
 """
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -12,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conf.schema import TrainConfig
+from flows.prefect_server import free_port
 from tasks.context import RunContext
 from tasks.train import train, train_in_workers
 
@@ -58,3 +61,22 @@ def test_two_zero_workers_make_the_one_process_adapter_in_one_run(zero, tokens, 
     worst = max(float((tensor - expected_adapter[name]).norm() / expected_adapter[name].norm())
                 for name, tensor in adapter.items())
     assert worst < 5e-3
+
+
+def test_two_nodes_met_at_a_c10d_rendezvous_make_the_one_node_two_process_adapter(tokens, model_dir, tmp_path):
+    """Two launchers, as two machines would run them (one worker each, gloo), against one launcher of two workers;
+    both nodes save the weights (each machine reads its own). Two ranks sum their gradients in either order alike."""
+    two_nodes = TrainConfig(**SETTINGS | {"nodes": 2, "rendezvous": f"127.0.0.1:{free_port()}"})
+    with ThreadPoolExecutor(2) as launchers:
+        nodes = [launchers.submit(train_in_workers, tokens, model_dir, two_nodes, RunContext(tmp_path / f"node-{n}"))
+                 for n in range(2)]
+        results = [node.result(timeout=900) for node in nodes]
+    one_node = train_in_workers(tokens, model_dir, TrainConfig(**SETTINGS | {"processes": 2}),
+                                RunContext(tmp_path / "one-node"))
+    expected = load_file(one_node.weights_dir / "adapter_model.safetensors")
+    assert any(tensor.abs().sum() > 0 for name, tensor in expected.items() if "lora_B" in name)
+    for result in results:
+        assert result.losses == pytest.approx(one_node.losses, rel=1e-6)
+        adapter = load_file(result.weights_dir / "adapter_model.safetensors")
+        assert adapter.keys() == expected.keys()
+        assert max(float((tensor - expected[name]).abs().max()) for name, tensor in adapter.items()) < 1e-6

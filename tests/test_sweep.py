@@ -1,4 +1,5 @@
-"""Sweeps: which points a grid or a random search makes, and a real sweep's runs read back through MLflow."""
+"""Sweeps: which points a grid or a random search makes, a real sweep's runs read back through MLflow (in this
+process, and two points at once in processes of their own), and a TPE search that prunes."""
 
 import json
 import os
@@ -40,6 +41,12 @@ def test_a_random_search_draws_its_budget_of_distinct_points_in_range_repeatably
 @pytest.mark.parametrize("text, expected", [
     ("recipe: r.yaml\nparameters: {data.train: [[a.jsonl]]}\n", "parameters.data.train: a sweep shares one data set"),
     ("recipe: r.yaml\nmethod: random\nparameters: {train.lora.r: [4]}\n", "budget: method random needs a budget"),
+    ("recipe: r.yaml\nmethod: random\nbudget: 2\npruner: median\nparameters: {train.lora.r: [4]}\n",
+     "pruner: needs method tpe"),
+    ("recipe: r.yaml\nmethod: tpe\nbudget: 2\nfirst_points: [{train.lora.alpha: 4}]\nparameters: {train.lora.r: [4]}\n",
+     "first_points.0: ['train.lora.alpha'] are not swept parameters"),
+    ("recipe: r.yaml\nmax_concurrency: 2\nrunner: {pool: p}\nparameters: {train.lora.r: [4]}\n",
+     "max_concurrency: points on a work pool run runner.max_parallel at once"),
     ("recipe: r.yaml\nparameters: {train.learning_rate: {low: 1, high: 2}}\n", "a grid needs a list of values"),
     ("recipe: r.yaml\nparameters: {}\n", "parameters: Dictionary should have at least 1 item"),
 ])
@@ -51,17 +58,19 @@ def test_a_bad_sweep_file_is_one_line_naming_file_and_key(tmp_path, text, expect
     assert str(error.value).startswith(f"{path}: ") and expected in str(error.value) and "\n" not in str(error.value)
 
 
+def tiny_sweep(folder: Path, **fields) -> SweepConfig:
+    name = f"sweep-{folder.name[-8:]}"
+    return SweepConfig(recipe=write_tiny_recipe(folder), overrides=[f"experiment={name}", f"registry.model_name={name}"],
+                       **fields)
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    """A two-point sweep of the tiny recipe; one point names a LoRA target module no layer has, as a typo would
-    (it passes validation and fails in PEFT)."""
-    folder = tmp_path_factory.mktemp("sweep")
-    name = f"sweep-{folder.name[-8:]}"
-    sweep = SweepConfig(
-        recipe=write_tiny_recipe(folder), overrides=[f"experiment={name}", f"registry.model_name={name}"],
-        parameters={"train.learning_rate": [2e-3], "train.lora.target_modules": ["all-linear", ["no_such_layer"]]},
-    )
-    return name, run_sweep(sweep)
+    """A sweep of the tiny recipe at two learning rates and two LoRA targets, one a module no layer has, as a typo
+    would (it passes validation and fails in PEFT)."""
+    sweep = tiny_sweep(tmp_path_factory.mktemp("sweep"), parameters={
+        "train.learning_rate": [2e-3, 1e-3], "train.lora.target_modules": ["all-linear", ["no_such_layer"]]})
+    return sweep.overrides[0].split("=")[1], run_sweep(sweep)
 
 
 @pytest.mark.slow
@@ -70,21 +79,80 @@ def test_a_sweep_runs_each_point_as_a_child_records_a_failed_point_and_registers
     client = MlflowClient()
     parent = client.get_run(summary.run_id)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{summary.run_id}'")
-    assert sorted(child.info.status for child in children) == ["FAILED", "FINISHED"]
+    assert sorted(child.info.status for child in children) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
     failed = next(child for child in children if child.info.status == "FAILED")
     assert "no_such_layer" in failed.data.tags["loraflow.error"]
-    finished = next(child for child in children if child.info.status == "FINISHED")
-    assert finished.data.params["train.learning_rate"] == "0.002" and "tuned_rougeL" in finished.data.metrics
+    finished = next(child for child in children if child.info.run_id == summary.best.run_id)
+    assert finished.data.params["train.learning_rate"] in ("0.002", "0.001") and "tuned_rougeL" in finished.data.metrics
     assert "train_loss" not in parent.data.metrics and parent.data.metrics["tokenize_train_samples"] == 4
     assert not any("tokenize_train_samples" in child.data.metrics for child in children)  # tokenized once, by the parent
     table = client.load_table(parent.info.experiment_id, RESULTS_TABLE, run_ids=[summary.run_id])
-    assert sorted(table["status"]) == ["FAILED", "FINISHED"] and len(table) == 2
+    assert sorted(table["status"]) == ["FAILED", "FAILED", "FINISHED", "FINISHED"] and len(table) == 4
     assert parent.data.tags["loraflow.best_run_id"] == finished.info.run_id
     assert client.get_model_version(name, summary.registered.version).run_id == finished.info.run_id
     assert client.get_run(finished.info.run_id).info.status == "FINISHED"  # registering left its status alone
 
 
 SCREENSHOTS = os.environ.get("LORAFLOW_SCREENSHOTS")  # a folder: the pages are also saved there as PNGs (the README's)
+
+
+def trained_from(run) -> int:
+    """When the run's training logged its first step (its run was made earlier, when the sweep handed the point out)."""
+    return min(metric.timestamp for metric in MlflowClient().get_metric_history(run.info.run_id, "train_loss"))
+
+
+def loss_history(run_id: str) -> list[float]:
+    return [metric.value for metric in sorted(MlflowClient().get_metric_history(run_id, "train_loss"),
+                                              key=lambda metric: metric.step)]
+
+
+@pytest.mark.slow
+def test_two_points_at_once_in_processes_of_their_own_reproduce_their_sequential_losses(swept, tmp_path):
+    """The same two learning rates, two at once (each process one of the two cores): every step's loss as when the
+    points ran one after the other in the sweep's process."""
+    _, sequential = swept
+    sweep = tiny_sweep(tmp_path, max_concurrency=2, parameters={
+        "train.learning_rate": [2e-3, 1e-3], "train.lora.target_modules": ["all-linear"]})
+    summary = run_sweep(sweep)
+    assert [result.status for result in summary.results] == ["FINISHED", "FINISHED"]
+    first, second = (MlflowClient().get_run(result.run_id) for result in summary.results)
+    assert trained_from(first) < second.info.end_time and trained_from(second) < first.info.end_time  # at once
+    threads = str(max(1, os.cpu_count() // 2))
+    assert first.data.tags["loraflow.torch_threads"] == second.data.tags["loraflow.torch_threads"] == threads
+    for result in sequential.results:
+        if result.status == "FINISHED":
+            concurrent = next(r for r in summary.results if r.point == result.point)
+            assert loss_history(concurrent.run_id) == pytest.approx(loss_history(result.run_id), rel=1e-4)
+            assert len(loss_history(result.run_id)) == 2
+
+
+@pytest.mark.slow
+def test_tpe_with_a_median_pruner_prunes_a_learning_rate_that_cannot_learn(tmp_path):
+    """Optuna's TPE over learning rates from 1e-9 (no step changes the loss) to 1e-2. The first two points are queued
+    (first_points) so that pruning does not hang on the sampler's draws: 5e-3 finishes first, then 1e-9 reports a
+    held-out loss at step 2 no lower than before training, above the finished point's: pruned before its 4th step."""
+    sweep = tiny_sweep(tmp_path, method="tpe", budget=3, pruner="median", pruner_startup=1,
+                       first_points=[{"train.learning_rate": 5e-3}, {"train.learning_rate": 1e-9}],
+                       parameters={"train.learning_rate": {"low": 1e-9, "high": 1e-2, "log": True}})
+    sweep = sweep.model_copy(update={"overrides": [*sweep.overrides, "train.max_steps=4", "train.warmup_steps=0",
+                                                   "evaluate.loss_every_steps=2"]})
+    summary = run_sweep(sweep)
+    client = MlflowClient()
+    statuses = {result.point["train.learning_rate"]: result.status for result in summary.results}
+    assert statuses[5e-3] == "FINISHED" and statuses[1e-9] == "PRUNED" and len(summary.results) == 3
+    pruned = next(result for result in summary.results if result.status == "PRUNED")
+    run = client.get_run(pruned.run_id)
+    assert run.data.tags["loraflow.sweep_state"] == "pruned" and run.info.status == "KILLED"
+    assert [metric.step for metric in client.get_metric_history(pruned.run_id, "eval_loss")] == [2]
+    assert max(metric.step for metric in client.get_metric_history(pruned.run_id, "train_loss")) == 2
+    assert "tuned_rougeL" not in run.data.metrics
+    name = sweep.overrides[0].split("=")[1]
+    assert client.get_model_version(name, summary.registered.version).run_id == summary.best.run_id != pruned.run_id
+    parent = client.get_run(summary.run_id)
+    trials = client.load_table(parent.info.experiment_id, "sweep/trials.json", run_ids=[summary.run_id])
+    assert {"COMPLETE", "PRUNED"} <= set(trials["state"]) and len(trials) == 3
+    assert json.loads(parent.data.tags["loraflow.study_best_params"])["train.learning_rate"] > 1e-9
+    assert parent.data.metrics["sweep_points_pruned"] >= 1
 
 
 def chromium(url: str, shows: str, height: int = 1000, screenshot: str = "") -> str:

@@ -1,5 +1,6 @@
-"""The nightly job on a team's stack: PostgreSQL, an MLflow server and a Prefect server on it, a process work pool
-with two workers, each in a working directory of its own, getting the flow's code by prefect.yaml's pull step.
+"""The nightly job and a sweep on a team's stack: PostgreSQL, an MLflow server and a Prefect server on it, a process
+work pool with two workers, each in a working directory of its own, getting the flow's code by prefect.yaml's pull
+step. The stack and the workers are started once for the module; the last test kills a worker.
 
 Every server is a real program started here and stopped by its PID (tests/team_stack.py). The database's password is
 in the environment of every process, as a team's machines would have it, and must reach no record.
@@ -9,12 +10,15 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -40,6 +44,37 @@ def stack():
         left = [p.pid for p in team.processes if p.poll() is None]
         shutil.rmtree(team.folder, ignore_errors=True)
         assert not left, f"servers still running: {left}"
+
+
+@pytest.fixture(scope="module")
+def workers(stack, tmp_path_factory):
+    """The pool and its two workers (one flow run at a time each), both polling before the fixture returns."""
+    folder = tmp_path_factory.mktemp("workers")
+    prefect(stack, "work-pool", "create", POOL, "--type", "process", "--overwrite", cwd=folder)
+    started = []
+    for name in ("worker-a", "worker-b"):
+        home = folder / name
+        home.mkdir()
+        with open(home / "worker.log", "wb") as log:
+            started.append(subprocess.Popen(
+                [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--name", name, "--limit", "1"],
+                cwd=home, env=team_env(stack, PREFECT_HOME=str(home / ".prefect"), PREFECT_WORKER_QUERY_SECONDS="2"),
+                start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        deadline = time.monotonic() + 120
+        while len(api(stack, f"/work_pools/{POOL}/workers/filter", {})) < 2:  # both polling before any run exists
+            assert time.monotonic() < deadline and all(w.poll() is None for w in started), "the workers did not start"
+            time.sleep(1)
+        yield Workers(folder, started)
+    finally:
+        for worker in started:
+            stop(worker)
+
+
+@dataclass
+class Workers:
+    folder: Path
+    processes: list[subprocess.Popen]
 
 
 def team_env(stack: TeamStack, **extra: str) -> dict[str, str]:
@@ -139,7 +174,7 @@ def test_the_champion_lock_holds_between_processes_that_share_no_file_lock(stack
     assert acquired >= released
 
 
-def test_two_workers_train_register_and_move_champion_under_one_lock_and_record_no_password(stack, tmp_path):
+def test_two_workers_train_register_and_move_champion_under_one_lock_and_record_no_password(stack, workers, tmp_path):
     recipes = {}
     for deployment, rate in (("identity-nightly", "1e-3"), ("team-b", "2e-3")):  # two recipes, one model name
         folder = tmp_path / deployment
@@ -150,65 +185,114 @@ def test_two_workers_train_register_and_move_champion_under_one_lock_and_record_
                           .replace("registry: {primary_metric: rougeL}",
                                    f"registry: {{primary_metric: rougeL, model_name: {MODEL}}}\nexperiment: {deployment}"))
         recipes[deployment] = recipe
-    deployer = tmp_path / "deployer"
-    deployer.mkdir()
-    prefect(stack, "work-pool", "create", POOL, "--type", "process", cwd=deployer)
     # From the repository, as a user deploys; LORAFLOW_REPOSITORY goes into the pull step the workers run.
     prefect(stack, "deploy", "--name", "identity-nightly", "--params",
             json.dumps({"recipe": str(recipes["identity-nightly"])}), cwd=REPO, LORAFLOW_REPOSITORY=str(REPO))
     prefect(stack, "deploy", "flows/nightly.py:nightly", "--name", "team-b", "--pool", POOL, "--params",
             json.dumps({"recipe": str(recipes["team-b"])}), cwd=REPO, LORAFLOW_REPOSITORY=str(REPO))
-    workers = []
-    for name in ("worker-a", "worker-b"):
-        home = tmp_path / name
-        home.mkdir()
-        with open(home / "worker.log", "wb") as log:
-            workers.append(subprocess.Popen(
-                [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--name", name, "--limit", "1"],
-                cwd=home, env=team_env(stack, PREFECT_HOME=str(home / ".prefect"), PREFECT_WORKER_QUERY_SECONDS="2"),
-                start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
-    try:
-        deadline = time.monotonic() + 120
-        while len(api(stack, f"/work_pools/{POOL}/workers/filter", {})) < 2:  # both polling before any run exists
-            assert time.monotonic() < deadline and all(w.poll() is None for w in workers), "the workers did not start"
-            time.sleep(1)
-        both = [trigger(stack, deployment) for deployment in recipes]
-        runs = wait_for_runs(stack, both, workers, 900)
-        assert [run["state"]["type"] for run in runs] == ["COMPLETED", "COMPLETED"], [logs_of(stack, r) for r in both]
-        starts, ends = sorted(run["start_time"] for run in runs), sorted(run["end_time"] for run in runs)
-        assert starts[1] < ends[0], "the two runs did not run at once"
+    both = [trigger(stack, deployment) for deployment in recipes]
+    runs = wait_for_runs(stack, both, workers.processes, 900)
+    assert [run["state"]["type"] for run in runs] == ["COMPLETED", "COMPLETED"], [logs_of(stack, r) for r in both]
+    starts, ends = sorted(run["start_time"] for run in runs), sorted(run["end_time"] for run in runs)
+    assert starts[1] < ends[0], "the two runs did not run at once"
 
-        client = MlflowClient(stack.mlflow_url)
-        versions = client.search_model_versions(f"name = '{MODEL}'")
-        assert len(versions) == 2
-        for version in versions:
-            assert version.tags[LOCK_TAG].startswith("Prefect global concurrency limit"), version.tags
-            assert not version.tags[PROMOTION_TAG].startswith("undecided"), version.tags
-        model = client.get_registered_model(MODEL)
-        promoted = sorted(v.version for v in versions if v.tags[PROMOTION_TAG].startswith("beats"))
-        history = json.loads(model.tags.get(HISTORY_TAG, "[]"))
-        assert sorted(history) == promoted
-        assert (str(model.aliases.get(CHAMPION)) if promoted else None) == (history[-1] if history else None)
-        if len(history) == 2:  # the second to move the alias saw the first as champion: the moves were serialised
-            assert "champion" in client.get_model_version(MODEL, history[1]).tags[PROMOTION_TAG]
-        limits = api(stack, "/v2/concurrency_limits/filter", {})
-        assert [limit["active_slots"] for limit in limits if limit["name"].startswith(f"loraflow-champion-{MODEL}-")] == [0]
-        for run_id in both:  # the entrypoint is in no worker's folder: only the pull step's clone has it
-            assert logged(stack, run_id, "Executing deployment step: git_clone")
+    client = MlflowClient(stack.mlflow_url)
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    assert len(versions) == 2
+    for version in versions:
+        assert version.tags[LOCK_TAG].startswith("Prefect global concurrency limit"), version.tags
+        assert not version.tags[PROMOTION_TAG].startswith("undecided"), version.tags
+    model = client.get_registered_model(MODEL)
+    promoted = sorted(v.version for v in versions if v.tags[PROMOTION_TAG].startswith("beats"))
+    history = json.loads(model.tags.get(HISTORY_TAG, "[]"))
+    assert sorted(history) == promoted
+    assert (str(model.aliases.get(CHAMPION)) if promoted else None) == (history[-1] if history else None)
+    if len(history) == 2:  # the second to move the alias saw the first as champion: the moves were serialised
+        assert "champion" in client.get_model_version(MODEL, history[1]).tags[PROMOTION_TAG]
+    limits = api(stack, "/v2/concurrency_limits/filter", {})
+    assert [limit["active_slots"] for limit in limits if limit["name"].startswith(f"loraflow-champion-{MODEL}-")] == [0]
+    for run_id in both:  # the entrypoint is in no worker's folder: only the pull step's clone has it
+        assert logged(stack, run_id, "Executing deployment step: git_clone")
 
-        again = trigger(stack, "identity-nightly")
-        [run] = wait_for_runs(stack, [again], workers, 300)
-        assert run["state"]["type"] == "COMPLETED"
-        assert logged(stack, again, "skipped: the recipe and its data"), logs_of(stack, again)
-        assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
-    finally:
-        for worker in workers:
-            stop(worker)
+    again = trigger(stack, "identity-nightly")
+    [run] = wait_for_runs(stack, [again], workers.processes, 300)
+    assert run["state"]["type"] == "COMPLETED"
+    assert logged(stack, again, "skipped: the recipe and its data"), logs_of(stack, again)
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
 
     record = stack.dump("mlflow") + stack.dump("prefect")
     record += "".join(logs_of(stack, run_id) for run_id in [*both, again])
-    files = [path for path in [*(tmp_path / "worker-a").rglob("*.log"), *(tmp_path / "worker-b").rglob("*.log"),
-                               *stack.folder.glob("*.log"), *(stack.folder / "artifacts").rglob("*")] if path.is_file()]
+    files = [path for path in [*workers.folder.rglob("*.log"), *stack.folder.glob("*.log"),
+                               *(stack.folder / "artifacts").rglob("*")] if path.is_file()]
     assert any(path.name == "adapter_model.safetensors" for path in files)  # the artifacts are looked through
     record += "".join(path.read_bytes().decode("utf-8", errors="ignore") for path in files)
     assert stack.password not in record
+
+
+def kill_worker_running(stack: TeamStack, workers: Workers, flow_run: dict) -> None:
+    """A machine lost mid-point: the worker running the flow run, and the flow run's own process, killed outright."""
+    pid = int(flow_run["infrastructure_pid"].rsplit(":", 1)[-1])
+    owner = next(worker for worker in workers.processes
+                 if pid in [child.pid for child in psutil.Process(worker.pid).children(recursive=True)])
+    for process in [*psutil.Process(pid).children(recursive=True), psutil.Process(pid)]:
+        process.kill()
+    os.killpg(owner.pid, signal.SIGKILL)
+    owner.wait(timeout=30)
+
+
+def test_a_sweep_fans_its_points_out_on_the_pool_and_a_killed_worker_leaves_its_point_crashed(stack, workers, tmp_path):
+    """Four points, two at once on the two workers; the worker running the fourth is killed: that point is
+    crashed, the sweep finishes with the others and registers the best; run again, it trains only that point."""
+    recipe = write_tiny_recipe(tmp_path)
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(json.dumps({
+        "recipe": str(recipe), "overrides": ["experiment=team-sweep", "registry.model_name=team-sweep"],
+        "parameters": {"train.learning_rate": [1e-3, 2e-3, 3e-3, 4e-3]},
+        "runner": {"pool": POOL, "max_parallel": 2, "crashed_after_s": 60},
+    }))
+    prefect(stack, "deploy", "--name", POOL, cwd=REPO, LORAFLOW_REPOSITORY=str(REPO))
+    deployment = api(stack, f"/deployments/name/sweep-point/{POOL}")["id"]
+
+    def sweep() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "flows.cli", "sweep", str(sweep_file)], cwd=tmp_path,
+                                env=team_env(stack), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def point_runs() -> list[dict]:
+        return sorted(api(stack, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment]}}}),
+                      key=lambda run: run["created"])
+
+    parent = sweep()
+    deadline = time.monotonic() + 600
+    while len(runs := point_runs()) < 4 or runs[3]["state"]["type"] != "RUNNING" or not runs[3]["infrastructure_pid"]:
+        assert parent.poll() is None and time.monotonic() < deadline, parent.communicate()[0][-3000:]
+        time.sleep(1)
+    kill_worker_running(stack, workers, runs[3])
+    output = parent.communicate(timeout=600)[0]
+    assert parent.returncode == 0, output[-3000:]
+
+    client = MlflowClient(stack.mlflow_url)
+    [sweep_run] = client.search_runs([client.get_experiment_by_name("team-sweep").experiment_id],
+                                     "tags.`loraflow.kind` = 'sweep'")
+    children = client.search_runs([sweep_run.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{sweep_run.info.run_id}'", order_by=["attributes.start_time ASC"])
+    assert len(children) == 4
+    crashed = [child for child in children if child.data.tags.get("loraflow.sweep_state") == "crashed"]
+    assert len(crashed) == 1 and crashed[0].info.status == "FAILED", [c.data.tags for c in children]
+    assert "CRASHED" in crashed[0].data.tags["loraflow.error"].upper()
+    assert sorted(child.info.status for child in children) == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
+    first, second = children[:2]  # their training (first step to end) overlapped: two workers at once
+    started = {child.info.run_id: client.get_metric_history(child.info.run_id, "train_loss")[0].timestamp
+               for child in (first, second)}
+    assert started[first.info.run_id] < second.info.end_time and started[second.info.run_id] < first.info.end_time
+    [version] = client.search_model_versions("name = 'team-sweep'")
+    assert version.run_id == sweep_run.data.tags["loraflow.best_run_id"] != crashed[0].info.run_id
+    assert not version.tags[PROMOTION_TAG].startswith("undecided")
+
+    again = sweep()
+    output = again.communicate(timeout=600)[0]
+    assert again.returncode == 0, output[-3000:]
+    assert len(point_runs()) == 5  # only the crashed point ran again
+    children = client.search_runs([sweep_run.info.experiment_id], f"tags.mlflow.parentRunId = '{sweep_run.info.run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    assert len(children) == 5 and children[4].data.tags["loraflow.sweep_point"] == crashed[0].data.tags["loraflow.sweep_point"]
+    assert children[4].info.status == "FINISHED"

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from transformers import ProgressCallback, TrainerCallback
 
 from tasks.device import autocast, peak_memory_mb
+from tasks.heldout import heldout_loss
 from tasks.generation import SamplePrompts
 
 StepLogger = Callable[[int, dict[str, float]], None]
 SampleLogger = Callable[[int, list[dict]], None]
+
+
+@dataclass(frozen=True)
+class HeldOutReport:
+    """Held-out loss every `every_steps` steps to `on_loss(step, loss)`; its answering True stops training there (a
+    sweep's pruner judged the point hopeless)."""
+
+    every_steps: int
+    on_loss: Callable[[int, float], bool]
 
 
 class ProgressBarOnly(ProgressCallback):
@@ -75,3 +86,24 @@ class AnswerSamplePrompts(TrainerCallback):
         model.train()
         self.on_samples(state.global_step, [{"prompt": shown, "answer": answer}
                                             for shown, answer in zip(self.samples.shown, answers)])
+
+
+class HeldOutLossEvery(TrainerCallback):
+    """Every `report.every_steps` steps (and at the last), the held-out loss of the model in training, measured as
+    evaluation measures it after training, goes to `report.on_loss`; True from it stops training (`stopped_at`)."""
+
+    def __init__(self, samples: list[dict], report: HeldOutReport, precision: str):
+        self.samples, self.report, self.precision = samples, report, precision
+        self.stopped_at: int | None = None
+        self.last_loss = float("nan")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.report.every_steps and state.global_step < state.max_steps:
+            return
+        model.eval()
+        with autocast(self.precision):
+            self.last_loss = heldout_loss(model, self.samples)
+        model.train()
+        if self.report.on_loss(state.global_step, self.last_loss) and state.global_step < state.max_steps:
+            self.stopped_at = state.global_step
+            control.should_training_stop = True

@@ -1,4 +1,6 @@
-"""The train stage in several processes (DeepSpeed, or `processes` > 1): `torchrun` workers, one job for all.
+"""The train stage in several processes (DeepSpeed, `processes` > 1, `nodes` > 1): `torchrun` workers, one job for
+all. Several nodes meet at torchrun's c10d rendezvous; each node's launcher runs its own workers and reads its own
+outcome (every node saves the weights), and only the node whose job names an MLflow run logs.
 
 The job is a pydantic model written as JSON and validated again by every worker (tasks/train/worker.py), so a job
 either arrives whole or is refused, never read by position.
@@ -44,11 +46,21 @@ class WorkerOutcome(BaseModel):
     checkpoint: Path | None = None
 
 
+def _rendezvous(config: TrainConfig, tokens: TokenizedData) -> list[str]:
+    """One machine: torchrun's standalone rendezvous. Several: c10d at `config.rendezvous`, under an id every node
+    derives alike from the tokenized data they all prepared (its content hash), so no node need be told it."""
+    if config.nodes == 1:
+        return ["--standalone"]
+    return [f"--nnodes={config.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={config.rendezvous}",
+            f"--rdzv-id=loraflow-{tokens.cache_key[:16]}"]
+
+
 def train_in_workers(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunContext, *,
                      resume_from: Path | None = None, samples: SamplePrompts | None = None,
                      unlogged_record: Path | None = None) -> TrainResult:
-    """The train stage in `config.processes` torchrun workers attached to MLflow run `ctx.run_id`; rank 0 logs and
-    saves. A stop request here (SIGTERM) is passed on to the workers, which checkpoint and stop together."""
+    """The train stage in `config.processes` torchrun workers (on each of `config.nodes` machines) attached to MLflow
+    run `ctx.run_id`; this node's first worker logs and saves. A stop request here (SIGTERM) is passed on to the
+    workers, which checkpoint and stop together."""
     out_dir = ctx.work_dir / "train"
     out_dir.mkdir(parents=True, exist_ok=True)
     job_path, outcome_path = out_dir / "worker_job.json", (out_dir / "worker_outcome.json").resolve()
@@ -56,8 +68,8 @@ def train_in_workers(tokens: TokenizedData, model_dir: str, config: TrainConfig,
     job = WorkerJob(tokens=tokens, model_dir=model_dir, config=config, ctx=ctx, resume_from=resume_from,
                     samples=samples, outcome_path=outcome_path, unlogged_record=unlogged_record)
     job_path.write_text(job.model_dump_json(), encoding="utf-8")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={config.processes}",
-               "-m", "tasks.train.worker", str(job_path.resolve())]
+    command = [sys.executable, "-m", "torch.distributed.run", *_rendezvous(config, tokens),
+               f"--nproc_per_node={config.processes}", "-m", "tasks.train.worker", str(job_path.resolve())]
     workers = subprocess.Popen(command, env=os.environ | ({"MLFLOW_RUN_ID": ctx.run_id} if ctx.run_id else {}))
     passed_on = False
     while workers.poll() is None:

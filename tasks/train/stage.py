@@ -42,11 +42,13 @@ from tasks.device import (
 from tasks.generation import SamplePrompts
 from tasks.labels import Head
 from tasks.results import TokenizedData, TrainResult
-from tasks.train.callbacks import AnswerSamplePrompts, ProgressBarOnly, SampleLogger, StepLogger, StepMetrics
+from tasks.train.callbacks import (
+    AnswerSamplePrompts, HeldOutLossEvery, HeldOutReport, ProgressBarOnly, SampleLogger, StepLogger, StepMetrics,
+)
 from tasks.train.checkpoints import checkpoints_folder
 from tasks.train.collators import training_collator
 from tasks.train.loss import TrainedPositionsTrainer
-from tasks.train.stopping import STOP_REQUESTED, StopWhenRequested, TrainingStopped
+from tasks.train.stopping import STOP_REQUESTED, StopWhenRequested, TrainingPruned, TrainingStopped
 
 # PEFT's task type for the causal LM (None) and each task head: it picks the PeftModel class, which for a head also
 # trains and saves the new output layer in full (modules_to_save).
@@ -96,13 +98,14 @@ def load_base_for_training(
 def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunContext, *,
           resume_from: Path | None = None, samples: SamplePrompts | None = None,
           on_step: StepLogger = lambda step, metrics: None, on_samples: SampleLogger = lambda step, rows: None,
-          ) -> TrainResult:
+          heldout: HeldOutReport | None = None) -> TrainResult:
     """Train and save the adapter (or whole model) with its tokenizer under ctx.work_dir/train, continuing from
     `resume_from` if given. Tokens labelled for a task head train the base model under that head, saved with the
     weights.
 
     Each logged step goes to `on_step`. With `samples`, the model answers them every few steps and `on_samples` gets
-    the answers. Raises TrainingStopped when STOP_REQUESTED ended training early (its checkpoint is saved).
+    the answers; with `heldout`, the held-out loss goes to it every few steps. Raises TrainingStopped when
+    STOP_REQUESTED ended training early (its checkpoint is saved), TrainingPruned when `heldout` did.
     """
     train_dir, tokenizer_dir, out_dir = tokens.train_dir, tokens.tokenizer_dir, ctx.work_dir / "train"
     seed, trust_remote_code = ctx.seed, ctx.trust_remote_code
@@ -183,6 +186,7 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
         use_cpu=on_cpu,
         ddp_backend="gloo" if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         deepspeed=str(config.deepspeed) if config.deepspeed is not None else None,
+        save_on_each_node=config.nodes > 1,  # each node's launcher reads the weights from its own disk
         activation_checkpointing=config.low_memory,  # activations recomputed in backward instead of kept
         activation_checkpointing_kwargs={"use_reentrant": False},
         torch_compile=config.compile,
@@ -193,6 +197,10 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
         # Its own tokenizer: generation pads on the left, the collator's must not change.
         sample_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
         callbacks.append(AnswerSamplePrompts(samples, sample_tokenizer, precision, on_samples))
+    pruner = None
+    if heldout is not None:
+        pruner = HeldOutLossEvery(list(load_from_disk(str(tokens.eval_dir))), heldout, precision)
+        callbacks.append(pruner)
     plain_head = getattr(model.config, "model_type", None) in TrainedPositionsTrainer.PLAIN_HEAD_MODELS
     trainer_class = TrainedPositionsTrainer if head is None and config.deepspeed is None and plain_head else Trainer
     trainer = trainer_class(
@@ -218,6 +226,8 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
     # Asked during the last step: the Trainer saved its final checkpoint; stop before evaluation and registration.
     if stopper.stopped or STOP_REQUESTED.is_set():
         raise TrainingStopped(output.global_step, checkpoints_dir / f"checkpoint-{output.global_step}")
+    if pruner is not None and pruner.stopped_at is not None:
+        raise TrainingPruned(pruner.stopped_at, pruner.last_loss)
     weights_dir = out_dir / ("model" if config.method == "full" else "adapter")
     trainer.save_model(str(weights_dir))  # on every process: under ZeRO-3 the weights are gathered first
     # The Trainer also pickles its arguments there; nothing reads them, and a model folder should hold no pickle.

@@ -24,6 +24,14 @@ class TrainingStopped(Exception):
         self.step, self.checkpoint = step, checkpoint
 
 
+class TrainingPruned(Exception):
+    """Training stopped early because its held-out loss said the run was not worth finishing (a sweep's pruner)."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"pruned at step {step} (held-out loss {loss:.4f})")
+        self.step, self.loss = step, loss
+
+
 class StopWhenRequested(TrainerCallback):
     """After each step: if any process was asked to stop, every process saves a checkpoint and stops together."""
 

@@ -1,9 +1,9 @@
 """The train stage as one `torchrun` worker process: `python -m torch.distributed.run ... -m tasks.train.worker JOB`.
 
 train_in_workers (tasks/train/launcher.py) writes JOB and launches the workers. A worker process is an edge of its
-own, as the flow's Prefect task is for one process: rank 0 logs each step to the MLflow run named in JOB (or, should
-its tracking server go away, to the run's unlogged record) and writes the outcome where JOB says; other ranks log
-nothing.
+own, as the flow's Prefect task is for one process: each node's first worker (local rank 0) writes the outcome where
+JOB says, and logs each step to the MLflow run JOB names (or, should its tracking server go away, to the run's
+unlogged record); only the flow's node names a run, and other workers log nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tasks.train.stopping import STOP_REQUESTED, TrainingStopped
 def main(job_path: str) -> int:
     job = WorkerJob.model_validate_json(Path(job_path).read_text(encoding="utf-8"))
     signal.signal(signal.SIGTERM, lambda signum, frame: STOP_REQUESTED.set())
-    is_rank_zero = int(os.environ.get("RANK", "0")) == 0
+    is_rank_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0
     logs = is_rank_zero and job.ctx.run_id is not None
     with recording_unlogged(job.ctx.run_id, job.unlogged_record):
         try:
