@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conf.schema import TrainConfig
@@ -65,18 +66,22 @@ def test_two_zero_workers_make_the_one_process_adapter_in_one_run(zero, tokens, 
 
 def test_two_nodes_met_at_a_c10d_rendezvous_make_the_one_node_two_process_adapter(tokens, model_dir, tmp_path):
     """Two launchers, as two machines would run them (one worker each, gloo), against one launcher of two workers;
-    both nodes save the weights (each machine reads its own). Two ranks sum their gradients in either order alike."""
-    two_nodes = TrainConfig(**SETTINGS | {"nodes": 2, "rendezvous": f"127.0.0.1:{free_port()}"})
+    both nodes save the weights (each machine reads its own)."""
+    one_thread = SETTINGS | {"threads": 1}  # torchrun sets one thread per worker only where a node runs several
+    two_nodes = TrainConfig(**one_thread | {"nodes": 2, "rendezvous": f"127.0.0.1:{free_port()}"})
     with ThreadPoolExecutor(2) as launchers:
         nodes = [launchers.submit(train_in_workers, tokens, model_dir, two_nodes, RunContext(tmp_path / f"node-{n}"))
                  for n in range(2)]
         results = [node.result(timeout=900) for node in nodes]
-    one_node = train_in_workers(tokens, model_dir, TrainConfig(**SETTINGS | {"processes": 2}),
+    one_node = train_in_workers(tokens, model_dir, TrainConfig(**one_thread | {"processes": 2}),
                                 RunContext(tmp_path / "one-node"))
     expected = load_file(one_node.weights_dir / "adapter_model.safetensors")
     assert any(tensor.abs().sum() > 0 for name, tensor in expected.items() if "lora_B" in name)
-    for result in results:
-        assert result.losses == pytest.approx(one_node.losses, rel=1e-6)
-        adapter = load_file(result.weights_dir / "adapter_model.safetensors")
-        assert adapter.keys() == expected.keys()
-        assert max(float((tensor - expected[name]).abs().max()) for name, tensor in adapter.items()) < 1e-6
+    first, second = (load_file(result.weights_dir / "adapter_model.safetensors") for result in results)
+    assert all(torch.equal(tensor, second[name]) for name, tensor in first.items())  # one job: both nodes saved it
+    assert results[0].losses == results[1].losses == pytest.approx(one_node.losses, rel=1e-6)
+    assert first.keys() == expected.keys()
+    # As for ZeRO above: gloo sums two ranks' gradients in another order across nodes than within one, and Adam's
+    # first step turns a ~0 gradient's tiny difference into a sign. Measured: worst tensor 2e-3, lora_A equal.
+    worst = max(float((tensor - expected[name]).norm() / expected[name].norm()) for name, tensor in first.items())
+    assert worst < 5e-3

@@ -70,12 +70,12 @@ def swept(tmp_path_factory):
     would (it passes validation and fails in PEFT)."""
     sweep = tiny_sweep(tmp_path_factory.mktemp("sweep"), parameters={
         "train.learning_rate": [2e-3, 1e-3], "train.lora.target_modules": ["all-linear", ["no_such_layer"]]})
-    return sweep.overrides[0].split("=")[1], run_sweep(sweep)
+    return sweep.overrides[0].split("=")[1], run_sweep(sweep), sweep
 
 
 @pytest.mark.slow
 def test_a_sweep_runs_each_point_as_a_child_records_a_failed_point_and_registers_the_best(swept):
-    name, summary = swept
+    name, summary, _ = swept
     client = MlflowClient()
     parent = client.get_run(summary.run_id)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{summary.run_id}'")
@@ -110,7 +110,7 @@ def loss_history(run_id: str) -> list[float]:
 def test_two_points_at_once_in_processes_of_their_own_reproduce_their_sequential_losses(swept, tmp_path):
     """The same two learning rates, two at once (each process one of the two cores): every step's loss as when the
     points ran one after the other in the sweep's process."""
-    _, sequential = swept
+    _, sequential, _ = swept
     sweep = tiny_sweep(tmp_path, max_concurrency=2, parameters={
         "train.learning_rate": [2e-3, 1e-3], "train.lora.target_modules": ["all-linear"]})
     summary = run_sweep(sweep)
@@ -176,7 +176,7 @@ def chromium(url: str, shows: str, height: int = 1000, screenshot: str = "") -> 
 
 @pytest.mark.slow
 def test_the_mlflow_ui_shows_a_points_run_and_compares_the_sweeps_children_in_a_browser(swept):
-    name, summary = swept
+    name, summary, _ = swept
     client = MlflowClient()
     experiment = client.get_run(summary.run_id).info.experiment_id
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{summary.run_id}'")
@@ -201,3 +201,21 @@ def test_the_mlflow_ui_shows_a_points_run_and_compares_the_sweeps_children_in_a_
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_run_again_a_sweep_resumes_in_its_parent_run_and_trains_only_the_points_that_did_not_finish(swept):
+    """Last in the module: it adds children to the module's sweep. Its two failed points run (and fail) again; the
+    finished ones are kept, and the best, already registered, is not registered twice."""
+    _, first, _ = swept
+    again = run_sweep(swept[2])
+    assert again.run_id == first.run_id
+    assert sorted(result.status for result in again.results) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    kept = {result.run_id for result in first.results if result.status == "FINISHED"}
+    assert {result.run_id for result in again.results if result.status == "FINISHED"} == kept
+    assert not {result.run_id for result in again.results if result.status == "FAILED"} & {r.run_id for r in first.results}
+    client = MlflowClient()
+    children = client.search_runs([client.get_run(first.run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{first.run_id}'")
+    assert len(children) == 6
+    assert again.registered.version == first.registered.version and again.best.run_id == first.best.run_id
