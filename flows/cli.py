@@ -41,28 +41,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _train_node(args: argparse.Namespace) -> int:
-    """Another machine of a multi-node training: the same recipe's data prepared here, this node's torchrun workers
-    joined to the rendezvous; the flow's own machine (`loraflow run`) logs the run and registers the weights."""
-    import socket
+    """Another machine of a multi-node training: flows/train_node.py without Prefect."""
+    from flows.train_node import join_training
 
-    from flows.stages import prepare_data
-    from tasks.base_model import resolve_base_model
-    from tasks.context import RunContext
-    from tasks.train import stop_on_sigterm, train_in_workers
-
-    config = load_config(args.config, args.override)
-    if config.train.nodes == 1:
-        raise UserError(f"{args.config}: train.nodes is 1: a node joins a training of several (-o train.nodes=N "
-                        "-o train.rendezvous=HOST:PORT, as the flow's machine runs it)")
-    model_dir = resolve_base_model(config.base_model)
-    ctx = RunContext(config.output_dir / f"node-{socket.gethostname()}", seed=config.seed,
-                     trust_remote_code=config.trust_remote_code)
-    data = prepare_data(config, model_dir, ctx)
-    print(f"loraflow: node joining {config.train.nodes}-node training at {config.train.rendezvous} "
-          f"(data {data.cleaned.data_hash[:12]})", flush=True)
-    with stop_on_sigterm():
-        result = train_in_workers(data.tokens, model_dir, config.train, ctx)
-    print(f"loraflow: node done: {result.steps} steps; weights (as the flow's machine has them) {result.weights_dir}")
+    result = join_training(str(args.config), args.override)
+    print(f"loraflow: node done: {result.steps} steps; its copy of the weights: {result.weights_dir}")
     return 0
 
 

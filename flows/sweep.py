@@ -99,7 +99,7 @@ def recorded_points(parent_run_id: str) -> list[PointResult]:
     """The children a sweep's parent has, as results (the newest child per point)."""
     client = MlflowClient()
     children = client.search_runs([client.get_run(parent_run_id).info.experiment_id],
-                                  f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent_run_id}'", order_by=["attributes.start_time ASC"])
+                                  f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'", order_by=["attributes.start_time ASC"])
     newest: dict[str, PointResult] = {}
     for child in children:
         tags, status = child.data.tags, child.info.status
@@ -117,7 +117,7 @@ def recorded_points(parent_run_id: str) -> list[PointResult]:
 
 def sweep_to_resume(base: RunConfig, key: str) -> str | None:
     """The newest parent run of this same sweep on the same data, if some of its points did not finish."""
-    runs = mlflow.search_runs([experiment_id(base.experiment)], f"tags.{SWEEP_KEY_TAG} = '{key}'",
+    runs = mlflow.search_runs([experiment_id(base.experiment)], f"tags.`{SWEEP_KEY_TAG}` = '{key}'",
                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     if not runs or runs[0].info.status == "RUNNING":  # a sweep still running is another process's
         return None

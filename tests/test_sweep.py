@@ -45,8 +45,7 @@ def test_a_random_search_draws_its_budget_of_distinct_points_in_range_repeatably
      "pruner: needs method tpe"),
     ("recipe: r.yaml\nmethod: tpe\nbudget: 2\nfirst_points: [{train.lora.alpha: 4}]\nparameters: {train.lora.r: [4]}\n",
      "first_points.0: ['train.lora.alpha'] are not swept parameters"),
-    ("recipe: r.yaml\nmax_concurrency: 2\nrunner: {pool: p}\nparameters: {train.lora.r: [4]}\n",
-     "max_concurrency: points on a work pool run runner.max_parallel at once"),
+    ("recipe: r.yaml\nmethod: tpe\nparameters: {train.lora.r: [4]}\n", "budget: method tpe needs a budget"),
     ("recipe: r.yaml\nparameters: {train.learning_rate: {low: 1, high: 2}}\n", "a grid needs a list of values"),
     ("recipe: r.yaml\nparameters: {}\n", "parameters: Dictionary should have at least 1 item"),
 ])

@@ -246,7 +246,10 @@ def test_a_sweep_fans_its_points_out_on_the_pool_and_a_killed_worker_leaves_its_
     recipe = write_tiny_recipe(tmp_path)
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(json.dumps({
-        "recipe": str(recipe), "overrides": ["experiment=team-sweep", "registry.model_name=team-sweep"],
+        # A relative output_dir: each point writes in its flow run's clone, so the parent fetches the best adapter
+        # from its MLflow run, as from another machine.
+        "recipe": str(recipe), "overrides": ["experiment=team-sweep", "registry.model_name=team-sweep",
+                                             "output_dir=outputs"],
         "parameters": {"train.learning_rate": [1e-3, 2e-3, 3e-3, 4e-3]},
         "runner": {"pool": POOL, "max_parallel": 2, "crashed_after_s": 60},
     }))
@@ -284,4 +287,6 @@ def test_a_sweep_fans_its_points_out_on_the_pool_and_a_killed_worker_leaves_its_
     [version] = client.search_model_versions("name = 'team-sweep'")
     assert version.run_id == sweep_run.data.tags["loraflow.best_run_id"] != crashed[0].info.run_id
     assert not version.tags[PROMOTION_TAG].startswith("undecided")
+    best = sweep_run.data.tags["loraflow.best_run_id"]
+    assert (tmp_path / "outputs" / best / "train" / "fetched" / "adapter_peft" / "adapter_model.safetensors").exists()
 

@@ -94,7 +94,8 @@ def test_the_tokenize_cache_key_changes_with_the_libraries_that_shape_tokens(tmp
 
 @pytest.mark.parametrize("line, expected", [
     ("parameters: {identity.name: [Ember, Ash]}", "parameters.identity.name: a sweep shares one data set"),
-    ("parameters: {train.lora.r: [4, 8]}\nmax_concurrency: 2", "max_concurrency 2: points share one process"),
+    ("parameters: {train.lora.r: [4, 8]}\nmax_concurrency: 2\nrunner: {pool: gpus}",
+     "max_concurrency: points on a work pool run runner.max_parallel at once"),
 ])
 def test_a_sweep_that_would_share_data_or_process_state_wrongly_is_refused(tmp_path, line, expected):
     path = tmp_path / "sweep.yaml"
