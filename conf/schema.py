@@ -377,8 +377,8 @@ class SweepRunner(_Section):
     pool: str = Field(min_length=1, description="the work pool; prefect.yaml deploys sweep-point/<pool> on it")
     max_parallel: int = Field(default=2, gt=0, description="points running on the pool at once")
     crashed_after_s: int = Field(
-        default=600, ge=60, description="a point whose flow run sent no heartbeat for this long is marked crashed "
-        "(its worker died); above the workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
+        default=600, ge=45, description="a point whose flow run sent no heartbeat for this long is marked crashed "
+        "(its worker died); well above the workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY (at least 30)")
 
 
 class SweepConfig(_Section):

@@ -51,6 +51,8 @@ def workers(stack, tmp_path_factory):
     """The pool and its two workers (one flow run at a time each), both polling before the fixture returns."""
     folder = tmp_path_factory.mktemp("workers")
     prefect(stack, "work-pool", "create", POOL, "--type", "process", "--overwrite", cwd=folder)
+    # From the repository, as a user deploys; LORAFLOW_REPOSITORY goes into the pull step the workers run.
+    prefect(stack, "deploy", "--name", "identity-nightly", "--name", POOL, cwd=REPO, LORAFLOW_REPOSITORY=str(REPO))
     started = []
     for name in ("worker-a", "worker-b"):
         home = folder / name
@@ -108,10 +110,10 @@ def api(stack: TeamStack, path: str, body: dict | None = None) -> dict | list:
         return json.loads(response.read())
 
 
-def trigger(stack: TeamStack, deployment: str) -> str:
-    """What `prefect deployment run nightly/<deployment>` does, through the API (no CLI start-up per trigger)."""
+def trigger(stack: TeamStack, deployment: str, parameters: dict | None = None) -> str:
+    """What `prefect deployment run nightly/<deployment> [--param ...]` does, through the API (no CLI start-up)."""
     found = api(stack, f"/deployments/name/nightly/{deployment}")
-    return api(stack, f"/deployments/{found['id']}/create_flow_run", {})["id"]
+    return api(stack, f"/deployments/{found['id']}/create_flow_run", {"parameters": parameters or {}})["id"]
 
 
 def wait_for_runs(stack: TeamStack, run_ids: list[str], workers: list[subprocess.Popen], seconds: float) -> list[dict]:
@@ -185,12 +187,11 @@ def test_two_workers_train_register_and_move_champion_under_one_lock_and_record_
                           .replace("registry: {primary_metric: rougeL}",
                                    f"registry: {{primary_metric: rougeL, model_name: {MODEL}}}\nexperiment: {deployment}"))
         recipes[deployment] = recipe
-    # From the repository, as a user deploys; LORAFLOW_REPOSITORY goes into the pull step the workers run.
-    prefect(stack, "deploy", "--name", "identity-nightly", "--params",
-            json.dumps({"recipe": str(recipes["identity-nightly"])}), cwd=REPO, LORAFLOW_REPOSITORY=str(REPO))
     prefect(stack, "deploy", "flows/nightly.py:nightly", "--name", "team-b", "--pool", POOL, "--params",
             json.dumps({"recipe": str(recipes["team-b"])}), cwd=REPO, LORAFLOW_REPOSITORY=str(REPO))
-    both = [trigger(stack, deployment) for deployment in recipes]
+    # identity-nightly as prefect.yaml deploys it (the workers fixture did), on this test's recipe.
+    parameters = {"identity-nightly": {"recipe": str(recipes["identity-nightly"])}, "team-b": {}}
+    both = [trigger(stack, deployment, parameters[deployment]) for deployment in recipes]
     runs = wait_for_runs(stack, both, workers.processes, 900)
     assert [run["state"]["type"] for run in runs] == ["COMPLETED", "COMPLETED"], [logs_of(stack, r) for r in both]
     starts, ends = sorted(run["start_time"] for run in runs), sorted(run["end_time"] for run in runs)
@@ -214,7 +215,7 @@ def test_two_workers_train_register_and_move_champion_under_one_lock_and_record_
     for run_id in both:  # the entrypoint is in no worker's folder: only the pull step's clone has it
         assert logged(stack, run_id, "Executing deployment step: git_clone")
 
-    again = trigger(stack, "identity-nightly")
+    again = trigger(stack, "identity-nightly", parameters["identity-nightly"])
     [run] = wait_for_runs(stack, [again], workers.processes, 300)
     assert run["state"]["type"] == "COMPLETED"
     assert logged(stack, again, "skipped: the recipe and its data"), logs_of(stack, again)
@@ -251,9 +252,8 @@ def test_a_sweep_fans_its_points_out_on_the_pool_and_a_killed_worker_leaves_its_
         "recipe": str(recipe), "overrides": ["experiment=team-sweep", "registry.model_name=team-sweep",
                                              "output_dir=outputs"],
         "parameters": {"train.learning_rate": [1e-3, 2e-3, 3e-3, 4e-3]},
-        "runner": {"pool": POOL, "max_parallel": 2, "crashed_after_s": 60},
+        "runner": {"pool": POOL, "max_parallel": 2, "crashed_after_s": 45},  # heartbeats every 30 s: 15 s to spare
     }))
-    prefect(stack, "deploy", "--name", POOL, cwd=REPO, LORAFLOW_REPOSITORY=str(REPO))
     deployment = api(stack, f"/deployments/name/sweep-point/{POOL}")["id"]
 
     def point_runs() -> list[dict]:
