@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conf.schema import ConfigError, SweepConfig, load_sweep
+from conf.schema import ConfigError, SweepConfig, load_config, load_sweep
+from flows.cli import main
 from flows.prefect_server import free_port
+from flows.runs import experiment_id
 from flows.sweep import RESULTS_TABLE, run_sweep, sweep_points
+from flows.sweep_point import PointJob, prepare_and_run
 from tests.conftest import STATE_DIR, wait_for_http, write_tiny_recipe
 
 
@@ -61,6 +64,29 @@ def tiny_sweep(folder: Path, **fields) -> SweepConfig:
     name = f"sweep-{folder.name[-8:]}"
     return SweepConfig(recipe=write_tiny_recipe(folder), overrides=[f"experiment={name}", f"registry.model_name={name}"],
                        **fields)
+
+
+def test_points_on_a_pool_need_the_prefect_server_its_workers_poll(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(f"recipe: {write_tiny_recipe(tmp_path)}\nparameters: {{train.lora.r: [4, 8]}}\n")
+    assert main(["sweep", str(sweep_file), "--pool", "gpus"]) == 2
+    assert capsys.readouterr().err.strip() == (f"loraflow: error: {sweep_file}: points on work pool gpus need the "
+                                               "Prefect server its workers poll: set PREFECT_API_URL")
+
+
+def test_a_point_whose_data_is_not_the_sweeps_fails_in_one_line_and_trains_nothing(tmp_path):
+    """As on a worker that reads other files than the sweep did: the point's data hash is not the one it was given."""
+    config = load_config(write_tiny_recipe(tmp_path), [f"experiment=hash-{tmp_path.name[-8:]}"])
+    client = MlflowClient()
+    run_id = client.create_run(experiment_id(config.experiment)).info.run_id
+    point = {"train.learning_rate": 0.001}
+    result = prepare_and_run(PointJob(config=config, point=point, run_id=run_id, data_hash="0" * 64))
+    assert result.status == "FAILED" and "\n" not in result.error
+    assert result.error.startswith("point learning_rate=0.001: its data hash ") and "differs from the sweep's 000000" in result.error
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["loraflow.error"] == result.error
+    assert not client.get_metric_history(run_id, "train_loss")
 
 
 @pytest.fixture(scope="module")
