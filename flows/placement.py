@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 
 from conf.schema import UserError
-from flows.sweep_point import ERROR_TAG, PointJob, PointResult, end_point, run_point
+from flows.sweep_point import PointJob, PointResult, end_point, recorded_result, run_point
 from tasks.results import PreparedData
 
 POINT_FLOW = "sweep-point"
@@ -160,11 +160,6 @@ class Pool:
     @staticmethod
     def _result(job: PointJob, state: State) -> PointResult:
         run = MlflowClient().get_run(job.run_id)
-        status = run.info.status
-        if status == "RUNNING":  # the point never ended its run: its flow run crashed, failed or was cancelled
+        if run.info.status == "RUNNING":  # the point never ended its run: its flow run crashed, failed or was cancelled
             return crashed(job, f"Prefect state {state.name}: {state.message or ''}".strip())
-        tags = run.data.tags
-        outcome = {"FINISHED": "FINISHED", "KILLED": "PRUNED"}.get(status, "FAILED")
-        return PointResult(point=job.point, run_id=job.run_id, status=outcome,
-                           metrics=dict(run.data.metrics) if outcome == "FINISHED" else {},
-                           error=tags.get(ERROR_TAG, ""), precision=tags.get("train.precision_used", ""))
+        return recorded_result(run)

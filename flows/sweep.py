@@ -34,7 +34,7 @@ from flows.runs import (
     CONFIG_HASH_TAG, current_data_hash, experiment_id, preflight, run_context, run_tags, score_basis_tags,
 )
 from flows.stages import prepare_data, register_task, score_champion_head_to_head
-from flows.sweep_point import ERROR_TAG, POINT_TAG, STATE_TAG, PointJob, PointResult, point_name
+from flows.sweep_point import POINT_TAG, PointJob, PointResult, point_name, recorded_result
 from tasks.base_model import resolve_base_model
 from tasks.register import RegisterRequest, RegisterResult
 from tasks.results import PreparedData
@@ -100,18 +100,8 @@ def recorded_points(parent_run_id: str) -> list[PointResult]:
     client = MlflowClient()
     children = client.search_runs([client.get_run(parent_run_id).info.experiment_id],
                                   f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'", order_by=["attributes.start_time ASC"])
-    newest: dict[str, PointResult] = {}
-    for child in children:
-        tags, status = child.data.tags, child.info.status
-        if POINT_TAG not in tags:
-            continue
-        outcome = ("PRUNED" if tags.get(STATE_TAG) == "pruned" else "CRASHED" if tags.get(STATE_TAG) == "crashed"
-                   else status if status in ("FINISHED", "FAILED") else "CRASHED")
-        point = json.loads(tags[POINT_TAG])
-        newest[_point_key(point)] = PointResult(
-            point=point, run_id=child.info.run_id, status=outcome, error=tags.get(ERROR_TAG, ""),
-            metrics=dict(child.data.metrics) if outcome == "FINISHED" else {},
-            precision=tags.get("train.precision_used", ""))
+    newest = {_point_key(json.loads(child.data.tags[POINT_TAG])): recorded_result(child)
+              for child in children if POINT_TAG in child.data.tags}
     return list(newest.values())
 
 

@@ -9,10 +9,12 @@ and checks its content hash against the parent's, so every point trains and is s
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from prefect import flow
 from pydantic import BaseModel
@@ -61,6 +63,16 @@ class PointResult(BaseModel):
 
 def point_name(point: dict[str, Any]) -> str:
     return " ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in point.items())
+
+
+def recorded_result(run: Run) -> PointResult:
+    """A point's outcome as its child run records it (a run still RUNNING: its process or worker died)."""
+    tags, status = run.data.tags, run.info.status
+    outcome = ("PRUNED" if tags.get(STATE_TAG) == "pruned" else "CRASHED" if tags.get(STATE_TAG) == "crashed"
+               else status if status in ("FINISHED", "FAILED") else "CRASHED")
+    return PointResult(point=json.loads(tags[POINT_TAG]), run_id=run.info.run_id, status=outcome,
+                       metrics=dict(run.data.metrics) if outcome == "FINISHED" else {},
+                       error=tags.get(ERROR_TAG, ""), precision=tags.get("train.precision_used", ""))
 
 
 def end_point(run_id: str, status: str, error: str = "", state: str = "") -> None:
