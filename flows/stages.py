@@ -94,6 +94,11 @@ def prepare_data(config: RunConfig, model_dir: str, ctx: RunContext, *, cleaned:
     return PreparedData(cleaned, tokens)
 
 
+def weights_artifact(method: str) -> str:
+    """The run's artifact folder the trained weights are logged under."""
+    return "model_full" if method == "full" else "adapter_peft"
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(data: PreparedData, model_dir: str, config: RunConfig, ctx: RunContext, *, resume: bool = False,
                samples: SamplePrompts | None = None, prune: Callable[[int, float], bool] | None = None) -> TrainResult:
@@ -124,7 +129,7 @@ def train_task(data: PreparedData, model_dir: str, config: RunConfig, ctx: RunCo
               f"{result.precision}, {result.attn} attention)")
     set_tags(ctx.run_id, {"train.precision_used": result.precision, "train.attn_used": result.attn})
     log_metrics(ctx.run_id, {"train_seconds": result.train_seconds, "train_tokens_per_s": result.tokens_per_second})
-    log_artifact(ctx.run_id, result.weights_dir, "model_full" if config.train.method == "full" else "adapter_peft")
+    log_artifact(ctx.run_id, result.weights_dir, weights_artifact(config.train.method))
     log_loss_plot(ctx.run_id)
     return result
 

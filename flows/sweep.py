@@ -33,12 +33,13 @@ from flows.placement import InProcess, Pool, Processes
 from flows.runs import (
     CONFIG_HASH_TAG, current_data_hash, experiment_id, preflight, run_context, run_tags, score_basis_tags,
 )
-from flows.stages import prepare_data, register_task, score_champion_head_to_head
+from flows.stages import prepare_data, register_task, score_champion_head_to_head, weights_artifact
 from flows.sweep_point import POINT_TAG, PointJob, PointResult, point_name, recorded_result
 from tasks.base_model import resolve_base_model
 from tasks.register import RegisterRequest, RegisterResult
 from tasks.results import PreparedData
 from tasks.tracking import flow_run, log_metrics, log_params, log_table, set_tags
+from tasks.train import weights_folder
 
 RESULTS_TABLE = "sweep/results.json"
 TRIALS_TABLE = "sweep/trials.json"
@@ -271,10 +272,10 @@ def _register_best(best: PointResult, config: RunConfig, data: PreparedData, swe
     logged adapter."""
     weights_dir = best.weights_dir
     if weights_dir is None or not weights_dir.exists():
-        local = run_context(config, best.run_id).work_dir / "train" / ("model" if config.train.method == "full" else "adapter")
-        artifact = "model_full" if config.train.method == "full" else "adapter_peft"
+        local = weights_folder(run_context(config, best.run_id).work_dir / "train", config.train.method)
         weights_dir = local if local.exists() else Path(mlflow.artifacts.download_artifacts(
-            run_id=best.run_id, artifact_path=artifact, dst_path=str(local.parent / "fetched")))
+            run_id=best.run_id, artifact_path=weights_artifact(config.train.method),
+            dst_path=str(local.parent / "fetched")))
     basis = score_basis_tags(config, data.cleaned.eval_hash)
     champion_score = score_champion_head_to_head(config, basis, data.cleaned, run_context(config, best.run_id),
                                                  precision=best.precision)

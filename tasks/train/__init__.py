@@ -9,11 +9,11 @@
 - launcher.py / worker.py: the same stage in `torchrun` worker processes
 """
 
-from tasks.train.checkpoints import checkpoints_folder, resumable_checkpoint
+from tasks.train.checkpoints import checkpoints_folder, resumable_checkpoint, weights_folder
 from tasks.train.callbacks import HeldOutReport
 from tasks.train.launcher import train_in_workers
 from tasks.train.stage import train
 from tasks.train.stopping import STOP_REQUESTED, TrainingPruned, TrainingStopped, stop_on_sigterm
 
 __all__ = ["STOP_REQUESTED", "HeldOutReport", "TrainingPruned", "TrainingStopped", "checkpoints_folder",
-           "resumable_checkpoint", "stop_on_sigterm", "train", "train_in_workers"]
+           "resumable_checkpoint", "stop_on_sigterm", "train", "train_in_workers", "weights_folder"]

@@ -10,6 +10,11 @@ def checkpoints_folder(out_dir: Path) -> Path:
     return out_dir / "checkpoints"
 
 
+def weights_folder(out_dir: Path, method: str) -> Path:
+    """Where training saves what it trained: the adapter, or the whole model for method full."""
+    return out_dir / ("model" if method == "full" else "adapter")
+
+
 def resumable_checkpoint(checkpoints_dir: Path) -> Path | None:
     """The newest complete checkpoint, after removing any newer one cut off mid-save.
 

@@ -45,7 +45,7 @@ from tasks.results import TokenizedData, TrainResult
 from tasks.train.callbacks import (
     AnswerSamplePrompts, HeldOutLossEvery, HeldOutReport, ProgressBarOnly, SampleLogger, StepLogger, StepMetrics,
 )
-from tasks.train.checkpoints import checkpoints_folder
+from tasks.train.checkpoints import checkpoints_folder, weights_folder
 from tasks.train.collators import training_collator
 from tasks.train.loss import TrainedPositionsTrainer
 from tasks.train.stopping import STOP_REQUESTED, StopWhenRequested, TrainingPruned, TrainingStopped
@@ -228,7 +228,7 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
         raise TrainingStopped(output.global_step, checkpoints_dir / f"checkpoint-{output.global_step}")
     if pruner is not None and pruner.stopped_at is not None:
         raise TrainingPruned(pruner.stopped_at, pruner.last_loss)
-    weights_dir = out_dir / ("model" if config.method == "full" else "adapter")
+    weights_dir = weights_folder(out_dir, config.method)
     trainer.save_model(str(weights_dir))  # on every process: under ZeRO-3 the weights are gathered first
     # The Trainer also pickles its arguments there; nothing reads them, and a model folder should hold no pickle.
     (weights_dir / "training_args.bin").unlink(missing_ok=True)
