@@ -122,6 +122,13 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
     if config.deepspeed is not None:
         import deepspeed
 
+        if on_cpu:
+            # On a CPU DeepSpeed compiles its shared-memory all-reduce as it starts (C++, about 2 minutes on 2 cores,
+            # again in every new environment); only its inference engine and tensor parallelism call it, ZeRO
+            # reduces through gloo. Its table of usable ops is the switch it reads (kept and editable by design).
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         # Before TrainingArguments, or DeepSpeed goes looking for MPI (and NCCL does not exist on a CPU).
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
