@@ -30,6 +30,9 @@ def tool_defaults(project_dir: Path) -> dict[str, str]:
         CONSOLE_LOG_LEVEL["prefect"]: "WARNING",
         CONSOLE_LOG_LEVEL["mlflow"]: "WARNING",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # An MLflow server (`loraflow ui`, a test's) starts job-runner processes for MLflow's GenAI jobs (scorers,
+        # prompt optimisation), which loraflow never submits: about 6 s of CPU each, several per server.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         # MLflow retries a failed request 7 times, with back-off sleeps adding up to about 4 minutes, holding
         # training still; with these it gives up after about 7 s and loraflow carries on offline (tasks/tracking.py).
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",

@@ -23,11 +23,43 @@ os.environ["PREFECT_HOME"] = str(STATE_DIR / "prefect")
 from conf.environment import apply_tool_defaults  # noqa: E402
 
 apply_tool_defaults(STATE_DIR)
-# Prefect's console log handler keeps the stream it was made with: made now, it writes to pytest's session-long
-# capture, not to one test's capsys stream (closed when that test ends).
-importlib.import_module("prefect")
 
 REPO = Path(__file__).resolve().parents[1]
+_prefect_server: tuple | None = None  # (process, port) of the test process's Prefect server
+
+
+def pytest_configure(config):
+    """A Prefect server for each test process, which its flows and the commands it starts report to, as a team's
+    commands report to theirs: each `loraflow` command would otherwise start one of its own (about 10 s of CPU on
+    this 2-core machine, dozens of times a suite). Not in pytest-xdist's controller, which runs no test. Commands that
+    a test must see start their own server run without PREFECT_API_URL (test_flow_e2e's `make run`)."""
+    global _prefect_server
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+        from flows.prefect_server import free_port, launch_server
+
+        port = free_port()
+        _prefect_server = launch_server(port, "--no-services", "--no-ui"), port
+        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    # Prefect reads PREFECT_API_URL once, as it is imported. Its console log handler keeps the stream it was made
+    # with: made now, it writes to pytest's session-long capture, not to one test's capsys stream (closed when that
+    # test ends).
+    importlib.import_module("prefect")
+
+
+def pytest_unconfigure(config):
+    if _prefect_server is not None:
+        from flows.prefect_server import stop_server
+
+        stop_server(_prefect_server[0])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server_up():
+    """The server started as the tests were collected, answering before the first test runs."""
+    if _prefect_server is not None:
+        from flows.prefect_server import wait_for_server
+
+        wait_for_server(*_prefect_server)
 
 
 def loraflow_run(*args: str):

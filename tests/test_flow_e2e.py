@@ -29,9 +29,11 @@ OVERRIDES = ["train.max_steps=8", "evaluate.max_new_tokens=24"]
 
 
 def loraflow(*args, **env):
+    """The command as `make run` runs it: with no Prefect server set, it starts its own."""
+    own_env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=STATE_DIR,
-        env=os.environ | env, timeout=900,
+        env=own_env | env, timeout=900,
     )
 
 
