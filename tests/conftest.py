@@ -30,9 +30,10 @@ _prefect_server: tuple | None = None  # (process, port) of the test process's Pr
 
 def pytest_configure(config):
     """A Prefect server for each test process, which its flows and the commands it starts report to, as a team's
-    commands report to theirs: each `loraflow` command would otherwise start one of its own (about 10 s of CPU on
-    this 2-core machine, dozens of times a suite). Not in pytest-xdist's controller, which runs no test. Commands that
-    a test must see start their own server run without PREFECT_API_URL (test_flow_e2e's `make run`)."""
+    commands report to theirs: otherwise every `loraflow` command a test starts brings up one of its own (a trivial
+    flow: 12 s of CPU with a server of its own, 2.5 s against a running one, on this 2-core machine). Not in
+    pytest-xdist's controller, which runs no test. A command that a test must see start its own server runs without
+    PREFECT_API_URL (test_flow_e2e's `make run`)."""
     global _prefect_server
     if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
         from flows.prefect_server import free_port, launch_server
