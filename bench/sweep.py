@@ -113,14 +113,15 @@ def main() -> None:
         return statistics.median((run.end_time - run.start_time) / 1000 for run in runs)
 
     points = len(summaries["serial"].results)
-    point, on_pool = point_seconds("serial"), point_seconds("one worker")
+    per_point = {label: point_seconds(label) for label in walls}
+    point, on_pool = per_point["serial"], per_point["one worker"]
     fixed = walls["serial"] - points * point
     dispatch = on_pool - point
     cores = os.cpu_count()
     print(f"{points}-point sweep ({SWEEP.name}, {args.max_steps} steps a point), {cores} cores")
     for label, wall in walls.items():
         statuses = json.dumps(sorted(result.status for result in summaries[label].results))
-        print(f"{label:<12} {wall:7.1f} s  a point {point_seconds(label):5.1f} s  {statuses}")
+        print(f"{label:<12} {wall:7.1f} s  a point {per_point[label]:5.1f} s  {statuses}")
     print(f"the parent's own work (data, registration): {fixed:.1f} s")
     print(f"dispatch overhead per point on the pool (a point on one worker vs in the sweep's process): {dispatch:.1f} s")
     print(f"speed-up, two workers vs serial: {walls['serial'] / walls['two workers']:.2f}x")
