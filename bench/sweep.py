@@ -19,9 +19,11 @@ worker, and the serial sweep, use all of them.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=10, help="training steps per point (default 10)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="loraflow-bench-sweep-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     os.environ |= {"MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}",
                    "LORAFLOW_ARTIFACT_ROOT": (scratch / "artifacts").as_uri(), "PREFECT_HOME": str(scratch / "prefect")}
     apply_tool_defaults(scratch)

