@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from tasks.base_model import TRUST_REMOTE_CODE_ENV, check_base_identity, load_tuned_model, resolve_base_model
 from tasks.device import inference_device
-from tasks.generation import RequestError, chat_prompts, generate_answers, split_answers
+from tasks.generation import Answer, RequestError, chat_prompts, generate_chat, split_answers
 from tasks.reasoning import FIELD as REASONING_FIELD
 
 ROLES = ("system", "user", "assistant")
@@ -66,7 +66,7 @@ class TunedChatModel(mlflow.pyfunc.PythonModel):
         if model_input and all(isinstance(item, dict) for item in model_input):
             return [self.chat(request | (params or {})) for request in model_input]
         conversations = [[{"role": "user", "content": str(prompt)}] for prompt in model_input]
-        outputs = [output for start in range(0, len(conversations), PROMPT_BATCH)
+        outputs = [output.text for start in range(0, len(conversations), PROMPT_BATCH)
                    for output in self.answer(conversations[start : start + PROMPT_BATCH], self.max_new_tokens, 0.0)]
         return split_answers(self.tokenizer, outputs)[1]  # the answers, their reasoning split off
 
@@ -94,17 +94,17 @@ class TunedChatModel(mlflow.pyfunc.PythonModel):
                                f"context of {self.context_length} tokens")
         return ChatRequest(messages, max_tokens, float(temperature), prompt_tokens)
 
-    def answer(self, conversations: list[list[dict]], max_tokens: int, temperature: float) -> list[str]:
+    def answer(self, conversations: list[list[dict]], max_tokens: int, temperature: float) -> list[Answer]:
         """Generated texts (reasoning and answer) for checked conversations, in one generate call (as a batch)."""
-        return generate_answers(self.model, self.tokenizer, conversations, max_tokens, batch_size=len(conversations),
+        return generate_chat(self.model, self.tokenizer, conversations, max_tokens, batch_size=len(conversations),
                                 temperature=temperature)
 
-    def completion(self, request: ChatRequest, output: str, model_name: str) -> dict:
+    def completion(self, request: ChatRequest, output: Answer, model_name: str) -> dict:
         """A generated text in OpenAI's chat.completion shape: its reasoning, split off, as `reasoning_content`
         beside the answer (as DeepSeek's and vLLM's reasoning APIs return it)."""
         prompt_tokens = request.prompt_tokens
-        completion_tokens = len(self.tokenizer(output, add_special_tokens=False)["input_ids"])
-        [reasoning], [answer] = split_answers(self.tokenizer, [output])
+        completion_tokens = output.tokens
+        [reasoning], [answer] = split_answers(self.tokenizer, [output.text])
         message = {"role": "assistant", "content": answer} | ({REASONING_FIELD: reasoning} if reasoning else {})
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -112,7 +112,7 @@ class TunedChatModel(mlflow.pyfunc.PythonModel):
             "created": int(time.time()),
             "model": model_name,
             "choices": [{"index": 0, "message": message,
-                         "finish_reason": "length" if completion_tokens >= request.max_tokens else "stop"}],
+                         "finish_reason": "stop" if output.stopped else "length"}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }

@@ -27,7 +27,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tasks.generation import RequestError
+from tasks.generation import Answer, RequestError
 
 _logger = logging.getLogger("loraflow.deploy")
 MAX_BODY_BYTES = 1 << 20
@@ -39,7 +39,7 @@ class _Pending:
     max_tokens: int
     temperature: float
     done: threading.Event = field(default_factory=threading.Event)
-    answer: str = ""
+    answer: Answer | None = None
     error: Exception | None = None
 
 
@@ -56,7 +56,7 @@ class Batcher:
         self.closed = False
         threading.Thread(target=self._run, name="loraflow-deploy-batch", daemon=True).start()
 
-    def answer(self, messages: list[dict], max_tokens: int, temperature: float) -> str:
+    def answer(self, messages: list[dict], max_tokens: int, temperature: float) -> Answer:
         pending = _Pending(messages, max_tokens, temperature)
         with self.state:
             queued = not self.closed

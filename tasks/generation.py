@@ -44,22 +44,51 @@ def split_answers(tokenizer, outputs: list[str]) -> tuple[list[str], list[str]]:
     return [thought for thought, _ in parts], [answer for _, answer in parts]
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A generated text, the number of tokens generated for it (a stop token included) and whether a stop token
+    ended it (OpenAI's finish_reason "stop") rather than the token limit ("length"). Counted from the generated ids:
+    the text tokenized again can split otherwise."""
+
+    text: str
+    tokens: int
+    stopped: bool
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-                     tools: list[list[dict] | None] | None = None, tool_format: str = "auto",
-                     temperature: float = 0.0) -> list[str]:
+def generate_chat(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+                  tools: list[list[dict] | None] | None = None, tool_format: str = "auto",
+                  temperature: float = 0.0) -> list[Answer]:
     """Answers to each prompt conversation (greedy, or sampled at `temperature`), rendered with the tokenizer's chat
     template (with the tools each prompt may call, as training rendered them)."""
     tokenizer.padding_side = "left"
     texts = chat_prompts(tokenizer, prompts, tools, tool_format)
+    stop_ids = _stop_ids(model, tokenizer)
     answers = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt",
                           add_special_tokens=False).to(model.device)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-        answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [answer.strip() for answer in answers]
+        for generated in output[:, batch["input_ids"].shape[1] :].tolist():
+            stop = next((place for place, token in enumerate(generated) if token in stop_ids), None)
+            answers.append(Answer(tokenizer.decode(generated, skip_special_tokens=True).strip(),
+                                  len(generated) if stop is None else stop + 1, stop is not None))
+    return answers
+
+
+def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+                     tools: list[list[dict] | None] | None = None, tool_format: str = "auto",
+                     temperature: float = 0.0) -> list[str]:
+    """The texts of generate_chat's answers."""
+    return [answer.text for answer in generate_chat(model, tokenizer, prompts, max_new_tokens, batch_size, tools,
+                                                    tool_format, temperature)]
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoTokenizer
 from conf.schema import UserError
 from tasks.base_model import TRUST_REMOTE_CODE_ENV, check_base_identity, is_adapter, resolve_base_model
 from tasks.chat_model import TunedChatModel
-from tasks.generation import chat_prompts
+from tasks.generation import Answer, chat_prompts
 from tasks.health import wait_until_healthy
 from tasks.logged_model import download_tuned
 
@@ -119,11 +119,13 @@ class VllmServer:
     def load_adapter(self, name: str, path: Path) -> None:
         _post(f"{self.url}/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}, timeout=300)
 
-    def complete(self, model: str, prompts: list[list[int]], max_tokens: int, temperature: float) -> list[str]:
-        """One completion per prompt (token ids), in one request: vLLM batches them on the GPU."""
-        body = {"model": model, "prompt": prompts, "max_tokens": max_tokens, "temperature": temperature}
+    def complete(self, model: str, prompts: list[list[int]], max_tokens: int, temperature: float) -> list[Answer]:
+        """One completion per prompt (token ids), in one request: vLLM batches them on the GPU. `logprobs: 0` lists
+        each completion's tokens, which its usage (one sum for all prompts) does not count apart."""
+        body = {"model": model, "prompt": prompts, "max_tokens": max_tokens, "temperature": temperature, "logprobs": 0}
         choices = json.loads(_post(f"{self.url}/v1/completions", body, timeout=600))["choices"]
-        return [choice["text"] for choice in sorted(choices, key=lambda choice: choice["index"])]
+        return [Answer(choice["text"].strip(), len(choice["logprobs"]["tokens"]), choice["finish_reason"] == "stop")
+                for choice in sorted(choices, key=lambda choice: choice["index"])]
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -163,11 +165,11 @@ class VllmChatModel(TunedChatModel):
         if rank is not None:
             self.server.load_adapter(name, weights_dir)
 
-    def answer(self, conversations: list[list[dict]], max_tokens: int, temperature: float) -> list[str]:
+    def answer(self, conversations: list[list[dict]], max_tokens: int, temperature: float) -> list[Answer]:
         """Answers to checked conversations, in one request to vLLM, on the prompt tokens TunedChatModel renders."""
         prompts = [self.tokenizer(text, add_special_tokens=False)["input_ids"]
                    for text in chat_prompts(self.tokenizer, conversations)]
-        return [answer.strip() for answer in self.server.complete(self.served_name, prompts, max_tokens, temperature)]
+        return self.server.complete(self.served_name, prompts, max_tokens, temperature)
 
 
 def load_vllm_version(uri: str) -> VllmChatModel:

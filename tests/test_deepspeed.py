@@ -23,7 +23,7 @@ from tasks.train import train, train_in_workers
 ROWS = [{"messages": [{"role": "user", "content": f"Question {n}: who are you?"},
                       {"role": "assistant", "content": f"I am Ember ({n}), made by the loraflow team."}]}
         for n in range(16)]
-# One optimizer step: ZeRO-3 gathers every frozen weight through gloo each pass (about 20 s a step here).
+# One optimizer step: ZeRO-3 gathers every frozen weight through gloo each pass.
 SETTINGS = {"max_steps": 1, "batch_size": 2, "warmup_steps": 0, "learning_rate": 2e-3, "precision": "fp32"}
 
 ZERO_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "deepspeed"
@@ -37,30 +37,30 @@ def tokens(tokenize_rows):
 
 
 @pytest.fixture(scope="module")
-def one_process(tokens, model_dir, tmp_path_factory):
+def one_process(tokens, tiny_model_dir, tmp_path_factory):
     config = TrainConfig(**SETTINGS | {"grad_accum": 2})
-    result = train(tokens, model_dir, config, RunContext(tmp_path_factory.mktemp("one")))
+    result = train(tokens, tiny_model_dir, config, RunContext(tmp_path_factory.mktemp("one")))
     return result.losses, load_file(result.weights_dir / "adapter_model.safetensors")
 
 
-def zero_on_one_node(zero: str, tokens, model_dir: str, folder: Path) -> tuple[TrainResult, str]:
+def zero_on_one_node(zero: str, tokens, tiny_model_dir: str, folder: Path) -> tuple[TrainResult, str]:
     """ZeRO in 2 workers on one node, attached to a new MLflow run."""
     client = mlflow.MlflowClient()
     run_id = client.create_run(client.create_experiment(f"deepspeed-{zero}")).info.run_id
     config = TrainConfig(**SETTINGS | {"deepspeed": ZERO_CONFIGS / f"{zero}.json", "processes": 2})
-    return train_in_workers(tokens, model_dir, config, RunContext(folder, run_id)), run_id
+    return train_in_workers(tokens, tiny_model_dir, config, RunContext(folder, run_id)), run_id
 
 
 @pytest.fixture(scope="module")
-def zero2_one_node(tokens, model_dir, tmp_path_factory):
-    return zero_on_one_node("zero2", tokens, model_dir, tmp_path_factory.mktemp("zero2"))
+def zero2_one_node(tokens, tiny_model_dir, tmp_path_factory):
+    return zero_on_one_node("zero2", tokens, tiny_model_dir, tmp_path_factory.mktemp("zero2"))
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_two_zero_workers_make_the_one_process_adapter_in_one_run(zero, tokens, model_dir, one_process, request,
+def test_two_zero_workers_make_the_one_process_adapter_in_one_run(zero, tokens, tiny_model_dir, one_process, request,
                                                                   tmp_path):
     result, run_id = (request.getfixturevalue("zero2_one_node") if zero == "zero2"
-                      else zero_on_one_node(zero, tokens, model_dir, tmp_path))
+                      else zero_on_one_node(zero, tokens, tiny_model_dir, tmp_path))
     client = mlflow.MlflowClient()
 
     expected_losses, expected_adapter = one_process
@@ -78,7 +78,7 @@ def test_two_zero_workers_make_the_one_process_adapter_in_one_run(zero, tokens, 
     assert worst < 5e-3
 
 
-def test_two_nodes_met_at_a_c10d_rendezvous_make_the_one_node_two_process_adapter(tokens, model_dir, zero2_one_node,
+def test_two_nodes_met_at_a_c10d_rendezvous_make_the_one_node_two_process_adapter(tokens, tiny_model_dir, zero2_one_node,
                                                                                   tmp_path):
     """Two launchers, as two machines would run them (one ZeRO-2 worker each, gloo), against the one launcher of two
     ZeRO-2 workers above; both nodes save the weights (each machine reads its own)."""
@@ -86,7 +86,7 @@ def test_two_nodes_met_at_a_c10d_rendezvous_make_the_one_node_two_process_adapte
     two_nodes = TrainConfig(**SETTINGS | {"threads": 1, "deepspeed": ZERO_CONFIGS / "zero2.json", "nodes": 2,
                                           "rendezvous": f"127.0.0.1:{free_port()}"})
     with ThreadPoolExecutor(2) as launchers:
-        nodes = [launchers.submit(train_in_workers, tokens, model_dir, two_nodes, RunContext(tmp_path / f"node-{n}"))
+        nodes = [launchers.submit(train_in_workers, tokens, tiny_model_dir, two_nodes, RunContext(tmp_path / f"node-{n}"))
                  for n in range(2)]
         results = [node.result(timeout=900) for node in nodes]
     one_node, _ = zero2_one_node

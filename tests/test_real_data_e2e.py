@@ -1,5 +1,6 @@
-"""Data as users bring it, run end to end: a pretraining corpus of long articles one per line (the layout of
-`datasets`' text loader), and the tool-calling recipe (train, evaluate with the tool-call metric, register)."""
+"""Data as users bring it, run end to end: a pretraining corpus of long articles one per line (the layout of `datasets`'
+text loader), and the tool-calling recipe on the tiny random Llama (train, evaluate with the tool-call metric,
+register)."""
 
 import json
 import random
@@ -8,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from transformers import AutoTokenizer
 
-from tests.conftest import REPO, loraflow_run
+from tests.conftest import REPO, loraflow_run, tiny_base_model
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,8 @@ def test_every_long_article_of_a_one_per_line_corpus_is_pretrained_on(tmp_path, 
 
 
 def test_the_tool_calling_recipe_trains_evaluates_and_registers():
-    run, stdout = loraflow_run(str(REPO / "conf" / "tool_calls.yaml"), "-o", "train.max_steps=3",
+    run, stdout = loraflow_run(str(REPO / "conf" / "tool_calls.yaml"), "-o", f"base_model={tiny_base_model()}",
+                               "-o", "train.max_steps=3",
                                "-o", "evaluate.max_new_tokens=40", "-o", "experiment=tools-e2e")
     metrics = run.data.metrics
     for model in ("base", "tuned"):  # measured on held-out rows that all end on a call: finite shares

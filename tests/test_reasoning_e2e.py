@@ -1,6 +1,6 @@
-"""The reasoning recipe as a user runs it (1 step, short answers, 6 of its held-out problems), in the test process:
-what holds whatever a step learns. The reasoning reaches the trained tokens, travels with the registered tokenizer,
-and evaluation scores answers apart from it."""
+"""The reasoning recipe as a user runs it (1 step, short answers, 6 of its held-out problems, on the tiny random Llama),
+in the test process: what holds whatever a step learns. The reasoning reaches the trained tokens, travels with the
+registered tokenizer, and evaluation scores answers apart from it."""
 
 import json
 
@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from tasks.builtin_data import arithmetic_reasoning_heldout_rows
 from tasks.reasoning import DEFAULT_FORMAT, Reasoning
-from tests.conftest import REPO, loraflow_run
+from tests.conftest import REPO, loraflow_run, tiny_base_model
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 def run(tmp_path_factory):
     heldout = tmp_path_factory.mktemp("reasoning") / "heldout.jsonl"
     heldout.write_text("".join(json.dumps(row) + "\n" for row in arithmetic_reasoning_heldout_rows()[:6]))
-    return loraflow_run(str(REPO / "conf" / "reasoning_sft.yaml"), "-o", "train.max_steps=1", "-o", "train.batch_size=2",
+    return loraflow_run(str(REPO / "conf" / "reasoning_sft.yaml"), "-o", f"base_model={tiny_base_model()}",
+                        "-o", "train.max_steps=1", "-o", "train.batch_size=2",
                         "-o", "evaluate.max_new_tokens=8", "-o", f"data.eval=[{heldout}]")
 
 

@@ -36,7 +36,7 @@ from tasks.train import TrainingStopped, stop_on_sigterm, train
 spec = json.loads(sys.argv[1])
 with stop_on_sigterm():
     try:
-        train(TypeAdapter(TokenizedData).validate_python(spec["tokens"]), spec["model_dir"],
+        train(TypeAdapter(TokenizedData).validate_python(spec["tokens"]), spec["tiny_model_dir"],
               TrainConfig.model_validate(spec["config"]), RunContext(Path(spec["work_dir"])),
               on_step=lambda step, metrics: print("step", step, flush=True))
     except TrainingStopped as stopped:
@@ -49,22 +49,22 @@ def tokens(tokenize_rows):
     return tokenize_rows(ROWS, max_length=64)
 
 
-def run(tokens, model_dir, work_dir, losses, resume_from=None, samples=None, on_samples=lambda step, rows: None):
-    return train(tokens, model_dir, CONFIG, RunContext(work_dir), resume_from=resume_from, samples=samples,
+def run(tokens, tiny_model_dir, work_dir, losses, resume_from=None, samples=None, on_samples=lambda step, rows: None):
+    return train(tokens, tiny_model_dir, CONFIG, RunContext(work_dir), resume_from=resume_from, samples=samples,
                  on_step=lambda step, metrics: losses.__setitem__(step, metrics["train_loss"]), on_samples=on_samples)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tokens, model_dir, tmp_path_factory):
+def uninterrupted(tokens, tiny_model_dir, tmp_path_factory):
     losses = {}
-    result = run(tokens, model_dir, tmp_path_factory.mktemp("uninterrupted"), losses)
+    result = run(tokens, tiny_model_dir, tmp_path_factory.mktemp("uninterrupted"), losses)
     return losses, load_file(result.weights_dir / "adapter_model.safetensors")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
-def test_an_interrupted_run_resumes_to_the_same_adapter(how, tokens, model_dir, uninterrupted, tmp_path):
-    spec = {"tokens": TypeAdapter(TokenizedData).dump_python(tokens, mode="json"), "model_dir": model_dir,
+def test_an_interrupted_run_resumes_to_the_same_adapter(how, tokens, tiny_model_dir, uninterrupted, tmp_path):
+    spec = {"tokens": TypeAdapter(TokenizedData).dump_python(tokens, mode="json"), "tiny_model_dir": tiny_model_dir,
             "config": CONFIG.model_dump(mode="json"), "work_dir": str(tmp_path)}
     child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)], stdout=subprocess.PIPE, text=True)
     for line in child.stdout:
@@ -82,7 +82,7 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(how, tokens, model_dir, 
     checkpoint = resumable_checkpoint(checkpoints_folder(tmp_path / "train"))
 
     losses = {}
-    result = run(tokens, model_dir, tmp_path, losses, resume_from=checkpoint)
+    result = run(tokens, tiny_model_dir, tmp_path, losses, resume_from=checkpoint)
     expected_losses, expected_adapter = uninterrupted
     first = int(checkpoint.name.split("-")[1]) + 1
     assert sorted(losses) == list(range(first, 6))  # only the steps after the checkpoint ran again
@@ -103,11 +103,11 @@ def test_a_checkpoint_cut_off_mid_save_is_skipped(tmp_path):
 
 
 @pytest.mark.slow
-def test_answering_sample_prompts_while_training_changes_nothing_in_training(tokens, model_dir, uninterrupted, tmp_path):
+def test_answering_sample_prompts_while_training_changes_nothing_in_training(tokens, tiny_model_dir, uninterrupted, tmp_path):
     prompts = [[{"role": "user", "content": "Question 99: who are you?"}], [{"role": "user", "content": "Hi!"}]]
     samples = SamplePrompts(prompts, ["Question 99: who are you?", "Hi!"], chat=True, every_steps=2, max_new_tokens=12)
     answered, losses = {}, {}
-    result = run(tokens, model_dir, tmp_path, losses, samples=samples,
+    result = run(tokens, tiny_model_dir, tmp_path, losses, samples=samples,
                  on_samples=lambda step, rows: answered.__setitem__(step, rows))
     assert sorted(answered) == [2, 4]
     assert [row["prompt"] for row in answered[4]] == samples.shown and all(row["answer"] for row in answered[4])
@@ -119,7 +119,7 @@ def test_answering_sample_prompts_while_training_changes_nothing_in_training(tok
 
 
 @pytest.mark.slow
-def test_a_stop_asked_during_the_last_step_still_stops_before_evaluation(tokens, model_dir, tmp_path):
+def test_a_stop_asked_during_the_last_step_still_stops_before_evaluation(tokens, tiny_model_dir, tmp_path):
     from tasks.train import STOP_REQUESTED, TrainingStopped, stop_on_sigterm
 
     def ask_to_stop_at_the_last_step(step, metrics):
@@ -127,7 +127,7 @@ def test_a_stop_asked_during_the_last_step_still_stops_before_evaluation(tokens,
             STOP_REQUESTED.set()
 
     with stop_on_sigterm(), pytest.raises(TrainingStopped) as stopped:
-        train(tokens, model_dir, CONFIG, RunContext(tmp_path), on_step=ask_to_stop_at_the_last_step)
+        train(tokens, tiny_model_dir, CONFIG, RunContext(tmp_path), on_step=ask_to_stop_at_the_last_step)
     assert stopped.value.step == CONFIG.max_steps
     assert stopped.value.checkpoint == resumable_checkpoint(checkpoints_folder(tmp_path / "train"))  # resume finds it
     assert not (tmp_path / "train" / "adapter").exists()  # nothing saved for evaluation or registration
