@@ -1,6 +1,6 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 in 2 CPU worker processes (gloo), launched as the train task launches them:
-one MLflow run with each step logged once (rank 0 only), and the same adapter one process makes. And two nodes on
-loopback, met at torchrun's c10d rendezvous: the adapter two processes on one node make.
+"""DeepSpeed ZeRO-2 and ZeRO-3 in 2 CPU worker processes (gloo) on the tiny random Llama, launched as the train
+task launches them: one MLflow run with each step logged once (rank 0 only), and the same adapter one process makes.
+And two nodes on loopback, met at torchrun's c10d rendezvous: the adapter two processes on one node make.
 
 Two workers with a batch of 2 each see the same global batches as one process with a batch of 2 and 2
 accumulation steps (the distributed sampler deals batches out in turn), so the adapters must agree.

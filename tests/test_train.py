@@ -1,4 +1,5 @@
-"""The train stage on the real model, a few steps: DoRA/rsLoRA reach the adapter, QLoRA really learns."""
+"""The train stage, a few steps: on the real model QLoRA really learns and full training changes it; what looks at
+structure only (compile, DoRA/rsLoRA, low_memory) on the tiny random Llama."""
 
 import json
 
@@ -28,8 +29,8 @@ def run_train(tokens, model_dir, work_dir, **options):
     return train(tokens, model_dir, config, RunContext(work_dir))
 
 
-def test_dora_and_rslora_reach_the_saved_adapter(tokens, model_dir, tmp_path):
-    result = run_train(tokens, model_dir, tmp_path, lora=LoraConfig(r=8, use_dora=True, use_rslora=True))
+def test_dora_and_rslora_reach_the_saved_adapter(tokens, tiny_model_dir, tmp_path):
+    result = run_train(tokens, tiny_model_dir, tmp_path, lora=LoraConfig(r=8, use_dora=True, use_rslora=True))
     saved = json.loads((result.weights_dir / "adapter_config.json").read_text())
     assert saved["use_dora"] is True and saved["use_rslora"] is True
     assert any("lora_magnitude_vector" in name for name in load_file(result.weights_dir / "adapter_model.safetensors"))
@@ -51,7 +52,7 @@ def test_full_training_saves_a_whole_model_that_loads_and_changed(tokens, model_
 
 
 def test_low_memory_keeps_the_frozen_base_in_bf16_the_lora_weights_in_fp32_and_recomputes_activations(
-        tokens, model_dir, tmp_path, monkeypatch):
+        tokens, tiny_model_dir, tmp_path, monkeypatch):
     import tasks.train.stage
 
     seen = {}
@@ -64,14 +65,14 @@ def test_low_memory_keeps_the_frozen_base_in_bf16_the_lora_weights_in_fp32_and_r
             return super().training_step(model, inputs, num_items_in_batch)
 
     monkeypatch.setattr(tasks.train.stage, "TrainedPositionsTrainer", Watching)
-    result = run_train(tokens, model_dir, tmp_path, low_memory=True, precision="bf16", lora=LoraConfig(r=8))
+    result = run_train(tokens, tiny_model_dir, tmp_path, low_memory=True, precision="bf16", lora=LoraConfig(r=8))
     assert seen["dtypes"] == {(False, torch.bfloat16), (True, torch.float32)} and seen["checkpointing"]
     saved = load_file(result.weights_dir / "adapter_model.safetensors")
     assert saved and all(t.dtype == torch.float32 for t in saved.values())
     assert all(loss == loss and loss > 0 for loss in result.losses)  # finite losses: it trained
 
 
-def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, model_dir, tmp_path, monkeypatch):
+def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, tiny_model_dir, tmp_path, monkeypatch):
     """The Trainer's compile as the stage sets it up, with Dynamo and AOTAutograd tracing each layer's forward and
     backward, but its backend swapped for aot_eager: inductor's C++ code generation of the same graphs takes about a
     minute here (bench/train.py's c_compile and bench/compile.py run it)."""
@@ -95,10 +96,10 @@ def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, mo
             return super().training_step(model, inputs, num_items_in_batch)
 
     monkeypatch.setattr(tasks.train.stage, "TrainedPositionsTrainer", Watching)
-    eager = run_train(tokens, model_dir, tmp_path / "eager", max_steps=1, precision="bf16", attn="eager")
+    eager = run_train(tokens, tiny_model_dir, tmp_path / "eager", max_steps=1, precision="bf16", attn="eager")
     assert compiled_blocks == []
-    compiled = run_train(tokens, model_dir, tmp_path / "compiled", max_steps=1, precision="bf16", compile=True)
-    layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    compiled = run_train(tokens, tiny_model_dir, tmp_path / "compiled", max_steps=1, precision="bf16", compile=True)
+    layers = AutoConfig.from_pretrained(tiny_model_dir).num_hidden_layers
     assert compiled_blocks.count("LlamaDecoderLayer") == layers  # each layer, in place of the model
     layer_forward = LlamaDecoderLayer.forward.__code__
     assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(layer_forward)) == 1  # one graph, the first's too
