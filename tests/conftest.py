@@ -91,13 +91,13 @@ def wait_for_http(url: str, server, seconds: float = 120) -> None:
     assert wait_until_healthy(url, server, seconds), f"{url} did not come up"
 
 
-# The longest test files first (from `pytest --durations`, 2026-11-30): `make test` runs a file per process at a time
+# The longest test files first (from `pytest --durations`, 2026-12-06): `make test` runs a file per process at a time
 # (pytest-xdist, --dist loadfile), handing out files in collection order, so a long file collected last would run
 # alone at the end while the other core idles.
-LONGEST_FIRST = ("test_heads_e2e.py", "test_real_data_e2e.py", "test_deepspeed.py", "test_team_stack.py",
-                 "test_tracking_server.py", "test_flow_e2e.py", "test_registry.py", "test_benches.py",
-                 "test_unattended.py", "test_pretrain_e2e.py", "test_train.py", "test_serve.py", "test_sweep.py",
-                 "test_resume.py")
+LONGEST_FIRST = ("test_team_stack.py", "test_flow_e2e.py", "test_sweep.py", "test_train.py", "test_tracking_server.py",
+                 "test_deepspeed.py", "test_serve.py", "test_unattended.py", "test_heads_e2e.py",
+                 "test_pretrain_e2e.py", "test_real_data_e2e.py", "test_registry.py", "test_resume.py",
+                 "test_deploy.py", "test_benches.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -17,7 +17,7 @@ from tasks.chat_model import ChatRequest, TunedChatModel
 from tasks.clean import clean
 from tasks.context import RunContext
 from tasks.results import CleanResult
-from tasks.generation import HeldOut, chat_prompts
+from tasks.generation import Answer, HeldOut, chat_prompts
 from tasks.reasoning import DEFAULT_FORMAT, Reasoning, template_field
 from tasks.tokenize import IGNORE_INDEX, ChatEncoder, tokenize
 from tasks.train.collators import training_collator
@@ -308,9 +308,10 @@ def test_the_openai_answer_carries_reasoning_content_beside_the_content(tokenize
     model = TunedChatModel()
     model.tokenizer = tokenizer
     request = ChatRequest([{"role": "user", "content": "2+3?"}], max_tokens=64, temperature=0.0, prompt_tokens=9)
-    message = model.completion(request, "<think>\n2 + 3 = 5\n</think>\n\n5", "m")["choices"][0]["message"]
+    message = model.completion(request, Answer("<think>\n2 + 3 = 5\n</think>\n\n5", 14, True), "m")["choices"][0]["message"]
     assert message == {"role": "assistant", "content": "5", "reasoning_content": "2 + 3 = 5"}
-    assert model.completion(request, "5", "m")["choices"][0]["message"] == {"role": "assistant", "content": "5"}
+    assert model.completion(request, Answer("5", 2, True), "m")["choices"][0]["message"] == {"role": "assistant",
+                                                                                               "content": "5"}
 
 
 # The shipped recipe's data: worked steps whose result is the answer.
