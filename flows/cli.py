@@ -316,6 +316,7 @@ def _deploy(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     import json
+    import shutil
     import tempfile
 
     from conf.schema import DataConfig
@@ -324,7 +325,12 @@ def _data(args: argparse.Namespace) -> int:
 
     data = DataConfig(train=[str(p) for p in args.paths], eval=[], format=args.format, text_split=args.text_split)
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="loraflow-data-"))
-    result = clean(data, RunContext(out_dir))
+    try:
+        result = clean(data, RunContext(out_dir))
+    except BaseException:
+        if not args.out:  # a folder of ours, left empty by what failed
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     report = json.loads(result.report_path.read_text(encoding="utf-8"))
     if args.json:
         print(json.dumps(report["sources"]))
