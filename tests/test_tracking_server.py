@@ -7,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import mlflow
 import pytest
@@ -94,9 +92,9 @@ def test_an_unreachable_server_stops_the_run_before_any_work_in_one_line(tiny_re
     assert not (tmp_path / "outputs").exists()
 
 
-def test_a_run_outlives_its_tracking_server_and_sync_sends_what_it_kept(tmp_path, monkeypatch, capsys, model_dir):
-    """In process (the command's own `main`); a thread watches the run and kills the server after step 2. On
-    SmolLM2-135M: on the tiny model, 12 steps can end before the server is gone."""
+def test_a_run_outlives_its_tracking_server_and_sync_sends_what_it_kept(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    """In process (the command's own `main`): the server is killed as training's third step ends."""
+    import tasks.train.stopping
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -109,28 +107,21 @@ def test_a_run_outlives_its_tracking_server_and_sync_sends_what_it_kept(tmp_path
     monkeypatch.delenv("LORAFLOW_ARTIFACT_ROOT")
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    watched: dict[str, str] = {}
+    step_end = tasks.train.stopping.StopWhenRequested.on_step_end
 
-    def kill_after_step_two() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            experiment = client.get_experiment_by_name(name)
-            runs = client.search_runs([experiment.experiment_id]) if experiment else []
-            if runs and len(client.get_metric_history(runs[0].info.run_id, "train_loss")) >= 2:
-                watched["run_id"] = runs[0].info.run_id
-                break
-            time.sleep(0.2)
-        kill_server(server)
+    def kill_at_step_three(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            kill_server(server)
+        return step_end(self, args, state, control, **kwargs)
 
-    watcher = threading.Thread(target=kill_after_step_two)
-    watcher.start()
+    monkeypatch.setattr(tasks.train.stopping.StopWhenRequested, "on_step_end", kill_at_step_three)
     try:
-        exit_code = main(["run", str(write_tiny_recipe(tmp_path, model_dir)), "-o", "train.max_steps=12",
+        exit_code = main(["run", str(write_tiny_recipe(tmp_path)), "-o", "train.max_steps=12",
                           "-o", f"experiment={name}", "-o", f"registry.model_name={name}"])
     finally:
-        watcher.join()
         mlflow.set_tracking_uri(None)
-    run_id = watched["run_id"]
+    [run_folder] = (tmp_path / "outputs").iterdir()
+    run_id = run_folder.name
     assert exit_code == 75
     assert f"loraflow sync {run_id}" in capsys.readouterr().err.strip().splitlines()[-1]
     record_path = tmp_path / "outputs" / run_id / "unlogged.jsonl"
@@ -142,7 +133,7 @@ def test_a_run_outlives_its_tracking_server_and_sync_sends_what_it_kept(tmp_path
             "op": "artifact"} in record
     assert [entry["op"] for entry in record[-2:]] == ["register", "end"] and record[-1]["status"] == "FINISHED"
     weights_dir = record[-2]["weights_dir"]  # the adapter on disk loads with PEFT's own loader
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), weights_dir)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), weights_dir)
     assert tuned.peft_config["default"].r == 16
 
     server = start_server(folder, port)  # back, on the same store
