@@ -249,8 +249,10 @@ def test_a_sweep_fans_its_points_out_on_the_pool_and_a_killed_worker_leaves_its_
     sweep_file.write_text(json.dumps({
         # A relative output_dir: each point writes in its flow run's clone, so the parent fetches the best adapter
         # from its MLflow run, as from another machine.
+        # 60 steps of the tiny model (about 4 s): the two first points' training overlaps by more than the 2 s
+        # between the workers' polls.
         "recipe": str(recipe), "overrides": ["experiment=team-sweep", "registry.model_name=team-sweep",
-                                             "output_dir=outputs"],
+                                             "output_dir=outputs", "train.max_steps=60"],
         "parameters": {"train.learning_rate": [1e-3, 2e-3, 3e-3, 4e-3]},
         "runner": {"pool": POOL, "max_parallel": 2, "crashed_after_s": 45},  # heartbeats every 30 s: 15 s to spare
     }))
