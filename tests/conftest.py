@@ -51,8 +51,11 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     """Stop the server, then remove the state folder: each test process's runs leave about 1 GB there."""
     if _prefect_server is not None:
+        from prefect.logging.handlers import APILogWorker
+
         from flows.prefect_server import stop_server
 
+        APILogWorker.drain_all(timeout=5)  # the last flows' logs, sent before the server goes ("Error logging to API")
         stop_server(_prefect_server[0])
     shutil.rmtree(STATE_DIR, ignore_errors=True)
 

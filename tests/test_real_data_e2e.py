@@ -14,7 +14,7 @@ from tests.conftest import REPO, loraflow_run, tiny_base_model
 pytestmark = pytest.mark.slow
 
 
-def test_every_long_article_of_a_one_per_line_corpus_is_pretrained_on(tmp_path, model_dir):
+def test_every_long_article_of_a_one_per_line_corpus_is_pretrained_on(tmp_path, tiny_model_dir):
     rng = random.Random(0)
     syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "de", "po", "an", "el", "is", "or", "um"]
     words = [a + b + c for a in syllables for b in syllables for c in syllables]
@@ -23,7 +23,8 @@ def test_every_long_article_of_a_one_per_line_corpus_is_pretrained_on(tmp_path, 
     corpus.write_text("\n".join(articles) + "\n")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        f"name: corpus\nexperiment: corpus-{tmp_path.name[-8:]}\noutput_dir: {tmp_path / 'outputs'}\n"
+        f"name: corpus\nbase_model: {tiny_base_model()}\nexperiment: corpus-{tmp_path.name[-8:]}\n"
+        f"output_dir: {tmp_path / 'outputs'}\n"
         f"data: {{train: [{corpus}], eval: [], eval_fraction: 0.1, max_chars: 5000}}\n"  # every article is longer
         "tokenize: {mode: pretrain, max_length: 256}\ntrain: {max_steps: 2, batch_size: 2}\n"
         "evaluate: {max_new_tokens: 8}\nregistry: {model_name: corpus, primary_metric: perplexity, direction: min}\n")
@@ -32,7 +33,7 @@ def test_every_long_article_of_a_one_per_line_corpus_is_pretrained_on(tmp_path, 
     assert metrics["data_train_rows"] + metrics["data_eval_rows"] == 30 and metrics["data_rejected_rows"] == 0
     folder = MlflowClient().download_artifacts(run.info.run_id, "data", str(tmp_path / "data"))
     train = [json.loads(line)["text"] for line in open(f"{folder}/train.jsonl", encoding="utf-8")]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     # Every train article, whole, in the training blocks: its tokens plus one EOS each.
     assert metrics["tokenize_train_tokens"] == sum(len(tokenizer(text)["input_ids"]) + 1 for text in train)
     assert min(map(len, train)) > 5000
