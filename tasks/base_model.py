@@ -8,6 +8,7 @@ reused by later runs. Weights load from safetensors only: a pickled checkpoint f
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -106,14 +107,21 @@ def check_base_model(spec: str) -> None:
         _local_folder(spec)
 
 
+@functools.lru_cache(maxsize=16)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """A GGUF's conversion is keyed by its content, not its path: each new environment installs the same wheel at a
+    new path, and a key made of the path kept one 0.5 GB conversion per environment. Hashed once per process and
+    file version (0.3 s for the 100 MB GGUF, seconds for a model of billions)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def resolve_base_model(spec: str) -> str:
     """Return something `from_pretrained` loads offline: a local folder, or the hub id unchanged."""
     gguf = _gguf_file(spec)
     if gguf is not None:
-        # Keyed by content, not by path: each new environment installs the same wheel at a new path, and a key
-        # made of the path kept one 0.5 GB conversion per environment (0.3 s to hash a 100 MB GGUF).
-        with open(gguf, "rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        status = gguf.stat()
+        digest = _content_digest(str(gguf.resolve()), status.st_size, status.st_mtime_ns)
         target = cache_root() / "models" / f"{gguf.stem}-{digest[:12]}"
         if not (target / "config.json").exists():
             target.parent.mkdir(parents=True, exist_ok=True)
