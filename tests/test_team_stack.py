@@ -60,7 +60,9 @@ def workers(stack, tmp_path_factory):
         with open(home / "worker.log", "wb") as log:
             started.append(subprocess.Popen(
                 [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--name", name, "--limit", "1"],
-                cwd=home, env=team_env(stack, PREFECT_HOME=str(home / ".prefect"), PREFECT_WORKER_QUERY_SECONDS="2"),
+                # TMPDIR: what a killed flow run leaves of Prefect's scratch goes with the test's folder.
+                cwd=home, env=team_env(stack, PREFECT_HOME=str(home / ".prefect"), PREFECT_WORKER_QUERY_SECONDS="2",
+                                       TMPDIR=str(home)),
                 start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
     try:
         deadline = time.monotonic() + 120
