@@ -97,7 +97,7 @@ class TunedChatModel(mlflow.pyfunc.PythonModel):
     def answer(self, conversations: list[list[dict]], max_tokens: int, temperature: float) -> list[Answer]:
         """Generated texts (reasoning and answer) for checked conversations, in one generate call (as a batch)."""
         return generate_chat(self.model, self.tokenizer, conversations, max_tokens, batch_size=len(conversations),
-                                temperature=temperature)
+                             temperature=temperature)
 
     def completion(self, request: ChatRequest, output: Answer, model_name: str) -> dict:
         """A generated text in OpenAI's chat.completion shape: its reasoning, split off, as `reasoning_content`

@@ -83,13 +83,6 @@ def generate_chat(model, tokenizer, prompts: list[list[dict]], max_new_tokens: i
     return answers
 
 
-def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-                     tools: list[list[dict] | None] | None = None, tool_format: str = "auto",
-                     temperature: float = 0.0) -> list[str]:
-    """The texts of generate_chat's answers."""
-    return [answer.text for answer in generate_chat(model, tokenizer, prompts, max_new_tokens, batch_size, tools,
-                                                    tool_format, temperature)]
-
 
 @torch.no_grad()
 def continue_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -120,8 +113,9 @@ class HeldOut:
 
     def outputs(self, model, tokenizer, max_new_tokens: int, batch_size: int) -> list[str]:
         if self.chat:
-            return generate_answers(model, tokenizer, self.prompts, max_new_tokens, batch_size, self.tools,
+            answers = generate_chat(model, tokenizer, self.prompts, max_new_tokens, batch_size, self.tools,
                                     self.tool_format)
+            return [answer.text for answer in answers]
         return continue_texts(model, tokenizer, self.prompts, max_new_tokens, batch_size)
 
 
