@@ -68,8 +68,10 @@ def train_in_workers(tokens: TokenizedData, model_dir: str, config: TrainConfig,
     job = WorkerJob(tokens=tokens, model_dir=model_dir, config=config, ctx=ctx, resume_from=resume_from,
                     samples=samples, outcome_path=outcome_path, unlogged_record=unlogged_record)
     job_path.write_text(job.model_dump_json(), encoding="utf-8")
+    # torchrun's folder for its workers' logs, with the run's outputs: without --log-dir it makes one in /tmp per launch.
     command = [sys.executable, "-m", "torch.distributed.run", *_rendezvous(config, tokens),
-               f"--nproc_per_node={config.processes}", "-m", "tasks.train.worker", str(job_path.resolve())]
+               f"--nproc_per_node={config.processes}", f"--log-dir={(out_dir / 'torchrun').resolve()}",
+               "-m", "tasks.train.worker", str(job_path.resolve())]
     workers = subprocess.Popen(command, env=os.environ | ({"MLFLOW_RUN_ID": ctx.run_id} if ctx.run_id else {}))
     passed_on = False
     while workers.poll() is None:
