@@ -83,7 +83,6 @@ def generate_chat(model, tokenizer, prompts: list[list[dict]], max_new_tokens: i
     return answers
 
 
-
 @torch.no_grad()
 def continue_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy continuations of plain-text prompts (pretraining: no chat template)."""
