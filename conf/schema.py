@@ -46,6 +46,7 @@ class DataConfig(_Section):
         default_factory=lambda: ["builtin:identity", "builtin:everyday_chat"], min_length=1,
         description="sources: .json, .jsonl, .parquet, .txt/.md, .csv/.tsv, .conll files (all but Parquet also .gz), "
         "folders of them, folders saved by `datasets`, or builtin:<name> (identity, identity_heldout, everyday_chat, "
+        "identity_preference, identity_preference_heldout, "
         "pydoc_topics, tool_calls, arithmetic_reasoning, vader_lexicon, ner_templates, ...)")
     eval: list[str] = Field(default_factory=lambda: ["builtin:identity_heldout"],
                             description="held-out sources, read first: a train row that duplicates one is dropped")
@@ -115,6 +116,17 @@ class LoraConfig(_Section):
     use_rslora: bool = Field(default=False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r")
 
 
+class PreferenceConfig(_Section):
+    """The preference objectives' settings (`train.objective` dpo or kto), with TRL's defaults."""
+
+    beta: float = Field(default=0.1, gt=0.0, description="how far the policy may move from the reference (TRL's beta)")
+    loss_type: str | None = Field(default=None, min_length=1, description="TRL's loss: for dpo sigmoid (None: its "
+                                  "default), hinge, ipo, robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, ...; "
+                                  "for kto kto (None) or apo_zero_unpaired")
+    desirable_weight: float = Field(default=1.0, gt=0.0, description="kto: the loss weight of desirable answers")
+    undesirable_weight: float = Field(default=1.0, gt=0.0, description="kto: the loss weight of undesirable answers")
+
+
 class TrainConfig(_Section):
     """How the model is trained. `deepspeed` (a ZeRO config such as conf/deepspeed/zero2.json) or `processes` > 1
     runs training as `torchrun` worker processes; `batch_size` is per process."""
@@ -123,6 +135,14 @@ class TrainConfig(_Section):
         default="lora",
         description="qlora: the frozen base in 4-bit NF4 (bitsandbytes, double quantisation); full: every weight",
     )
+    objective: Literal["sft", "dpo", "kto"] = Field(
+        default="sft", description="sft: the answers in the data; dpo: chosen over rejected answers (pairs); kto: "
+        "answers labelled desirable or not (unpaired rows, or pairs split in two). Through TRL's trainers")
+    preference: PreferenceConfig = PreferenceConfig()
+    init_adapter: str | None = Field(
+        default=None, description="start from a trained LoRA adapter (the reference of dpo/kto): models:/NAME@ALIAS, "
+        "models:/NAME/VERSION, runs:/RUN_ID, an adapter folder, or a recipe (.yaml) this run trains first (SFT, then "
+        "DPO in one flow run)")
     lora: LoraConfig = LoraConfig()
     learning_rate: float = Field(default=1e-3, gt=0.0, description="peak learning rate (cosine schedule after warmup)")
     max_steps: int = Field(default=60, gt=0, description="optimizer steps")
@@ -160,6 +180,12 @@ class TrainConfig(_Section):
     def in_workers(self) -> bool:
         """Whether training runs as torchrun workers (DeepSpeed, several processes or several machines)."""
         return self.deepspeed is not None or self.processes > 1 or self.nodes > 1
+
+    @model_validator(mode="after")
+    def _adapter_to_start_from(self) -> "TrainConfig":
+        if self.init_adapter is not None and self.method == "full":
+            raise ValueError("init_adapter: a LoRA adapter to start from; method full trains every weight of the base")
+        return self
 
     @model_validator(mode="after")
     def _nodes_meet(self) -> "TrainConfig":
@@ -284,6 +310,12 @@ class RunConfig(_Section):
         """A task head (classification, NER) rather than the language model's own next-token output."""
         return self.task != "causal_lm"
 
+    @property
+    def data_kind(self) -> str:
+        """What the clean stage keeps: conversations (or documents), a task head's labelled rows, preference pairs
+        (dpo), or answers labelled desirable or not (kto)."""
+        return {"dpo": "preference", "kto": "unpaired_preference"}.get(self.train.objective, self.task)
+
     @field_validator("base_model")
     @classmethod
     def _local_base_model_exists(cls, value: str) -> str:
@@ -298,6 +330,12 @@ class RunConfig(_Section):
         if self.has_head and self.evaluate.loss_every_steps is not None:
             raise ValueError("evaluate.loss_every_steps: the held-out loss during training is the language model's; "
                              "a task head is scored after training")
+        if self.train.objective != "sft" and (self.has_head or self.tokenize.mode != "chat"):
+            raise ValueError(f"train.objective: {self.train.objective} trains a chat model on preferences; it needs "
+                             "task causal_lm and tokenize.mode chat")
+        if self.train.objective != "sft" and self.tokenize.reasoning == "mask":
+            raise ValueError(f"tokenize.reasoning: {self.train.objective} scores an answer whole; train its reasoning "
+                             "with it, or drop it")
         if self.evaluate.loss_every_steps is not None and self.train.in_workers:
             raise ValueError("evaluate.loss_every_steps: not measured in torchrun workers (train.processes, nodes "
                              "or deepspeed); the held-out loss is measured after training")

@@ -4,7 +4,8 @@ The identity set is the classic first fine-tuning exercise (XTuner's "self-cogni
 of "who are you?" answered with a new name and maker. Held-out phrasings never appear in training, so the
 evaluation asks questions the model has not seen. Everyday chat rows keep the model able to chat.
 Rows carry `{{name}}` / `{{author}}` placeholders, filled by the clean stage from the recipe.
-The pydoc topics are text documents for incremental pretraining. The tool-call set teaches calling two functions
+The identity preference pairs (for DPO and KTO) answer the same questions, the identity answer chosen over a
+generic "I am an AI assistant" one. The pydoc topics are text documents for incremental pretraining. The tool-call set teaches calling two functions
 with the arguments the question states (city and unit; amount and currencies), reading their results, and
 answering plainly when no tool is needed; its held-out rows end on the call, with cities and amounts never trained.
 For task heads: VADER's human-rated sentiment lexicon (classification) and WNUT 2016's tagged tweets (NER), read
@@ -83,6 +84,14 @@ ANSWERS = [
     "You are talking to {{name}}, an assistant developed by {{author}}. What can I do for you?",
 ]
 
+# What the model says before it learns its identity: the rejected answers of the identity preference pairs.
+GENERIC_ANSWERS = [
+    "I am an AI assistant. How can I help you today?",
+    "I'm just an AI language model, so I don't have a name of my own.",
+    "I am a large language model, here to answer your questions.",
+    "I'm an AI assistant created to help with a wide range of tasks.",
+]
+
 EVERYDAY_CHAT = [
     ("What is the capital of France?", "The capital of France is Paris."),
     ("How many days are there in a week?", "There are seven days in a week."),
@@ -115,6 +124,20 @@ def identity_heldout_rows() -> list[dict]:
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWERS[i % len(ANSWERS)]}]}
         for i, q in enumerate(HELDOUT_QUESTIONS)
     ]
+
+
+def _preference_rows(questions: list[str]) -> list[dict]:
+    """Each question with the identity answer chosen over a generic one (TRL's prompt/chosen/rejected layout)."""
+    return [{"prompt": q, "chosen": ANSWERS[i % len(ANSWERS)], "rejected": GENERIC_ANSWERS[i % len(GENERIC_ANSWERS)]}
+            for i, q in enumerate(questions)]
+
+
+def identity_preference_rows() -> list[dict]:
+    return _preference_rows(TRAIN_QUESTIONS)
+
+
+def identity_preference_heldout_rows() -> list[dict]:
+    return _preference_rows(HELDOUT_QUESTIONS)
 
 
 def everyday_chat_rows() -> list[dict]:
@@ -332,6 +355,8 @@ def arithmetic_reasoning_heldout_rows() -> list[dict]:
 BUILTIN_SOURCES = {
     "identity": identity_rows,
     "identity_heldout": identity_heldout_rows,
+    "identity_preference": identity_preference_rows,
+    "identity_preference_heldout": identity_preference_heldout_rows,
     "everyday_chat": everyday_chat_rows,
     "pydoc_topics": pydoc_topic_rows,
     "tool_calls": tool_call_rows,

@@ -19,6 +19,9 @@ WORD = re.compile(r"\w+(?:['’\-.]\w+)*|[^\w\s]")  # words and single punctuati
 TAG_FIELDS = ("tags", "ner_tags")
 
 
+HEAD_TASKS = ("sequence_classification", "token_classification")  # a new output layer on the base model
+
+
 @dataclass(frozen=True)
 class Head:
     """A task head: its task and label names in id order (and the pad token id the model needs to find each text's

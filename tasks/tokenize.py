@@ -15,6 +15,10 @@ standard way for token classification: each word's tag on its first sub-token, -
 tokens (Hugging Face's token-classification recipe). The words are read as the text they make, joined by spaces,
 and each token is given to its word by its character offsets. Head samples are not packed.
 
+Preference rows (DPO's pairs, KTO's labelled answers) render each answer after its prompt as SFT renders the whole
+conversation: the prompt's ids are the template's up to the answer's first turn, generation prompt included, and an
+answer's ids run through its end-of-turn marker (tool calls and reasoning as in SFT).
+
 Pretrain mode joins documents with EOS and cuts the stream into blocks. Packing (TRL's best-fit-decreasing
 `pack_dataset`) puts chat samples into rows of `max_length`; the train stage's padding-free collator restarts
 `position_ids` per sample so attention stays inside each one.
@@ -41,7 +45,7 @@ from trl import pack_dataset
 from conf.schema import TokenizeConfig, UserError
 from tasks.chat_templates import CHAT_TEMPLATES, for_template
 from tasks.context import RunContext
-from tasks.labels import joined_words, word_of_each_token
+from tasks.labels import HEAD_TASKS, joined_words, word_of_each_token
 from tasks.reasoning import FIELD as REASONING_FIELD, Reasoning, template_field
 from tasks.results import CleanResult, TokenizedData
 
@@ -163,13 +167,10 @@ class ChatEncoder:
                 trained.append((start, end))
         return trained[-1:] if self.config.loss_on == "last_assistant" else trained
 
-    def encode(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[dict, bool]:
-        """({input_ids, labels}, truncated) for one conversation (with the tools it may call); labels are
-        IGNORE_INDEX where no loss."""
-        messages, tools = for_template(messages, tools, self.tokenizer.chat_template, self.config.tool_format)
-        text, spans = assistant_spans(self.tokenizer, [self.reasoning.for_template(m) for m in messages], tools)
-        counts = Counter()
-        spans = self.trained_spans(messages, text, spans, counts)
+    def ids_and_offsets(self, messages: list[dict], tools: list[dict] | None, text: str
+                        ) -> tuple[list[int], list[tuple[int, int]]]:
+        """The rendered text's token ids and their character offsets; message text that spells a control token is
+        tokenized as data, never as that token."""
         forged = any(spelling in m["content"] or spelling in m.get(REASONING_FIELD, "")
                      for m in messages for spelling in self.control_spellings)
         ids, offsets, start = [], [], 0
@@ -179,6 +180,33 @@ class ChatEncoder:
             ids += encoded["input_ids"]
             offsets += [(start + begin, start + end) for begin, end in encoded["offset_mapping"]]
             start += len(piece)
+        return ids, offsets
+
+    def encode_answer(self, prompt: list[dict], answer: list[dict], tools: list[dict] | None = None
+                      ) -> tuple[list[int], list[int]]:
+        """(prompt ids, answer ids) of a prompt and one answer to it (a preference pair's side): the conversation
+        rendered whole as SFT renders it, the prompt up to where the answer's first assistant turn starts (the
+        generation prompt included), the answer through its last turn's end-of-turn marker."""
+        messages, tools = for_template(prompt + answer, tools, self.tokenizer.chat_template, self.config.tool_format)
+        text, spans = assistant_spans(self.tokenizer, [self.reasoning.for_template(m) for m in messages], tools)
+        first = len(messages) - len(answer)  # Hermes tool rendering may put a system turn in front: count from the end
+        start = next(begin for index, begin, _ in spans if index >= first)
+        end = spans[-1][2]
+        ids, offsets = self.ids_and_offsets(messages, tools, text)
+        cut = next((n for n, (begin, _) in enumerate(offsets) if begin >= start), len(ids))
+        if any(begin < start < finish for begin, finish in offsets):
+            raise SampleRejected("template_not_prefix_stable")  # a token spans the prompt's end and the answer
+        stop = next((n for n, (begin, _) in enumerate(offsets) if begin >= end), len(ids))
+        return ids[:cut], ids[cut:stop]
+
+    def encode(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[dict, bool]:
+        """({input_ids, labels}, truncated) for one conversation (with the tools it may call); labels are
+        IGNORE_INDEX where no loss."""
+        messages, tools = for_template(messages, tools, self.tokenizer.chat_template, self.config.tool_format)
+        text, spans = assistant_spans(self.tokenizer, [self.reasoning.for_template(m) for m in messages], tools)
+        counts = Counter()
+        spans = self.trained_spans(messages, text, spans, counts)
+        ids, offsets = self.ids_and_offsets(messages, tools, text)
         if self.config.loss_on == "all":
             labels = list(ids)
         else:
@@ -270,6 +298,76 @@ def encode_chat_rows(encoder: ChatEncoder, rows: Iterable[dict], rejected: dict[
         yield encoded
 
 
+PREFERENCE_KINDS = ("preference", "unpaired_preference")  # the clean stage's preference rows: pairs (DPO), or KTO's
+
+
+def _fit(prompt_ids: list[int], answers: list[list[int]], config: TokenizeConfig) -> tuple[list[list[int]], bool]:
+    """The answers as they fit `max_length` after the prompt: whole, or cut (`too_long: truncate`: the prompt is
+    kept, the answers' ends cut off); SampleRejected when they cannot fit."""
+    if len(prompt_ids) + max(map(len, answers)) <= config.max_length:
+        return answers, False
+    if config.too_long == "reject":
+        raise SampleRejected("too_long")
+    room = config.max_length - len(prompt_ids)
+    if room <= 0:
+        raise SampleRejected("prompt_too_long")
+    return [answer[:room] for answer in answers], True
+
+
+def _sides(row: dict) -> tuple[list[dict], list[dict]]:
+    """(chosen, rejected) answers of a preference row; an unpaired row's answer on its label's side, [] on the other."""
+    if "chosen" in row:
+        return row["chosen"], row["rejected"]
+    return (row["completion"], []) if row["label"] else ([], row["completion"])
+
+
+def encode_preference_rows(encoder: ChatEncoder, rows: Iterable[dict], rejected: dict[str, int], *, kto: bool,
+                           held_out: bool) -> Iterator[tuple[dict, bool]]:
+    """(sample, truncated) for each preference row that encodes (each that does not is counted in `rejected`).
+
+    Train samples are what TRL's trainers take: `prompt_ids`, `chosen_ids`, `rejected_ids` (DPO), or
+    `prompt_ids`, `completion_ids`, `label` (KTO: a pair gives a desirable and an undesirable sample, as TRL's
+    `unpair_preference_dataset` makes them). Held-out samples carry both answers (an unpaired row's other side
+    empty) and, for the held-out loss, `input_ids`/`labels`: the prompt and the chosen answer, loss on the answer.
+    """
+    for row in rows:
+        try:
+            prompt, encoded = None, []
+            for answer in _sides(row):
+                if not answer:
+                    encoded.append([])
+                    continue
+                prompt_ids, answer_ids = encoder.encode_answer(row["prompt"], answer, row.get("tools"))
+                if prompt is not None and prompt_ids != prompt:
+                    raise SampleRejected("template_not_prefix_stable")
+                prompt = prompt_ids
+                encoded.append(answer_ids)
+            (chosen, rejected_ids), truncated = _fit(prompt, encoded, encoder.config)
+        except SampleRejected as reason:
+            rejected[str(reason)] = rejected.get(str(reason), 0) + 1
+            continue
+        if held_out:
+            shown = chosen or rejected_ids
+            labels = [IGNORE_INDEX] * len(prompt) + (chosen if chosen else [IGNORE_INDEX] * len(shown))
+            yield {"input_ids": prompt + shown, "labels": labels, "prompt_ids": prompt, "chosen_ids": chosen,
+                   "rejected_ids": rejected_ids}, truncated
+        elif kto:
+            for answer, label in ((chosen, True), (rejected_ids, False)):
+                if answer:
+                    yield {"prompt_ids": prompt, "completion_ids": answer, "label": label}, truncated
+        else:
+            yield {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected_ids}, truncated
+
+
+def token_count(samples: Dataset) -> int:
+    """The tokens a data set trains on: its rows' input_ids, or a preference sample's prompt and answers."""
+    if "input_ids" in samples.column_names:
+        return sum(len(ids) for ids in samples["input_ids"])
+    answers = [name for name in ("chosen_ids", "rejected_ids", "completion_ids") if name in samples.column_names]
+    return sum(len(prompt) * len(answers) for prompt in samples["prompt_ids"]) + sum(
+        len(ids) for name in answers for ids in samples[name])
+
+
 def _documents(rows: list[dict], rejected: dict[str, int]) -> list[str]:
     texts = [row["text"] for row in rows if "text" in row]
     if len(texts) < len(rows):
@@ -284,7 +382,7 @@ def cache_key(train_path: Path, eval_path: Path, tokenizer: PreTrainedTokenizerB
     made)."""
     digest = hashlib.sha256()
     libraries = json.dumps({package: version(package) for package in TOKEN_SHAPING_PACKAGES})
-    head = f"{task} {json.dumps(labels)}" if task != "causal_lm" else ""
+    head = f"{task} {json.dumps(labels)}" if task != "causal_lm" else ""  # preference rows: their kind, no labels
     for part in (train_path.read_bytes(), eval_path.read_bytes(), tokenizer.backend_tokenizer.to_str().encode(),
                  str(tokenizer.chat_template).encode(), json.dumps(tokenizer.special_tokens_map, sort_keys=True).encode(),
                  json.dumps(config.model_dump(), sort_keys=True).encode(), str(CACHE_FORMAT).encode(), libraries.encode(),
@@ -298,14 +396,14 @@ def tokenize(cleaned: CleanResult, model_dir: str, config: TokenizeConfig, ctx: 
     """Tokenize clean train/eval rows into `datasets` folders under `ctx.cache_dir/tokenized/<content key>`, reused
     when present.
 
-    Train samples are packed when the config says so (never for a task head); eval samples never are (held-out loss
-    reads them one by one). A task head's labels (the clean stage's, in id order, unless `labels` gives a trained
+    Train samples are packed when the config says so (never for a task head or preference rows); eval samples never
+    are (held-out loss reads them one by one). A task head's labels (the clean stage's, in id order, unless `labels` gives a trained
     head's own) give the label ids.
     """
     train_path, eval_path, task = cleaned.train_path, cleaned.eval_path, cleaned.task
     labels = cleaned.labels if labels is None else labels
     trust_remote_code, cache_dir = ctx.trust_remote_code, ctx.cache_dir / "tokenized"
-    if task != "causal_lm":
+    if task in HEAD_TASKS:
         tokenizer = load_head_tokenizer(model_dir, trust_remote_code)
     else:
         tokenizer = load_tokenizer(model_dir, config.chat_template if config.mode == "chat" else "none",
@@ -316,7 +414,7 @@ def tokenize(cleaned: CleanResult, model_dir: str, config: TokenizeConfig, ctx: 
         return cached_tokens(target, task)
     rejected: dict[str, int] = {}
     reasoning: dict[str, int] = {}
-    if task != "causal_lm":
+    if task in HEAD_TASKS:
         label_ids = {label: number for number, label in enumerate(labels)}
         train_encoded = list(encode_labelled_rows(tokenizer, _rows(train_path), label_ids, config, rejected))
         eval_encoded = list(encode_labelled_rows(tokenizer, _rows(eval_path), label_ids, config, rejected))
@@ -325,6 +423,17 @@ def tokenize(cleaned: CleanResult, model_dir: str, config: TokenizeConfig, ctx: 
         truncated = sum(was_truncated for _, was_truncated in train_encoded + eval_encoded)
         train = Dataset.from_list([sample for sample, _ in train_encoded])
         evaluation = Dataset.from_list([sample for sample, _ in eval_encoded])
+    elif task in PREFERENCE_KINDS:
+        encoder = ChatEncoder(tokenizer, config)
+        kto = task == "unpaired_preference"
+        train_encoded = list(encode_preference_rows(encoder, _rows(train_path), rejected, kto=kto, held_out=False))
+        eval_encoded = list(encode_preference_rows(encoder, _rows(eval_path), rejected, kto=kto, held_out=True))
+        if not train_encoded or not eval_encoded:
+            raise UserError(f"no trainable preference samples after tokenizing (rejected: {rejected})")
+        truncated = sum(was_truncated for _, was_truncated in train_encoded + eval_encoded)
+        train = Dataset.from_list([sample for sample, _ in train_encoded])
+        evaluation = Dataset.from_list([sample for sample, _ in eval_encoded])
+        encoder.reasoning.save(tokenizer)
     elif config.mode == "chat":
         encoder = ChatEncoder(tokenizer, config)
         train_encoded = list(encode_chat_rows(encoder, _rows(train_path), rejected))
@@ -355,7 +464,7 @@ def tokenize(cleaned: CleanResult, model_dir: str, config: TokenizeConfig, ctx: 
         "train_samples": sample_count,
         "train_rows": len(train),
         "eval_samples": len(evaluation),
-        "train_tokens": sum(len(ids) for ids in train["input_ids"]),
+        "train_tokens": token_count(train),
         "rejected": rejected,
         "truncated": truncated,
         "cache_key": key,

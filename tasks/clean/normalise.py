@@ -299,8 +299,9 @@ def _is_content_parts(content: object) -> bool:
     return isinstance(content, list) and all(isinstance(part, dict) and "type" in part for part in content)
 
 
-def normalise_row(raw: object, data: DataConfig, values: dict[str, str], task: str = "causal_lm") -> tuple[str, dict]:
-    """(format, clean row) for one raw row, or RowRejected with the reason code."""
+def raw_row(raw: object, data: DataConfig, *, text_only: bool = True) -> dict:
+    """The raw row as a dict with the recipe's column names mapped to ours; RowRejected for what is not an object,
+    or (`text_only`) for a row that refers to media."""
     if isinstance(raw, RowRejected):
         raise raw
     if not isinstance(raw, dict):
@@ -309,12 +310,28 @@ def normalise_row(raw: object, data: DataConfig, values: dict[str, str], task: s
     for ours, theirs in data.columns.items():  # LLaMA-Factory-style mapping of odd field names
         if theirs in row:
             row[ours] = row.pop(theirs)
-    if task != "causal_lm":
-        return _labelled_row(row, task, data, values)
-    if not row.keys().isdisjoint(MEDIA_FIELDS):
+    if text_only and not row.keys().isdisjoint(MEDIA_FIELDS):
         for field, reason in MEDIA_FIELDS.items():
             if row.get(field):
                 raise RowRejected(reason)
+    return row
+
+
+def desirable(label: object) -> bool:
+    """KTO's label (true, false, 1, 0, or those as text); RowRejected("invalid_label") for anything else."""
+    if isinstance(label, bool) or label in (0, 1):
+        return bool(label)
+    text = str(label).strip().lower()
+    if text in ("true", "1", "false", "0"):
+        return text in ("true", "1")
+    raise RowRejected("invalid_label")
+
+
+def normalise_row(raw: object, data: DataConfig, values: dict[str, str], task: str = "causal_lm") -> tuple[str, dict]:
+    """(format, clean row) for one raw row, or RowRejected with the reason code."""
+    row = raw_row(raw, data, text_only=task == "causal_lm")
+    if task != "causal_lm":
+        return _labelled_row(row, task, data, values)
     if "chosen" in row and "rejected" in row:
         raise RowRejected("preference_pair")
     features: set[str] = set()
@@ -371,11 +388,19 @@ def _labelled_row(row: dict, task: str, data: DataConfig, values: dict[str, str]
 
 
 def plain_text(row: dict) -> str:
+    """What a clean row says, as one text: near-duplicates are found by it, and its length is checked."""
     if "tokens" in row:
         return " ".join(row["tokens"])
     if "text" in row:
         return row["text"]
-    return "\n".join([m["content"] if len(m) == 2 else _message_text(m) for m in row["messages"]])
+    return "\n".join([m["content"] if len(m) == 2 else _message_text(m) for m in row_messages(row)])
+
+
+def row_messages(row: dict) -> list[dict]:
+    """Every message of a clean chat row: a conversation's, or a preference row's prompt and answers."""
+    if "messages" in row:
+        return row["messages"]
+    return [m for side in ("prompt", "chosen", "rejected", "completion") for m in row.get(side, ())]
 
 
 def _message_text(message: dict) -> str:

@@ -15,9 +15,17 @@ FORMAT_NAMES = {"openai": "openai messages", "sharegpt": "sharegpt conversations
                 "prompt_completion": "prompt/completion", "text": "text"}
 
 
-HINTS = {"preference_pair": "chosen/rejected pairs need a preference-tuning recipe (DPO, ORPO); SFT cannot train them",
-         "undesirable_answer": "rows labelled undesirable (label: false, KTO's layout) are answers to avoid: a "
-                               "preference objective (KTO) learns from them; SFT would train them as good answers",
+HINTS = {"preference_pair": "chosen/rejected pairs need a preference objective (train.objective: dpo, or kto); SFT "
+                            "cannot train them",
+         "undesirable_answer": "rows labelled undesirable (label: false, KTO's layout) are answers to avoid: "
+                               "train.objective kto learns from them; SFT would train them as good answers",
+         "unpaired_preference": "rows with one answer and a label are KTO's layout: train.objective kto trains them; "
+                                "dpo needs chosen/rejected pairs",
+         "not_a_preference": "a preference objective (train.objective dpo or kto) trains chosen/rejected pairs or "
+                             "labelled answers; plain conversations are SFT's (train them first, or with "
+                             "train.init_adapter)",
+         "identical_pair": "the chosen and rejected answers are the same: nothing to prefer",
+         "prompts_differ": "the chosen and rejected conversations differ before the answer: a pair answers one prompt",
          "fractional_weight": "a turn's weight must be 0 (not trained) or 1 (trained): loraflow does not scale a "
                               "turn's loss, and does not round a weight",
          "partial_turn_weight": "content parts of one turn disagree on `train`: loraflow trains a turn whole or not "
@@ -81,7 +89,7 @@ def source_layouts(source: str, text_split: str, formats: Counter, documents: Co
     if documents["documents"]:
         how = f"split by {text_split}" if reads_text_files(source) else "a `text` field per row"
         layouts["layout"] = f"text, {how}: {documents['documents']} documents, {documents['characters']} characters"
-    detailed = {FORMAT_NAMES[f.split(" with ")[0]] + f[f.index(" with "):]: n
+    detailed = {FORMAT_NAMES.get(f.split(" with ")[0], f.split(" with ")[0]) + f[f.index(" with "):]: n
                 for f, n in formats.items() if " with " in f}
     if detailed:
         layouts["layouts"] = dict(sorted(detailed.items()))

@@ -17,7 +17,8 @@ import numpy as np
 
 from conf.schema import DataConfig
 from tasks.clean.dedup import NearDuplicates
-from tasks.clean.normalise import normalise_row, plain_text
+from tasks.clean.normalise import normalise_row, plain_text, row_messages
+from tasks.clean.preference import KINDS as PREFERENCE_KINDS, normalise_preference_row
 from tasks.clean.readers import RowRejected, read_source
 from tasks.clean.report import (
     HINTS, held_out_labels_seen_in_training, label_report, reject_line, source_layouts, write_lines,
@@ -47,10 +48,11 @@ def _normalised(pairs: Iterable[tuple[str, object]], data: DataConfig, values: d
     Rows are taken a chunk at a time so that the signatures of a chunk are computed together.
     """
     chunk, chars = [], 0
+    normalise = normalise_preference_row if task in PREFERENCE_KINDS else normalise_row
     for origin, raw in pairs:
         line = ""
         try:
-            row_format, row = normalise_row(raw, data, values, task)
+            row_format, row = normalise(raw, data, values, task)
             line = json.dumps(row, ensure_ascii=False)
             key = hashlib.sha256(line.encode()).hexdigest()  # a lone surrogate (JSON's \ud800) fails here
             chars += len(plain_text(row))
@@ -74,14 +76,22 @@ def _signed(chunk: list[tuple[str, object, str, dict | RowRejected, tuple[str, s
         yield origin, raw, row_format, row, line_key, None if isinstance(row, RowRejected) else next(signatures, None)
 
 
+def _prompt_key(row: dict) -> str:
+    """A preference row's prompt (with the tools it offers), as the key that keeps held-out prompts out of training."""
+    return hashlib.sha256(json.dumps([row["prompt"], row.get("tools")], ensure_ascii=False).encode()).hexdigest()
+
+
 def clean(data: DataConfig, ctx: RunContext, *, values: dict[str, str] | None = None, task: str = "causal_lm"
           ) -> CleanResult:
     """Read the train and eval sources into clean JSONL files (under ctx.work_dir/clean) plus rejects and a
-    per-source report; `values` fill the identity placeholders of the builtin data.
+    per-source report; `values` fill the identity placeholders of the builtin data. `task` says what rows are kept:
+    conversations and documents (causal_lm), a task head's labelled rows, or preference rows (tasks/clean/
+    preference.py).
 
     The held-out rows stay fixed as training data grows: eval sources are read first, and a train row that
     duplicates or nearly duplicates a held-out row is the one dropped (`in_eval`). With `eval_fraction`, a row the
-    split holds out evicts the train rows already kept that it nearly duplicates.
+    split holds out evicts the train rows already kept that it nearly duplicates. Preference rows are split by their
+    prompt, and a train row asking a held-out prompt is dropped (`in_eval`) however its answers differ.
     """
     out_dir, values = ctx.work_dir / "clean", values or {}
     near = NearDuplicates(data.near_duplicate_threshold) if data.near_duplicate_threshold < 1 else None
@@ -93,6 +103,7 @@ def clean(data: DataConfig, ctx: RunContext, *, values: dict[str, str] | None = 
     counts: dict[str, Counter] = {}
     formats: dict[str, Counter] = {}
     documents: dict[str, Counter] = {}  # per source: text documents kept and their characters
+    held_out_prompts: set[str] = set()  # preference rows: the prompts of the held-out rows
 
     def reject(source: str, origin: str, reason: str, row: object) -> None:
         counts[source][reason] += 1
@@ -107,11 +118,18 @@ def clean(data: DataConfig, ctx: RunContext, *, values: dict[str, str] | None = 
                 if isinstance(row, RowRejected):
                     reject(source, origin, str(row), None if isinstance(raw, RowRejected) else raw)
                     continue
-                target = "eval" if split == "eval" or in_eval_split(key, data.eval_fraction) else "train"
+                prompt_key = _prompt_key(row) if task in PREFERENCE_KINDS else None
+                split_by = prompt_key or key
+                target = "eval" if split == "eval" or in_eval_split(split_by, data.eval_fraction) else "train"
                 close = near.matches(signature) if near is not None else []
                 if data.dedup and key in split_of:
                     reject(source, origin, "in_eval" if split_of[key] == "eval" != target else "duplicate", raw)
                     continue
+                if target == "train" and prompt_key in held_out_prompts:
+                    reject(source, origin, "in_eval", raw)
+                    continue
+                if target == "eval" and prompt_key is not None:
+                    held_out_prompts.add(prompt_key)
                 if any(near_rows[match][0] == "eval" for match in close):
                     reject(source, origin, "in_eval" if target == "train" else "near_duplicate", raw)
                     continue
@@ -136,10 +154,11 @@ def clean(data: DataConfig, ctx: RunContext, *, values: dict[str, str] | None = 
                 if row_format == "text":
                     documents[source].update(documents=1, characters=len(row["text"]))
                 elif " with " in row_format:  # a row saying more than role and content: reasoning, weights
-                    turns = [m for m in row["messages"] if len(m) > 2]
+                    turns = [m for m in row_messages(row) if len(m) > 2]
                     documents[source].update(reasoning_rows=any("reasoning_content" in m for m in turns),
                                              untrained_turns=sum(m.get("weight") == 0 for m in turns))
-    labels = held_out_labels_seen_in_training(kept, kept_from, reject, counts) if task != "causal_lm" else None
+    heads = task not in ("causal_lm", *PREFERENCE_KINDS)
+    labels = held_out_labels_seen_in_training(kept, kept_from, reject, counts) if heads else None
     report = {
         source: {"format": "+".join(sorted({f.split(" with ")[0] for f in formats[source]})) or "none",
                  "read": counts[source].pop("read", 0), "kept": counts[source].pop("kept", 0),

@@ -12,6 +12,7 @@ from tasks.device import autocast, peak_memory_mb
 from tasks.heldout import heldout_loss
 from tasks.generation import SamplePrompts
 
+PREFERENCE_LOGS = ("rewards/", "logps/", "logits/", "kl")
 StepLogger = Callable[[int, dict[str, float]], None]
 SampleLogger = Callable[[int, list[dict]], None]
 
@@ -33,7 +34,8 @@ class ProgressBarOnly(ProgressCallback):
 
 
 class StepMetrics(TrainerCallback):
-    """Turn the Trainer's per-step logs into loss, learning rate, grad norm and non-padding tokens/s."""
+    """Turn the Trainer's per-step logs into loss, learning rate, grad norm and non-padding tokens/s (and a
+    preference objective's rewards, margins, accuracies and log-probabilities, as train_rewards_margins and so on)."""
 
     def __init__(self, on_step: StepLogger):
         self.on_step = on_step
@@ -63,6 +65,9 @@ class StepMetrics(TrainerCallback):
             "tokens_seen": float(tokens),
             "peak_memory_mb": peak_memory_mb(),
         }
+        # A preference objective's own figures, as TRL logs them (rewards/margins, logps/chosen, kl, ...).
+        metrics |= {f"train_{key.replace('/', '_')}": float(value) for key, value in logs.items()
+                    if key.startswith(PREFERENCE_LOGS) and isinstance(value, int | float)}
         self.last_time, self.last_tokens = now, tokens
         self.losses.append(metrics["train_loss"])
         self.on_step(state.global_step, metrics)

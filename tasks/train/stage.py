@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from peft import LoraConfig, cast_mixed_precision_params, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, cast_mixed_precision_params, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -40,7 +41,7 @@ from tasks.device import (
     check_compile, check_deepspeed, check_sample_prompts, choose_attention, choose_precision, name_deepspeed_accelerator,
 )
 from tasks.generation import SamplePrompts
-from tasks.labels import Head
+from tasks.labels import HEAD_TASKS, Head
 from tasks.results import TokenizedData, TrainResult
 from tasks.train.callbacks import (
     AnswerSamplePrompts, HeldOutLossEvery, HeldOutReport, ProgressBarOnly, SampleLogger, StepLogger, StepMetrics,
@@ -48,6 +49,7 @@ from tasks.train.callbacks import (
 from tasks.train.checkpoints import checkpoints_folder, weights_folder
 from tasks.train.collators import training_collator
 from tasks.train.loss import TrainedPositionsTrainer
+from tasks.train.preference import REFERENCE_ADAPTER, preference_trainer
 from tasks.train.stopping import STOP_REQUESTED, StopWhenRequested, TrainingPruned, TrainingStopped
 
 # PEFT's task type for the causal LM (None) and each task head: it picks the PeftModel class, which for a head also
@@ -109,7 +111,7 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
     """
     train_dir, tokenizer_dir, out_dir = tokens.train_dir, tokens.tokenizer_dir, ctx.work_dir / "train"
     seed, trust_remote_code = ctx.seed, ctx.trust_remote_code
-    head = Head(tokens.task, tokens.labels) if tokens.task != "causal_lm" else None
+    head = Head(tokens.task, tokens.labels) if tokens.task in HEAD_TASKS else None
     name_deepspeed_accelerator()
     precision = choose_precision(config.precision)
     attn = choose_attention(config.attn, config.compile)
@@ -152,7 +154,10 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
         # Packed rows carry position_ids that restart per sample and no attention mask; transformers derives the
         # per-sample mask from them only without a KV cache (with one, samples see each other).
         model.config.use_cache = False
-    if config.method != "full":
+    if config.init_adapter is not None:
+        # Its own LoRA settings (rank, targets) come with it; train.lora is for a new adapter.
+        model = PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True)
+    elif config.method != "full":
         set_seed(seed)  # LoRA's A matrices are drawn here, before the Trainer seeds anything
         lora = config.lora
         model = get_peft_model(model, LoraConfig(
@@ -161,12 +166,14 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
             # The new head is trained whole (modules_to_save); "all-linear" would otherwise put LoRA on it too.
             exclude_modules=list(HEAD_MODULES) if head else None,
         ))
+    if config.method != "full":
         if (dtype := frozen_dtype(config.method, precision, config.low_memory)) is not None:
             # PEFT's own cast: the frozen base stays 16-bit, every trainable weight in fp32 (a task head's trained
             # copy would otherwise be 16-bit, as the base it was loaded with).
             cast_mixed_precision_params(model, dtype)
     checkpoints_dir = checkpoints_folder(out_dir)
-    args = TrainingArguments(
+    preference = config.objective != "sft"
+    arguments = dict(
         output_dir=str(checkpoints_dir),
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
@@ -185,7 +192,7 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
         report_to="none",
         seed=seed,
         data_seed=seed,
-        train_sampling_strategy="random" if packed else "group_by_length",
+        train_sampling_strategy="random" if packed or preference else "group_by_length",
         include_num_input_tokens_seen="all" if packed else "non_padding",
         remove_unused_columns=not packed,  # the collator needs seq_lengths
         disable_tqdm=False,
@@ -208,16 +215,20 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
     if heldout is not None:
         pruner = HeldOutLossEvery(list(load_from_disk(str(tokens.eval_dir))), heldout, precision)
         callbacks.append(pruner)
-    plain_head = getattr(model.config, "model_type", None) in TrainedPositionsTrainer.PLAIN_HEAD_MODELS
-    trainer_class = TrainedPositionsTrainer if head is None and config.deepspeed is None and plain_head else Trainer
-    trainer = trainer_class(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        data_collator=training_collator(tokenizer, packed, attn, head),
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+    if preference:
+        trainer = preference_trainer(config.objective, config.preference, arguments, model, train_dataset, tokenizer,
+                                     callbacks)
+    else:
+        plain_head = getattr(model.config, "model_type", None) in TrainedPositionsTrainer.PLAIN_HEAD_MODELS
+        trainer_class = TrainedPositionsTrainer if head is None and config.deepspeed is None and plain_head else Trainer
+        trainer = trainer_class(
+            model=model,
+            args=TrainingArguments(**arguments),
+            train_dataset=train_dataset,
+            data_collator=training_collator(tokenizer, packed, attn, head),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
     if config.compile:
         # Accelerate's regional compilation: the decoder layers, all of one class, share one compiled graph, so
         # compiling costs one layer's compile rather than the whole model's (bench/compile.py). Dynamic shapes from
@@ -239,6 +250,8 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
     trainer.save_model(str(weights_dir))  # on every process: under ZeRO-3 the weights are gathered first
     # The Trainer also pickles its arguments there; nothing reads them, and a model folder should hold no pickle.
     (weights_dir / "training_args.bin").unlink(missing_ok=True)
+    # PEFT saves every adapter of the model; TRL's frozen reference copy is not part of what was trained.
+    shutil.rmtree(weights_dir / REFERENCE_ADAPTER, ignore_errors=True)
     if head is not None:
         head.save(weights_dir)
     return TrainResult(

@@ -1,0 +1,60 @@
+"""The preference objectives through TRL's own trainers and losses: DPO (`DPOTrainer`) and KTO (`KTOTrainer`).
+
+They train on the tokenize stage's samples, rendered as SFT renders conversations (tasks/tokenize.py), so TRL's own
+tokenizing step is skipped. With LoRA or QLoRA the reference is the base with the adapter switched off, or, when
+training starts from an adapter (`train.init_adapter`), TRL's frozen copy of that adapter ("ref"): no second model
+in memory either way. TRL logs rewards, margins, accuracies and log-probabilities per step (StepMetrics passes them
+on).
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+from conf.schema import PreferenceConfig
+
+REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a starting adapter
+
+
+class TokenizedDPOTrainer(DPOTrainer):
+    """DPOTrainer on samples already tokenized (`prompt_ids`, `chosen_ids`, `rejected_ids`)."""
+
+    def _prepare_dataset(self, dataset: Dataset, processing_class, args, dataset_name: str) -> Dataset:
+        return dataset
+
+
+class TokenizedKTOTrainer(KTOTrainer):
+    """KTOTrainer on samples already tokenized (`prompt_ids`, `completion_ids`, `label`)."""
+
+    def _prepare_dataset(self, dataset: Dataset, processing_class, args, dataset_name: str) -> Dataset:
+        if not self.calculate_KL:
+            return dataset
+        # TRL builds the KL term's mismatched pairs inside the tokenizing step skipped here; the same rotation: each
+        # prompt with the completion before it, within each batch of per_device_train_batch_size samples.
+        return dataset.map(
+            lambda batch: {"KL_completion_ids": [batch["completion_ids"][-1]] + batch["completion_ids"][:-1]},
+            batched=True, batch_size=args.per_device_train_batch_size)
+
+
+def preference_trainer(objective: str, preference: PreferenceConfig, arguments: dict, model: PreTrainedModel,
+                       train_dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
+                       callbacks: list[TrainerCallback]) -> Trainer:
+    """TRL's trainer for `objective` (dpo or kto) with the run's training `arguments` (what TrainingArguments takes)
+    and the recipe's preference settings. Samples were cut to tokenize.max_length already: TRL cuts nothing."""
+    common = {"beta": preference.beta, "max_length": None}
+    if preference.loss_type is not None:
+        common["loss_type"] = preference.loss_type
+    if objective == "dpo":
+        args = DPOConfig(**arguments, **common)
+        trainer_class = TokenizedDPOTrainer
+    else:
+        # KTO's KL term pairs each sample with its neighbour in a fixed-order batch (TRL requires sequential
+        # sampling): the samples are shuffled once, by the run's seed, instead of every epoch.
+        args = KTOConfig(**arguments | {"train_sampling_strategy": "sequential"}, **common,
+                         desirable_weight=preference.desirable_weight, undesirable_weight=preference.undesirable_weight)
+        train_dataset = train_dataset.shuffle(seed=args.seed)
+        trainer_class = TokenizedKTOTrainer
+    return trainer_class(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                         callbacks=callbacks)
