@@ -37,7 +37,7 @@ def preflight_evaluation(config: RunConfig) -> None:
         raise UserError(f"task {config.task}: loraflow eval scores language models; a task head is scored base vs "
                         "tuned by loraflow run, and its champion again on new held-out data")
     check_readable([*config.data.train, *config.data.eval], config.data.text_split)
-    metric_names(config.evaluate, config.tokenize.mode == "chat")
+    metric_names(config.evaluate, config.tokenize.mode == "chat", config.train.objective != "sft")
     check_tracking_store()
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from conf.schema import RunConfig, UserError
+from conf.schema import RunConfig, UserError, load_config
+from flows.chain import names_recipe, starting_adapter
 from flows.runs import (
     RERUN_OF_TAG, RESUME_FORCED_TAG, Origin, experiment_id, holds_run_lock, log_config, run_context, run_lock, run_tags,
     score_basis_tags,
@@ -34,8 +35,9 @@ class RunSummary:
     run_id: str
     experiment_id: str
     metrics: dict[str, float]
-    registered: RegisterResult
+    registered: RegisterResult | None  # None: a first stage, which is not registered
     samples_path: Path
+    weights_dir: Path
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,20 @@ class Resume:
 
 
 @flow(name="finetune", validate_parameters=False)  # given a validated RunConfig; nothing to coerce
-def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | None = None
+def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | None = None, register: bool = True
              ) -> RunSummary | Interrupted | Offline:
     """Fine-tune, evaluate and register one recipe (or continue the cut-off run `resume`, or repeat the run `origin`
-    as a new run tagged with it, warning where its data or code differ from what that run recorded)."""
+    as a new run tagged with it, warning where its data or code differ from what that run recorded). A recipe named
+    as `train.init_adapter` is trained first, as a run of its own that is not registered (`register` False)."""
     if resume is not None and not holds_run_lock(config.output_dir / resume.run_id):
         raise UserError(f"run {resume.run_id}: resume it through claimed_cut_off_run, which holds its lock")
+    first_stage = None
+    if resume is None and names_recipe(config.train.init_adapter):
+        first = finetune(load_config(config.train.init_adapter), register=False)
+        if not isinstance(first, RunSummary):
+            raise UserError(f"train.init_adapter: the first stage, {config.train.init_adapter}, did not finish "
+                            f"(run {first.run_id}); resume or repeat it, then start from its adapter (runs:/...)")
+        first_stage = (first.run_id, first.weights_dir)
     model_dir = resolve_base_model(config.base_model)
     tags = run_tags(config) | ({RERUN_OF_TAG: origin.run_id} if origin is not None else {})
     if origin is not None and origin.git_commit != tags["git_commit"]:
@@ -88,6 +98,7 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
                 log_config(ctx.run_id, config, ctx.work_dir)
             elif resume.forced:
                 set_tags(ctx.run_id, {RESUME_FORCED_TAG: resume.forced})
+            config = starting_adapter(config, ctx, first_stage=first_stage, resumed=resume is not None)
 
             data = prepare_data(config, model_dir, ctx)
             if origin is not None and origin.data_hash != data.cleaned.data_hash:
@@ -113,7 +124,10 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
             if (record := offline_record(ctx.run_id)) is not None:
                 keep_unlogged(ctx.run_id, {"op": "register"} | request.model_dump(mode="json"))
                 return Offline(ctx.run_id, evaluated.metrics, trained.weights_dir, record)
-            champion = score_champion_head_to_head(config, basis, data.cleaned, ctx, precision=trained.precision)
-            registered = register_task(request.model_copy(update={"champion_score": champion}))
-    return RunSummary(ctx.run_id, run.info.experiment_id, evaluated.metrics, registered, evaluated.markdown_path)
+            registered = None
+            if register:
+                champion = score_champion_head_to_head(config, basis, data.cleaned, ctx, precision=trained.precision)
+                registered = register_task(request.model_copy(update={"champion_score": champion}))
+    return RunSummary(ctx.run_id, run.info.experiment_id, evaluated.metrics, registered, evaluated.markdown_path,
+                      trained.weights_dir)
 

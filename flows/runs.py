@@ -127,7 +127,7 @@ def current_data_hash(config: RunConfig) -> str:
     """The hash the clean stage would record for the recipe's data as it is now (cleaned into a scratch folder)."""
     with tempfile.TemporaryDirectory(prefix="loraflow-data-hash-") as scratch:
         return clean(config.data, RunContext(Path(scratch)), values=config.identity.model_dump(),
-                     task=config.task).data_hash
+                     task=config.data_kind).data_hash
 
 
 def check_resume_data(run_id: str, data_hash: str, force: bool) -> str | None:
@@ -194,7 +194,8 @@ def preflight(config: RunConfig) -> None:
     if config.has_head:
         check_head_metric(config.evaluate, config.task, config.registry.primary_metric)
     else:
-        check_primary_metric(config.evaluate, config.tokenize.mode == "chat", config.registry.primary_metric)
+        check_primary_metric(config.evaluate, config.tokenize.mode == "chat", config.registry.primary_metric,
+                             preference=config.train.objective != "sft")
     if config.tokenize.mode == "chat" and not config.has_head:
         load_tokenizer(resolve_base_model(config.base_model), config.tokenize.chat_template, config.trust_remote_code)
     check_tracking_store()  # last: opening a new SQLite store prints MLflow's own notices, which a user error should not

@@ -44,7 +44,7 @@ def _progress(line: str) -> None:
 def clean_task(config: RunConfig, ctx: RunContext) -> CleanResult:
     """clean(), with its report, rejects and data lineage logged to the run (and the report's warnings, such as
     classes with few examples, to the flow's log); a plain call (`.fn`) without a run logs nothing."""
-    result = clean(config.data, ctx, values=config.identity.model_dump(), task=config.task)
+    result = clean(config.data, ctx, values=config.identity.model_dump(), task=config.data_kind)
     if ctx.run_id is None:
         return result
     _progress(f"clean: {result.train_rows} train rows, {result.eval_rows} held out, {result.rejected_rows} rejected "
@@ -155,7 +155,7 @@ def evaluate_task(data: PreparedData, trained: TrainResult, config: RunConfig, c
         result = evaluate_head(data, trained.model, config.evaluate, ctx, precision=trained.precision)
     else:
         result = evaluate_tuned(data, trained, config.evaluate, ctx, identity_name=config.identity.name,
-                                tool_format=config.tokenize.tool_format)
+                                tool_format=config.tokenize.tool_format, beta=config.train.preference.beta)
     _log_evaluation(ctx, result, "")
     return result
 
@@ -169,7 +169,8 @@ def evaluate_model_task(data: PreparedData, model: ModelSource, config: RunConfi
         result = evaluate_head(data, model, config.evaluate, ctx, precision=precision)
     else:
         result = evaluate_model(data, model, config.evaluate, ctx, precision=precision,
-                                identity_name=config.identity.name, tool_format=config.tokenize.tool_format)
+                                identity_name=config.identity.name, tool_format=config.tokenize.tool_format,
+                                beta=config.train.preference.beta)
     _log_evaluation(ctx, result, label)
     return result
 

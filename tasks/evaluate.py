@@ -4,7 +4,8 @@ Held-out loss is measured on the trained (assistant) tokens only. Generated answ
 held-out references by `evaluate` metric modules (ROUGE, BLEU, exact match: loraflow's own offline modules
 unless the recipe names hub ones), and chat answers by the recipe's identity check. A chat answer's reasoning is
 split off first, as training rendered it (tasks/reasoning.py): the metrics score the answer alone, `reasoning_share`
-is the share of answers that reasoned, and the samples table shows both parts.
+is the share of answers that reasoned, and the samples table shows both parts. Preference data (DPO, KTO) is
+answered and scored against its chosen answers, and its pairs ranked (tasks/preference_scores.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tasks.device import autocast, inference_device
 from tasks.generation import HeldOut, held_out, split_answers
 from tasks.heldout import heldout_loss
 from tasks.metrics import metric_code_version, resolve_metric
+from tasks.preference_scores import PREFERENCE_METRICS, PairLogps, pair_logps, preference_accuracy, reward_scores
 from tasks.results import EvalResult, ModelSource, PreparedData, TrainResult
 
 LOSS_METRICS = ("eval_loss", "perplexity")
@@ -71,16 +73,18 @@ def metric_version(config: EvaluateConfig, chat: bool) -> str:
     return metric_code_version([*config.metrics, *([config.identity_metric] if chat else [])])
 
 
-def metric_names(config: EvaluateConfig, chat: bool) -> set[str]:
-    """The metrics an evaluation of this recipe logs (per model), found by scoring one made-up answer."""
+def metric_names(config: EvaluateConfig, chat: bool, preference: bool = False) -> set[str]:
+    """The metrics an evaluation of this recipe logs (per model), found by scoring one made-up answer; with
+    `preference` (a DPO or KTO recipe), how the model ranks held-out pairs as well."""
     metrics = GenerationMetrics(config, chat, identity_name="Ember")
     names = set(LOSS_METRICS) | set(metrics.compute(["I am Ember."], ["I am Ember."]))
+    names |= set(PREFERENCE_METRICS) if preference else set()
     return names | {"reasoning_share"} if chat else names
 
 
-def check_primary_metric(config: EvaluateConfig, chat: bool, primary_metric: str) -> None:
+def check_primary_metric(config: EvaluateConfig, chat: bool, primary_metric: str, preference: bool = False) -> None:
     """Before any work: the metric modules load, and one of them gives the metric that decides promotion."""
-    names = metric_names(config, chat)
+    names = metric_names(config, chat, preference)
     if primary_metric not in names:
         raise MetricSetupError(
             f"registry.primary_metric: {primary_metric!r} is not measured by this recipe; it measures {sorted(names)}"
@@ -88,11 +92,13 @@ def check_primary_metric(config: EvaluateConfig, chat: bool, primary_metric: str
 
 
 def _score(model, tokenizer, samples: list[dict], questions: HeldOut, metrics: GenerationMetrics,
-           config: EvaluateConfig, precision: str) -> tuple[dict[str, float], list[str], list[str]]:
-    """(scores, outputs, their reasoning). A chat answer's reasoning is split off before it is scored:
-    `reasoning_share` is the share of answers that reasoned, every other metric scores the answer alone."""
+           config: EvaluateConfig, precision: str) -> tuple[dict[str, float], list[str], list[str], list[PairLogps]]:
+    """(scores, outputs, their reasoning, the log-probabilities of held-out preference pairs' answers). A chat
+    answer's reasoning is split off before it is scored: `reasoning_share` is the share of answers that reasoned,
+    every other metric scores the answer alone."""
     with autocast(precision):
         loss = heldout_loss(model, samples)
+        pairs = pair_logps(model, samples) if samples and "rejected_ids" in samples[0] else []
         outputs = questions.outputs(model, tokenizer, config.max_new_tokens, config.batch_size)
     reasoning = [""] * len(outputs)
     if questions.chat:
@@ -100,7 +106,9 @@ def _score(model, tokenizer, samples: list[dict], questions: HeldOut, metrics: G
     scores = {"eval_loss": loss, "perplexity": math.exp(loss)} | metrics.compute(outputs, questions.references)
     if questions.chat:
         scores["reasoning_share"] = sum(map(bool, reasoning)) / len(reasoning) if reasoning else 0.0
-    return scores, outputs, reasoning
+    if pairs:
+        scores["preference_accuracy"] = preference_accuracy(pairs)
+    return scores, outputs, reasoning, pairs
 
 
 def _with_reasoning(rows: list[dict], reasoning: dict[str, list[str]]) -> list[dict]:
@@ -136,12 +144,14 @@ def _write_samples(out_dir: Path, title: str, rows: list[dict], scores: dict[str
 
 
 def evaluate_tuned(data: PreparedData, trained: TrainResult, config: EvaluateConfig, ctx: RunContext, *,
-                   identity_name: str = "", tool_format: str = "auto") -> EvalResult:
+                   identity_name: str = "", tool_format: str = "auto", beta: float = 0.1) -> EvalResult:
     """Score the base model, then the tuned one (base + adapter, or the fully trained model), on the held-out rows,
     in the precision training ran in; the report lands in ctx.work_dir/eval.
 
     Conversations are answered; documents are continued from their opening words. Both models use the tokenizer
-    saved with the tuned weights, so they share its chat template. Metrics come as base_<name>, tuned_<name>.
+    saved with the tuned weights, so they share its chat template. Held-out preference pairs are ranked as well
+    (tasks/preference_scores.py: rewards at `beta`, the base the reference). Metrics come as base_<name>,
+    tuned_<name>.
     """
     model_dir, weights_dir, precision = trained.model_dir, trained.weights_dir, trained.precision
     trust_remote_code = ctx.trust_remote_code
@@ -150,10 +160,14 @@ def evaluate_tuned(data: PreparedData, trained: TrainResult, config: EvaluateCon
     samples = list(load_from_disk(str(data.tokens.eval_dir)))
     tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
     model = load_model(model_dir, trust_remote_code).to(inference_device()).eval()
-    base_scores, base_outputs, base_reasoning = _score(model, tokenizer, samples, questions, metrics, config, precision)
+    base_scores, base_outputs, base_reasoning, base_pairs = _score(model, tokenizer, samples, questions, metrics,
+                                                                   config, precision)
     tuned = load_tuned_model(model_dir, weights_dir, trust_remote_code, base=model).to(inference_device()).eval()
-    tuned_scores, tuned_outputs, tuned_reasoning = _score(tuned, tokenizer, samples, questions, metrics, config,
-                                                          precision)
+    tuned_scores, tuned_outputs, tuned_reasoning, tuned_pairs = _score(tuned, tokenizer, samples, questions, metrics,
+                                                                       config, precision)
+    if base_pairs:
+        base_scores |= reward_scores(base_pairs, base_pairs, beta)
+        tuned_scores |= reward_scores(tuned_pairs, base_pairs, beta)
     rows = _with_reasoning([
         {"prompt": shown, "reference": reference, "base": base, "tuned": tuned_output}
         for shown, reference, base, tuned_output in zip(questions.shown, questions.references, base_outputs, tuned_outputs)
@@ -165,17 +179,26 @@ def evaluate_tuned(data: PreparedData, trained: TrainResult, config: EvaluateCon
 
 
 def evaluate_model(data: PreparedData, source: ModelSource, config: EvaluateConfig, ctx: RunContext, *,
-                   precision: str = "fp32", identity_name: str = "", tool_format: str = "auto") -> EvalResult:
+                   precision: str = "fp32", identity_name: str = "", tool_format: str = "auto",
+                   beta: float = 0.1) -> EvalResult:
     """Score one model (a base model, or base + tuned weights; `data` tokenized with its tokenizer) on the held-out
-    rows; metrics under their bare names, the report in ctx.work_dir/eval."""
+    rows; metrics under their bare names, the report in ctx.work_dir/eval. Held-out preference pairs are ranked as
+    well, the rewards against the base model."""
     model_dir, weights_dir, trust_remote_code = source.model_dir, source.weights_dir, ctx.trust_remote_code
     questions = held_out(data.cleaned.eval_path, tool_format)
     metrics = GenerationMetrics(config, questions.chat, identity_name)
     samples = list(load_from_disk(str(data.tokens.eval_dir)))
     tokenizer = AutoTokenizer.from_pretrained(data.tokens.tokenizer_dir, trust_remote_code=trust_remote_code)
-    model = (load_model(model_dir, trust_remote_code) if weights_dir is None
-             else load_tuned_model(model_dir, weights_dir, trust_remote_code)).to(inference_device()).eval()
-    scores, outputs, reasoning = _score(model, tokenizer, samples, questions, metrics, config, precision)
+    model = load_model(model_dir, trust_remote_code).to(inference_device()).eval()
+    reference = []
+    if weights_dir is not None:
+        if samples and "rejected_ids" in samples[0]:
+            with autocast(precision):
+                reference = pair_logps(model, samples)
+        model = load_tuned_model(model_dir, weights_dir, trust_remote_code, base=model).to(inference_device()).eval()
+    scores, outputs, reasoning, pairs = _score(model, tokenizer, samples, questions, metrics, config, precision)
+    if pairs:
+        scores |= reward_scores(pairs, reference or pairs, beta)
     rows = _with_reasoning([{"prompt": shown, "reference": reference, "model": output}
                             for shown, reference, output in zip(questions.shown, questions.references, outputs)],
                            {"model": reasoning})

@@ -124,8 +124,19 @@ def _reference(message: dict) -> str:
     return "\n".join(part for part in [message["content"], *calls] if part)
 
 
+def _conversation(row: dict) -> dict | None:
+    """A held-out row as the conversation it asks for: a preference row's prompt with its chosen (or desirable)
+    answer; None for an answer labelled undesirable, which is no reference."""
+    if "prompt" not in row:
+        return row
+    answer = row["chosen"] if "chosen" in row else row["completion"] if row["label"] else None
+    return None if answer is None else {"messages": row["prompt"] + answer} | (
+        {"tools": row["tools"]} if "tools" in row else {})
+
+
 def held_out(eval_path: Path, tool_format: str = "auto") -> HeldOut:
     rows = [json.loads(line) for line in eval_path.read_text(encoding="utf-8").splitlines()]
+    rows = [conversation for row in rows if (conversation := _conversation(row)) is not None]
     if all("messages" in row for row in rows):
         prompts = [row["messages"][:-1] for row in rows]
         return HeldOut(prompts, [_reference(p[-1]) for p in prompts], [_reference(r["messages"][-1]) for r in rows],

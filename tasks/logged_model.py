@@ -57,3 +57,18 @@ def fetch_model(spec: str, dst: Path, trust_remote_code: bool = False) -> ModelS
         return ModelSource(resolve_base_model(spec), None, trust_remote_code)
     weights_dir, config = download_tuned(spec, dst)
     return ModelSource(resolve_base_model(config["base_model"]), weights_dir, trust_remote_code)
+
+
+def fetch_adapter(spec: str, dst: Path, base_model: str) -> Path:
+    """The LoRA adapter folder `spec` names (a logged loraflow model, downloaded to `dst`, or a local folder), for
+    training to start from; a UserError naming train.init_adapter when it is none, or was trained on another base."""
+    if is_logged_model(spec):
+        folder, config = download_tuned(spec, dst)
+        if config.get("base_model") not in (None, base_model):
+            raise UserError(f"train.init_adapter: {spec} was trained on {config['base_model']}, this recipe trains "
+                            f"{base_model}")
+    else:
+        folder = Path(spec).expanduser()
+    if not (folder / "adapter_config.json").exists():
+        raise UserError(f"train.init_adapter: {spec} is not a LoRA adapter (no adapter_config.json in {folder})")
+    return folder

@@ -341,7 +341,7 @@ def test_multimodal_and_preference_rows_get_their_own_reasons_and_hints(tmp_path
     report = assert_accounted(result)
     assert [r["reason"] for r in read_jsonl(result.rejects_path)] == [
         "has_images", "has_images", "has_video", "has_audio", "preference_pair", "preference_pair"]
-    assert "preference-tuning" in report["hints"]["preference_pair"] and "has_images" in report["hints"]
+    assert "train.objective: dpo" in report["hints"]["preference_pair"] and "has_images" in report["hints"]
 
 
 GLAIVE_TOOLS = json.dumps([{"name": "get_weather", "description": "Weather in a city",
