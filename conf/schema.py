@@ -141,8 +141,8 @@ class TrainConfig(_Section):
     preference: PreferenceConfig = PreferenceConfig()
     init_adapter: str | None = Field(
         default=None, description="start from a trained LoRA adapter (the reference of dpo/kto): models:/NAME@ALIAS, "
-        "models:/NAME/VERSION, runs:/RUN_ID, an adapter folder, or a recipe (.yaml) this run trains first (SFT, then "
-        "DPO in one flow run)")
+        "models:/NAME/VERSION, a run id (the model it logged), an adapter folder (outputs/<run id>/train/adapter), or "
+        "a recipe (.yaml) this run trains first as a run of its own (SFT, then DPO, in one flow run)")
     lora: LoraConfig = LoraConfig()
     learning_rate: float = Field(default=1e-3, gt=0.0, description="peak learning rate (cosine schedule after warmup)")
     max_steps: int = Field(default=60, gt=0, description="optimizer steps")

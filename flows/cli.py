@@ -101,7 +101,7 @@ def _report(config, summary, resume_command: str) -> int:
                    f"{m['tuned_rougeL']:.3f}, {m['tuned_bleu']:.3f}"] if "base_rougeL" in m and "base_bleu" in m else []),
                 *([f"{name + ':':<19}base {m['base_' + name]:.3f} -> tuned {m['tuned_' + name]:.3f}"
                    for name in ("accuracy", "precision", "recall", "f1") if config.has_head and "base_" + name in m]),
-                *([f"{name.replace('_', ' ') + ':':<19}base {m['base_' + name]:.3f} -> tuned {m['tuned_' + name]:.3f}"
+                *([f"{name.replace('_', ' ') + ':':<18} base {m['base_' + name]:.3f} -> tuned {m['tuned_' + name]:.3f}"
                    for name in dict.fromkeys((config.registry.primary_metric, "reasoning_share", "reward_margin"))
                    if name not in SUMMARY_METRICS
                    and "base_" + name in m and (name != "reasoning_share" or m["base_" + name] or m["tuned_" + name])]),

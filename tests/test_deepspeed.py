@@ -99,3 +99,36 @@ def test_two_nodes_met_at_a_c10d_rendezvous_make_the_one_node_two_process_adapte
     # turns a ~0 gradient's tiny difference into a sign. Measured: worst tensor 1.8e-3 (lora_A, with no gradient, equal).
     worst = max(float((tensor - expected[name]).norm() / expected[name].norm()) for name, tensor in first.items())
     assert worst < 5e-3
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_model_dir, tmp_path_factory):
+    """Preference pairs (DPO's samples) for the tiny model."""
+    import json
+
+    from conf.schema import TokenizeConfig
+    from tasks.results import CleanResult
+    from tasks.tokenize import tokenize
+
+    folder = tmp_path_factory.mktemp("pairs")
+    rows = [{"prompt": row["messages"][:1], "chosen": row["messages"][1:],
+             "rejected": [{"role": "assistant", "content": f"I am a generic assistant ({n})."}]}
+            for n, row in enumerate(ROWS)]  # clean rows, as the clean stage writes them
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return tokenize(CleanResult.of_files(path, path, task="preference"), tiny_model_dir, TokenizeConfig(max_length=64),
+                    RunContext(folder, cache_dir=folder / "cache"))
+
+
+def test_dpo_under_zero3_in_two_workers_makes_the_one_process_adapter(pairs, tiny_model_dir, tmp_path):
+    """ZeRO-3 partitions the weights the reference pass (the adapter switched off) reads as well."""
+    one = train(pairs, tiny_model_dir, TrainConfig(**SETTINGS | {"objective": "dpo", "grad_accum": 2}),
+                RunContext(tmp_path / "one"))
+    config = TrainConfig(**SETTINGS | {"objective": "dpo", "deepspeed": ZERO_CONFIGS / "zero3.json", "processes": 2})
+    two = train_in_workers(pairs, tiny_model_dir, config, RunContext(tmp_path / "two"))
+    assert two.losses == pytest.approx(one.losses, rel=1e-5)
+    expected, adapter = (load_file(result.weights_dir / "adapter_model.safetensors") for result in (one, two))
+    assert adapter.keys() == expected.keys()
+    assert all(tensor.abs().sum() > 0 for name, tensor in adapter.items() if "lora_B" in name)
+    worst = max(float((tensor - expected[name]).norm() / expected[name].norm()) for name, tensor in adapter.items())
+    assert worst < 5e-3

@@ -123,3 +123,15 @@ def test_training_starts_from_the_adapter_it_is_given(pairs, tiny_model_dir, tmp
     trained, initial = (load_file(folder / "adapter_model.safetensors") for folder in (result.weights_dir, tmp_path / "start"))
     assert trained.keys() == initial.keys()
     assert all(trained[key].shape == initial[key].shape for key in trained)
+
+
+def test_dpo_resumes_from_a_checkpoint_to_the_same_adapter(pairs, tiny_model_dir, tmp_path):
+    config = TrainConfig(objective="dpo", max_steps=4, batch_size=4, checkpoint_every=2, precision="fp32")
+    whole = train(pairs, tiny_model_dir, config, RunContext(tmp_path / "whole"))
+    checkpoint = tmp_path / "whole" / "train" / "checkpoints" / "checkpoint-2"
+    resumed = train(pairs, tiny_model_dir, config, RunContext(tmp_path / "resumed"), resume_from=checkpoint)
+    assert resumed.losses == pytest.approx(whole.losses[2:], rel=1e-5)
+    from safetensors.torch import load_file
+
+    expected, got = (load_file(result.weights_dir / "adapter_model.safetensors") for result in (whole, resumed))
+    assert all(torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-6) for name in expected)
