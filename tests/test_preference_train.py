@@ -53,23 +53,30 @@ def _policy_off_the_reference(model_dir: str):
     return model
 
 
-def test_the_dpo_loss_and_rewards_are_trls_on_log_probabilities_computed_apart(pairs, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("reference_is_base", [True, False], ids=["new adapter: the base", "started adapter: its copy"])
+def test_the_dpo_loss_and_rewards_are_trls_on_log_probabilities_computed_apart(pairs, tiny_model_dir, tmp_path,
+                                                                               reference_is_base):
     samples = list(load_from_disk(str(pairs.train_dir)))[:4]
     model = _policy_off_the_reference(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(pairs.tokenizer_dir)
     beta = 0.3
     arguments = {"output_dir": str(tmp_path), "per_device_train_batch_size": 4, "report_to": "none", "use_cpu": True}
     trainer = preference_trainer("dpo", PreferenceConfig(beta=beta), arguments, model, Dataset.from_list(samples),
-                                 tokenizer, [])  # a model with an adapter: TRL's frozen copy of it is the reference
+                                 tokenizer, [], reference_is_base=reference_is_base)
     batch = trainer.data_collator(samples)
     model.eval()
     with torch.no_grad():
-        reference = pair_logps(model, samples)
-        for name, weight in model.named_parameters():  # the policy moves; the reference copy stays
-            if "lora_B.default" in name:
-                weight.add_(torch.randn_like(weight) * 0.05)
+        if reference_is_base:
+            with model.disable_adapter():
+                reference = pair_logps(model, samples)
+        else:
+            reference = pair_logps(model, samples)
+            for name, weight in model.named_parameters():  # the policy moves; the reference copy stays
+                if "lora_B.default" in name:
+                    weight.add_(torch.randn_like(weight) * 0.05)
         trl_loss = float(trainer.compute_loss(model, batch))
         policy = pair_logps(model, samples)
+    assert ("ref" in model.peft_config) != reference_is_base
     margins = torch.tensor([beta * ((p.chosen - r.chosen) - (p.rejected - r.rejected)) for p, r in zip(policy, reference)])
     assert trl_loss == pytest.approx(float(-torch.nn.functional.logsigmoid(margins).mean()), rel=1e-4)
     logged = trainer._metrics["eval"]
@@ -96,7 +103,8 @@ def test_kto_pushes_an_undesirable_answer_down_and_a_desirable_one_up(tiny_model
     model = _policy_off_the_reference(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(pairs.tokenizer_dir)
     arguments = {"output_dir": str(tmp_path), "per_device_train_batch_size": 2, "report_to": "none", "use_cpu": True}
-    trainer = preference_trainer("kto", PreferenceConfig(), arguments, model, Dataset.from_list(samples), tokenizer, [])
+    trainer = preference_trainer("kto", PreferenceConfig(), arguments, model, Dataset.from_list(samples), tokenizer, [],
+                                 reference_is_base=True)
     model.train()
     model.zero_grad()
     batch = trainer.data_collator(list(trainer.train_dataset))

@@ -39,10 +39,13 @@ class TokenizedKTOTrainer(KTOTrainer):
 
 
 def preference_trainer(objective: str, preference: PreferenceConfig, arguments: dict, model: PreTrainedModel,
-                       train_dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
-                       callbacks: list[TrainerCallback]) -> Trainer:
+                       train_dataset: Dataset, tokenizer: PreTrainedTokenizerBase, callbacks: list[TrainerCallback],
+                       *, reference_is_base: bool) -> Trainer:
     """TRL's trainer for `objective` (dpo or kto) with the run's training `arguments` (what TrainingArguments takes)
-    and the recipe's preference settings. Samples were cut to tokenize.max_length already: TRL cuts nothing."""
+    and the recipe's preference settings. Samples were cut to tokenize.max_length already: TRL cuts nothing.
+
+    `reference_is_base`: the model's adapter is new, so the reference is the base with the adapter switched off;
+    else (an adapter training started from) TRL's frozen copy of the adapter as it was."""
     common = {"beta": preference.beta, "max_length": None}
     if preference.loss_type is not None:
         common["loss_type"] = preference.loss_type
@@ -56,5 +59,10 @@ def preference_trainer(objective: str, preference: PreferenceConfig, arguments: 
                          desirable_weight=preference.desirable_weight, undesirable_weight=preference.undesirable_weight)
         train_dataset = train_dataset.shuffle(seed=args.seed)
         trainer_class = TokenizedKTOTrainer
-    return trainer_class(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
-                         callbacks=callbacks)
+    trainer = trainer_class(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                            callbacks=callbacks)
+    if reference_is_base and REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+        # TRL copies any adapter it is given; a new one's copy is the base itself, at the cost of LoRA's compute in
+        # every reference pass. Without it TRL switches the adapter off for the reference.
+        model.delete_adapter(REFERENCE_ADAPTER)
+    return trainer

@@ -217,7 +217,7 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
         callbacks.append(pruner)
     if preference:
         trainer = preference_trainer(config.objective, config.preference, arguments, model, train_dataset, tokenizer,
-                                     callbacks)
+                                     callbacks, reference_is_base=config.init_adapter is None)
     else:
         plain_head = getattr(model.config, "model_type", None) in TrainedPositionsTrainer.PLAIN_HEAD_MODELS
         trainer_class = TrainedPositionsTrainer if head is None and config.deepspeed is None and plain_head else Trainer
