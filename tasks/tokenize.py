@@ -50,7 +50,7 @@ from tasks.reasoning import FIELD as REASONING_FIELD, Reasoning, template_field
 from tasks.results import CleanResult, TokenizedData
 
 IGNORE_INDEX = -100
-CACHE_FORMAT = 3  # bump when the samples this module writes change for the same inputs
+CACHE_FORMAT = 4  # bump when the samples this module writes change for the same inputs
 TOKEN_SHAPING_PACKAGES = ("tokenizers", "transformers", "trl", "datasets")
 _DATA_MARK = re.compile("\ue000(\\d+)\ue001")  # private-use characters: stand-ins for message contents
 
@@ -325,7 +325,7 @@ def encode_preference_rows(encoder: ChatEncoder, rows: Iterable[dict], rejected:
                            held_out: bool) -> Iterator[tuple[dict, bool]]:
     """(sample, truncated) for each preference row that encodes (each that does not is counted in `rejected`).
 
-    Train samples are what TRL's trainers take: `prompt_ids`, `chosen_ids`, `rejected_ids` (DPO), or
+    Train samples are what TRL's trainers take: `prompt_ids`, `chosen_ids`, `rejected_ids` and `length` (DPO), or
     `prompt_ids`, `completion_ids`, `label` (KTO: a pair gives a desirable and an undesirable sample, as TRL's
     `unpair_preference_dataset` makes them). Held-out samples carry both answers (an unpaired row's other side
     empty) and, for the held-out loss, `input_ids`/`labels`: the prompt and the chosen answer, loss on the answer.
@@ -355,8 +355,9 @@ def encode_preference_rows(encoder: ChatEncoder, rows: Iterable[dict], rejected:
             for answer, label in ((chosen, True), (rejected_ids, False)):
                 if answer:
                     yield {"prompt_ids": prompt, "completion_ids": answer, "label": label}, truncated
-        else:
-            yield {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected_ids}, truncated
+        else:  # `length`: the padded width of the pair's batch rows, which training groups pairs by
+            yield {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected_ids,
+                   "length": len(prompt) + max(len(chosen), len(rejected_ids))}, truncated
 
 
 def token_count(samples: Dataset) -> int:

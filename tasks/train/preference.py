@@ -19,10 +19,15 @@ REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a starting ad
 
 
 class TokenizedDPOTrainer(DPOTrainer):
-    """DPOTrainer on samples already tokenized (`prompt_ids`, `chosen_ids`, `rejected_ids`)."""
+    """DPOTrainer on samples already tokenized (`prompt_ids`, `chosen_ids`, `rejected_ids`), batched by `length`
+    (group_by_length, as SFT batches unpacked samples: a pair's rows are padded to its batch's longest)."""
 
     def _prepare_dataset(self, dataset: Dataset, processing_class, args, dataset_name: str) -> Dataset:
         return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, "length"]  # the sampler reads it; the collator does not
 
 
 class TokenizedKTOTrainer(KTOTrainer):
@@ -50,7 +55,7 @@ def preference_trainer(objective: str, preference: PreferenceConfig, arguments: 
     if preference.loss_type is not None:
         common["loss_type"] = preference.loss_type
     if objective == "dpo":
-        args = DPOConfig(**arguments, **common)
+        args = DPOConfig(**arguments | {"train_sampling_strategy": "group_by_length"}, **common)
         trainer_class = TokenizedDPOTrainer
     else:
         # KTO's KL term pairs each sample with its neighbour in a fixed-order batch (TRL requires sequential
