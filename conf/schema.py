@@ -117,12 +117,14 @@ class LoraConfig(_Section):
 
 
 class PreferenceConfig(_Section):
-    """The preference objectives' settings (`train.objective` dpo or kto), with TRL's defaults."""
+    """The preference objectives' settings (`train.objective` dpo, kto, orpo or simpo), with TRL's defaults."""
 
-    beta: float = Field(default=0.1, gt=0.0, description="how far the policy may move from the reference (TRL's beta)")
+    beta: float = Field(default=0.1, gt=0.0, description="dpo, kto: how far the policy may move from the reference; "
+                        "orpo: the odds-ratio loss's weight (lambda); simpo: the reward scale (TRL's beta)")
     loss_type: str | None = Field(default=None, min_length=1, description="TRL's loss: for dpo sigmoid (None: its "
                                   "default), hinge, ipo, robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, ...; "
                                   "for kto kto (None) or apo_zero_unpaired")
+    simpo_gamma: float = Field(default=0.5, ge=0.0, description="simpo: the target reward margin (TRL's simpo_gamma)")
     desirable_weight: float = Field(default=1.0, gt=0.0, description="kto: the loss weight of desirable answers")
     undesirable_weight: float = Field(default=1.0, gt=0.0, description="kto: the loss weight of undesirable answers")
 
@@ -135,9 +137,10 @@ class TrainConfig(_Section):
         default="lora",
         description="qlora: the frozen base in 4-bit NF4 (bitsandbytes, double quantisation); full: every weight",
     )
-    objective: Literal["sft", "dpo", "kto"] = Field(
+    objective: Literal["sft", "dpo", "kto", "orpo", "simpo"] = Field(
         default="sft", description="sft: the answers in the data; dpo: chosen over rejected answers (pairs); kto: "
-        "answers labelled desirable or not (unpaired rows, or pairs split in two). Through TRL's trainers")
+        "answers labelled desirable or not (unpaired rows, or pairs split in two); orpo, simpo: pairs, with no "
+        "reference model. Through TRL's trainers (ORPO's and CPO's from trl.experimental)")
     preference: PreferenceConfig = PreferenceConfig()
     init_adapter: str | None = Field(
         default=None, description="start from a trained LoRA adapter (the reference of dpo/kto): models:/NAME@ALIAS, "
@@ -313,8 +316,10 @@ class RunConfig(_Section):
     @property
     def data_kind(self) -> str:
         """What the clean stage keeps: conversations (or documents), a task head's labelled rows, preference pairs
-        (dpo), or answers labelled desirable or not (kto)."""
-        return {"dpo": "preference", "kto": "unpaired_preference"}.get(self.train.objective, self.task)
+        (dpo, orpo, simpo), or answers labelled desirable or not (kto)."""
+        if self.train.objective == "sft":
+            return self.task
+        return "unpaired_preference" if self.train.objective == "kto" else "preference"
 
     @field_validator("base_model")
     @classmethod

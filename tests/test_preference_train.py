@@ -143,3 +143,34 @@ def test_dpo_resumes_from_a_checkpoint_to_the_same_adapter(pairs, tiny_model_dir
 
     expected, got = (load_file(result.weights_dir / "adapter_model.safetensors") for result in (whole, resumed))
     assert all(torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-6) for name in expected)
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+def test_the_reference_free_losses_are_trls_on_log_probabilities_computed_apart(objective, pairs, tiny_model_dir,
+                                                                                 tmp_path):
+    """ORPO: the NLL of the chosen conversations (TRL's ORPO counts the prompt's tokens as well: its own choice,
+    noted in its code), token-mean, minus beta * logsigmoid(log odds ratio of the answers' mean log-probabilities);
+    SimPO: -logsigmoid(beta * (mean logp chosen - mean logp rejected) - gamma). No reference model in either."""
+    samples = list(load_from_disk(str(pairs.train_dir)))[:4]
+    model = _policy_off_the_reference(tiny_model_dir)
+    beta, gamma = 0.2, 0.3
+    arguments = {"output_dir": str(tmp_path), "per_device_train_batch_size": 4, "report_to": "none", "use_cpu": True}
+    trainer = preference_trainer(objective, PreferenceConfig(beta=beta, simpo_gamma=gamma), arguments, model,
+                                 Dataset.from_list(samples), AutoTokenizer.from_pretrained(pairs.tokenizer_dir), [],
+                                 reference_is_base=True)
+    batch = trainer.data_collator([trainer.train_dataset[n] for n in range(4)])
+    model.eval()
+    with torch.no_grad():
+        trl_loss = float(trainer.compute_loss(model, batch))
+        logps = pair_logps(model, samples)
+        conversations = [torch.tensor([s["prompt_ids"] + s["chosen_ids"]]) for s in samples]
+        nll = [torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="sum")
+               for ids in conversations]
+    chosen = torch.tensor([p.chosen / p.chosen_tokens for p in logps], dtype=torch.float64)
+    rejected = torch.tensor([p.rejected / p.rejected_tokens for p in logps], dtype=torch.float64)
+    if objective == "simpo":
+        expected = -torch.nn.functional.logsigmoid(beta * (chosen - rejected) - gamma).mean()
+    else:
+        log_odds = (chosen - rejected) - (torch.log1p(-chosen.exp()) - torch.log1p(-rejected.exp()))
+        expected = float(sum(nll)) / sum(ids.shape[1] - 1 for ids in conversations) - beta * torch.nn.functional.logsigmoid(log_odds).mean()
+    assert trl_loss == pytest.approx(float(expected), rel=1e-4)

@@ -12,7 +12,7 @@ from tasks.device import autocast, peak_memory_mb
 from tasks.heldout import heldout_loss
 from tasks.generation import SamplePrompts
 
-PREFERENCE_LOGS = ("rewards/", "logps/", "logits/", "kl")
+PREFERENCE_LOGS = ("rewards/", "logps/", "logits/", "kl", "nll_loss", "log_odds")
 StepLogger = Callable[[int, dict[str, float]], None]
 SampleLogger = Callable[[int, list[dict]], None]
 

@@ -1,4 +1,6 @@
-"""The preference objectives through TRL's own trainers and losses: DPO (`DPOTrainer`) and KTO (`KTOTrainer`).
+"""The preference objectives through TRL's own trainers and losses: DPO (`DPOTrainer`), KTO (`KTOTrainer`), and
+the reference-free ORPO (`ORPOTrainer`) and SimPO (`CPOTrainer` with its SimPO loss), the last two from
+`trl.experimental`.
 
 They train on the tokenize stage's samples, rendered as SFT renders conversations (tasks/tokenize.py), so TRL's own
 tokenizing step is skipped. With LoRA or QLoRA the reference is the base with the adapter switched off, or, when
@@ -43,14 +45,61 @@ class TokenizedKTOTrainer(KTOTrainer):
             batched=True, batch_size=args.per_device_train_batch_size)
 
 
+class _TokenizedPairs:
+    """ORPO's and CPO's trainers tokenize prompt/chosen/rejected strings row by row in `tokenize_row`; here a row is
+    the tokenize stage's ids, laid out as their collator reads them (each side the prompt and the answer, labels on
+    the answer alone). Hand-written: these trainers have no way to take tokenized pairs."""
+
+    def tokenize_row(self, feature: dict, model=None) -> dict:
+        prompt = feature["prompt_ids"]
+        row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+        for side in ("chosen", "rejected"):
+            answer = feature[f"{side}_ids"]
+            row |= {f"{side}_input_ids": prompt + answer, f"{side}_attention_mask": [1] * (len(prompt) + len(answer)),
+                    f"{side}_labels": [-100] * len(prompt) + answer}
+        return row
+
+    def _track_num_input_tokens(self, inputs):
+        """The Trainer counts `input_ids`, which these batches hold per side: both sides' real tokens are counted."""
+        if self.args.include_num_input_tokens_seen != "no":
+            tokens = sum(inputs[f"{side}_attention_mask"].sum() for side in ("chosen", "rejected"))
+            self.state.num_input_tokens_seen += self.accelerator.gather(tokens.to(self.args.device)).sum().item()
+
+
+def _reference_free_trainer(objective: str, preference: PreferenceConfig, arguments: dict, model, train_dataset,
+                            tokenizer, callbacks) -> Trainer:
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    class TokenizedORPOTrainer(_TokenizedPairs, ORPOTrainer):
+        pass
+
+    class TokenizedCPOTrainer(_TokenizedPairs, CPOTrainer):
+        pass
+
+    # Their collator pads every *_input_ids, *_attention_mask and *_labels column, so columns stay; samples were cut
+    # to tokenize.max_length already.
+    common = {"beta": preference.beta, "max_length": max(train_dataset["length"]), "remove_unused_columns": False,
+              "train_sampling_strategy": "group_by_length"}
+    if objective == "orpo":
+        args, trainer_class = ORPOConfig(**arguments | common), TokenizedORPOTrainer
+    else:
+        args = CPOConfig(**arguments | common, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=preference.simpo_gamma)
+        trainer_class = TokenizedCPOTrainer
+    return trainer_class(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                         callbacks=callbacks)
+
+
 def preference_trainer(objective: str, preference: PreferenceConfig, arguments: dict, model: PreTrainedModel,
                        train_dataset: Dataset, tokenizer: PreTrainedTokenizerBase, callbacks: list[TrainerCallback],
                        *, reference_is_base: bool) -> Trainer:
-    """TRL's trainer for `objective` (dpo or kto) with the run's training `arguments` (what TrainingArguments takes)
+    """TRL's trainer for `objective` (dpo, kto, orpo or simpo) with the run's training `arguments` (what TrainingArguments takes)
     and the recipe's preference settings. Samples were cut to tokenize.max_length already: TRL cuts nothing.
 
     `reference_is_base`: the model's adapter is new, so the reference is the base with the adapter switched off;
     else (an adapter training started from) TRL's frozen copy of the adapter as it was."""
+    if objective in ("orpo", "simpo"):
+        return _reference_free_trainer(objective, preference, arguments, model, train_dataset, tokenizer, callbacks)
     common = {"beta": preference.beta, "max_length": None}
     if preference.loss_type is not None:
         common["loss_type"] = preference.loss_type
