@@ -9,7 +9,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from transformers import AutoModelForCausalLM
 
+from conf.schema import UserError
 from flows.cli import main
+from tasks.logged_model import fetch_adapter
 from tests.conftest import loraflow_run, tiny_base_model, write_tiny_recipe
 
 MODEL_NAME = "chained-dpo"
@@ -67,3 +69,12 @@ def test_chat_and_export_use_the_dpo_version_unchanged(chained, tmp_path, capsys
     assert capsys.readouterr().out.strip()
     assert main(["export", f"models:/{MODEL_NAME}/1", "--merged", str(tmp_path / "merged")]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.num_hidden_layers == 2
+
+
+def test_a_registered_version_is_an_adapter_to_start_from_on_its_own_base_only(chained, tmp_path):
+    folder = fetch_adapter(f"models:/{MODEL_NAME}/1", tmp_path / "a", tiny_base_model())
+    assert (folder / "adapter_config.json").exists()
+    with pytest.raises(UserError, match="trained on"):
+        fetch_adapter(f"models:/{MODEL_NAME}/1", tmp_path / "b", "HuggingFaceTB/SmolLM2-360M-Instruct")
+    with pytest.raises(UserError, match="not a LoRA adapter"):
+        fetch_adapter(str(tmp_path), tmp_path / "c", tiny_base_model())
