@@ -30,7 +30,9 @@ from flows.stages import register_task
 from tasks.base_model import check_base_model, resolve_base_model
 from tasks.clean import check_readable, clean
 from tasks.context import RunContext
-from tasks.device import check_compile, check_deepspeed, check_sample_prompts, choose_attention, choose_precision
+from tasks.device import (
+    check_compile, check_deepspeed, check_reference_pass, check_sample_prompts, choose_attention, choose_precision,
+)
 from tasks.evaluate import check_primary_metric, metric_version
 from tasks.locks import file_lock, holds
 from tasks.evaluate_heads import check_head_metric, head_metric_version
@@ -190,6 +192,7 @@ def preflight(config: RunConfig) -> None:
     choose_attention(config.train.attn, config.train.compile)
     check_deepspeed(config.train)
     check_sample_prompts(config.train, config.evaluate.every_steps)
+    check_reference_pass(config.train)
     check_compile(config.train)
     if config.has_head:
         check_head_metric(config.evaluate, config.task, config.registry.primary_metric)

@@ -74,6 +74,15 @@ def check_sample_prompts(config: TrainConfig, every_steps: int | None) -> None:
                               "(bitsandbytes); unset it for method qlora (the evaluation after training still runs)")
 
 
+def check_reference_pass(config: TrainConfig) -> None:
+    """DPO's reference pass and KTO's KL pass run the 4-bit base under no_grad, after which bitsandbytes on a CPU stops
+    its gradients (see load_base_for_training); ORPO and SimPO have no such pass."""
+    if config.objective in ("dpo", "kto") and config.method == "qlora" and not torch.cuda.is_available():
+        raise TrainSetupError(f"train.method: qlora with objective {config.objective} runs its reference pass under "
+                              "no_grad, which stops QLoRA's gradients on a CPU (bitsandbytes); on a CPU use method lora "
+                              "(low_memory for less memory), or objective orpo or simpo (no reference pass)")
+
+
 def name_deepspeed_accelerator() -> None:
     """DeepSpeed (which the Trainer imports when it is installed) probes for an accelerator and warns when it settles
     on the CPU; on a machine without CUDA it is told so outright."""

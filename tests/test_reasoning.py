@@ -296,8 +296,8 @@ def test_evaluation_scores_the_answer_alone_and_counts_the_answers_that_reasoned
     monkeypatch.setattr(evaluate_stage, "heldout_loss", lambda model, samples: 1.0)
     config = EvaluateConfig(metrics=["builtin:exact_match"])
     metrics = evaluate_stage.GenerationMetrics(config, chat=True, identity_name="Ember")
-    scores, answers, reasoning = evaluate_stage._score(None, tokenizer, [], questions, metrics, config, "fp32")
-    assert answers == ["5", "6"] and reasoning == ["2 + 3 = 5", ""]
+    scores, answers, reasoning, pairs = evaluate_stage._score(None, tokenizer, [], questions, metrics, config, "fp32")
+    assert answers == ["5", "6"] and reasoning == ["2 + 3 = 5", ""] and pairs == []
     assert scores["exact_match"] == 0.5 and scores["reasoning_share"] == 0.5
     # The samples table: a reasoning column for each model that reasoned, in every row (MLflow's table needs them).
     rows = evaluate_stage._with_reasoning([{"prompt": "a"}, {"prompt": "b"}], {"base": ["", ""], "tuned": reasoning})

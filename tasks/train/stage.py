@@ -38,7 +38,8 @@ from tasks import causal_attention
 from tasks.base_model import load_head_model
 from tasks.context import RunContext
 from tasks.device import (
-    check_compile, check_deepspeed, check_sample_prompts, choose_attention, choose_precision, name_deepspeed_accelerator,
+    check_compile, check_deepspeed, check_reference_pass, check_sample_prompts, choose_attention, choose_precision,
+    name_deepspeed_accelerator,
 )
 from tasks.generation import SamplePrompts
 from tasks.labels import HEAD_TASKS, Head
@@ -117,6 +118,7 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
     attn = choose_attention(config.attn, config.compile)
     check_deepspeed(config)
     check_sample_prompts(config, samples.every_steps if samples is not None else None)
+    check_reference_pass(config)
     check_compile(config)
     if config.threads:
         torch.set_num_threads(config.threads)
