@@ -164,3 +164,15 @@ def test_kto_trains_each_side_of_a_pair_with_its_label(model_dir, tmp_path):
     held_out = list(load_from_disk(str(tokens.eval_dir)))
     assert held_out[1]["chosen_ids"] == [] and held_out[1]["rejected_ids"] == train[2]["completion_ids"]
     assert json.loads((tokens.train_dir.parent / "summary.json").read_text())["train_samples"] == 3
+
+
+def test_a_pair_with_its_prompt_under_another_name_is_read_once_the_name_is_mapped(tmp_path):
+    """Intel's orca_dpo_pairs layout: system, question, chosen, rejected."""
+    row = {"system": "Be brief.", "question": "Who are you?", "chosen": "I am Ember.", "rejected": "I am an AI."}
+    source = write_jsonl(tmp_path / "orca.jsonl", [row])
+    unmapped = clean(data([source]), RunContext(tmp_path / "a"), task="preference")
+    assert [r["reason"] for r in read_jsonl(unmapped.rejects_path)] == ["no_prompt"]
+    assert "data.columns" in assert_accounted(unmapped)["hints"]["no_prompt"]
+    mapped = clean(data([source], columns={"instruction": "question"}), RunContext(tmp_path / "b"), task="preference")
+    assert read_jsonl(mapped.train_path) == [{"prompt": [{"role": "system", "content": "Be brief."}, *PROMPT],
+                                              "chosen": CHOSEN, "rejected": REJECTED}]

@@ -33,11 +33,11 @@ def chained(tmp_path_factory):
                       f"evaluate: {{max_new_tokens: 8}}\nregistry: {{model_name: {MODEL_NAME}, "
                       "primary_metric: preference_accuracy}\n")
     run, printed = loraflow_run(str(recipe))
-    return run, printed
+    return run, printed, recipe
 
 
 def test_the_sft_stage_is_a_run_nested_under_the_dpo_run_and_not_registered(chained):
-    run, _ = chained
+    run, *_ = chained
     client = MlflowClient()
     first = client.get_run(run.data.tags["loraflow.first_stage"])
     assert first.data.tags[MLFLOW_PARENT_RUN_ID] == run.info.run_id
@@ -48,7 +48,7 @@ def test_the_sft_stage_is_a_run_nested_under_the_dpo_run_and_not_registered(chai
 
 def test_dpo_starts_at_the_sft_model(chained):
     """The SFT adapter is both where DPO starts and its reference: the first step's loss is ln 2, its rewards 0."""
-    run, _ = chained
+    run, *_ = chained
     history = {key: MlflowClient().get_metric_history(run.info.run_id, key)
                for key in ("train_loss", "train_rewards_margins")}
     first = {key: min(points, key=lambda point: point.step).value for key, points in history.items()}
@@ -56,7 +56,7 @@ def test_dpo_starts_at_the_sft_model(chained):
 
 
 def test_preference_metrics_base_and_tuned_and_a_registered_version(chained):
-    run, printed = chained
+    run, printed, _ = chained
     metrics = run.data.metrics
     for model in ("base", "tuned"):
         assert 0 <= metrics[f"{model}_preference_accuracy"] <= 1 and 0 <= metrics[f"{model}_reward_accuracy"] <= 1
@@ -78,3 +78,15 @@ def test_a_registered_version_is_an_adapter_to_start_from_on_its_own_base_only(c
         fetch_adapter(f"models:/{MODEL_NAME}/1", tmp_path / "b", "HuggingFaceTB/SmolLM2-360M-Instruct")
     with pytest.raises(UserError, match="not a LoRA adapter"):
         fetch_adapter(str(tmp_path), tmp_path / "c", tiny_base_model())
+
+
+def test_the_version_scored_on_its_own_gets_the_preference_scores_its_run_logged(chained):
+    """`loraflow eval` and the champion's head-to-head score one model, the rewards against its base: the same
+    numbers the training run logged as tuned_*."""
+    from conf.schema import load_config
+    from flows.evaluate_model import evaluate_model
+
+    run, _, recipe = chained
+    scored = evaluate_model(load_config(recipe), f"models:/{MODEL_NAME}/1").metrics
+    for name in ("preference_accuracy", "reward_margin", "reward_accuracy", "eval_loss"):
+        assert scored[name] == pytest.approx(run.data.metrics[f"tuned_{name}"], rel=1e-4, abs=1e-6), name

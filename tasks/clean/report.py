@@ -25,6 +25,11 @@ HINTS = {"preference_pair": "chosen/rejected pairs need a preference objective (
                              "labelled answers; plain conversations are SFT's (train them first, or with "
                              "train.init_adapter)",
          "identical_pair": "the chosen and rejected answers are the same: nothing to prefer",
+         "no_prompt": "a preference row needs a prompt: a prompt, instruction, conversations or messages field (map "
+                      "another name with data.columns, e.g. {instruction: question}), or whole conversations as "
+                      "chosen and rejected",
+         "ends_on_assistant_turn": "the conversation before chosen/rejected already ends on an answer: the pair's "
+                                   "answers must follow a user (or tool) turn",
          "prompts_differ": "the chosen and rejected conversations differ before the answer: a pair answers one prompt",
          "fractional_weight": "a turn's weight must be 0 (not trained) or 1 (trained): loraflow does not scale a "
                               "turn's loss, and does not round a weight",
