@@ -121,9 +121,9 @@ class PreferenceConfig(_Section):
 
     beta: float = Field(default=0.1, gt=0.0, description="dpo, kto: how far the policy may move from the reference; "
                         "orpo: the odds-ratio loss's weight (lambda); simpo: the reward scale (TRL's beta)")
-    loss_type: str | None = Field(default=None, min_length=1, description="TRL's loss: for dpo sigmoid (None: its "
-                                  "default), hinge, ipo, robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, ...; "
-                                  "for kto kto (None) or apo_zero_unpaired")
+    loss_type: str | None = Field(
+        default=None, min_length=1, description="TRL's loss: for dpo sigmoid (None: its default), hinge, ipo, robust, "
+        "bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, ...; for kto kto (None) or apo_zero_unpaired")
     simpo_gamma: float = Field(default=0.5, ge=0.0, description="simpo: the target reward margin (TRL's simpo_gamma)")
     desirable_weight: float = Field(default=1.0, gt=0.0, description="kto: the loss weight of desirable answers")
     undesirable_weight: float = Field(default=1.0, gt=0.0, description="kto: the loss weight of undesirable answers")

@@ -4,9 +4,9 @@ The identity set is the classic first fine-tuning exercise (XTuner's "self-cogni
 of "who are you?" answered with a new name and maker. Held-out phrasings never appear in training, so the
 evaluation asks questions the model has not seen. Everyday chat rows keep the model able to chat.
 Rows carry `{{name}}` / `{{author}}` placeholders, filled by the clean stage from the recipe.
-The identity preference pairs (for DPO and KTO) answer the same questions, the identity answer chosen over a
-generic "I am an AI assistant" one. The pydoc topics are text documents for incremental pretraining. The tool-call set teaches calling two functions
-with the arguments the question states (city and unit; amount and currencies), reading their results, and
+The identity preference pairs (DPO, KTO, ORPO, SimPO) answer the same questions, the identity answer chosen over a
+generic "I am an AI assistant" one. The pydoc topics are text documents for incremental pretraining. The tool-call
+set teaches calling two functions with the arguments the question states (city and unit; amount and currencies), reading their results, and
 answering plainly when no tool is needed; its held-out rows end on the call, with cities and amounts never trained.
 For task heads: VADER's human-rated sentiment lexicon (classification) and WNUT 2016's tagged tweets (NER), read
 from the PyPI packages that ship them, and tagged sentences made from templates with known entity spans (NER),

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+# CleanResult.task for preference rows (RunConfig.data_kind): pairs (DPO, ORPO, SimPO), or KTO's labelled answers.
+PAIRED_PREFERENCE, UNPAIRED_PREFERENCE = "preference", "unpaired_preference"
+PREFERENCE_KINDS = (PAIRED_PREFERENCE, UNPAIRED_PREFERENCE)
+
+
 @dataclass(frozen=True)
 class CleanResult:
     train_path: Path

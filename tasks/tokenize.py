@@ -47,7 +47,7 @@ from tasks.chat_templates import CHAT_TEMPLATES, for_template
 from tasks.context import RunContext
 from tasks.labels import HEAD_TASKS, joined_words, word_of_each_token
 from tasks.reasoning import FIELD as REASONING_FIELD, Reasoning, template_field
-from tasks.results import CleanResult, TokenizedData
+from tasks.results import PREFERENCE_KINDS, UNPAIRED_PREFERENCE, CleanResult, TokenizedData
 
 IGNORE_INDEX = -100
 CACHE_FORMAT = 4  # bump when the samples this module writes change for the same inputs
@@ -298,9 +298,6 @@ def encode_chat_rows(encoder: ChatEncoder, rows: Iterable[dict], rejected: dict[
         yield encoded
 
 
-PREFERENCE_KINDS = ("preference", "unpaired_preference")  # the clean stage's preference rows: pairs (DPO), or KTO's
-
-
 def _fit(prompt_ids: list[int], answers: list[list[int]], config: TokenizeConfig) -> tuple[list[list[int]], bool]:
     """The answers as they fit `max_length` after the prompt: whole, or cut (`too_long: truncate`: the prompt is
     kept, the answers' ends cut off); SampleRejected when they cannot fit."""
@@ -426,7 +423,7 @@ def tokenize(cleaned: CleanResult, model_dir: str, config: TokenizeConfig, ctx: 
         evaluation = Dataset.from_list([sample for sample, _ in eval_encoded])
     elif task in PREFERENCE_KINDS:
         encoder = ChatEncoder(tokenizer, config)
-        kto = task == "unpaired_preference"
+        kto = task == UNPAIRED_PREFERENCE
         train_encoded = list(encode_preference_rows(encoder, _rows(train_path), rejected, kto=kto, held_out=False))
         eval_encoded = list(encode_preference_rows(encoder, _rows(eval_path), rejected, kto=kto, held_out=True))
         if not train_encoded or not eval_encoded:

@@ -17,12 +17,9 @@ from __future__ import annotations
 import re
 
 from conf.schema import DataConfig
-from tasks.clean.normalise import ROLE_ALIASES, _message, _tools, desirable, plain_text, raw_row
+from tasks.clean.normalise import ROLE_ALIASES, _message, _tools, _turns as row_turns, desirable, plain_text, raw_row
 from tasks.clean.readers import RowRejected
-
-PAIR = "preference"
-UNPAIRED = "unpaired_preference"
-KINDS = (PAIR, UNPAIRED)
+from tasks.results import PAIRED_PREFERENCE
 
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -73,17 +70,8 @@ def _prompt(row: dict) -> tuple[str, list[dict] | None]:
         return "sharegpt", _turns(row["conversations"], "user")
     if "messages" in row:
         return "messages", _turns(row["messages"], "user")
-    if "instruction" in row:
-        if not isinstance(row["instruction"], str) or not isinstance(row.get("input") or "", str):
-            raise RowRejected("wrong_type")
-        question = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
-        history = row.get("history") or []
-        if not isinstance(history, list) or not all(isinstance(h, list | tuple) and len(h) == 2 for h in history):
-            raise RowRejected("wrong_type")
-        turns = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-        for asked, answered in history:
-            turns += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
-        return "alpaca", turns + [{"role": "user", "content": question}]
+    if "instruction" in row:  # an alpaca row's turns (system, history, instruction and input), less its output
+        return "alpaca", row_turns(row | {"output": ""}, "alpaca")[:-1]
     return "implicit prompt", None
 
 
@@ -111,14 +99,14 @@ def _check_answer(answer: list[dict]) -> None:
 
 
 def normalise_preference_row(raw: object, data: DataConfig, values: dict[str, str], kind: str) -> tuple[str, dict]:
-    """(layout, clean row) for one raw preference row (`kind`: PAIR for DPO, UNPAIRED for KTO, which also takes
-    pairs), or RowRejected with the reason code."""
+    """(layout, clean row) for one raw preference row (`kind`: PAIRED_PREFERENCE for DPO, ORPO and SimPO, or
+    UNPAIRED_PREFERENCE for KTO, which also takes pairs), or RowRejected with the reason code."""
     row = raw_row(raw, data)
     features: set[str] = set()
     paired = "chosen" in row or "rejected" in row
     if not paired and "label" not in row:
         raise RowRejected("not_a_preference")
-    if not paired and kind == PAIR:
+    if not paired and kind == PAIRED_PREFERENCE:
         raise RowRejected("unpaired_preference")
     layout, prompt_turns = _prompt(row)
     if paired:

@@ -15,14 +15,14 @@ FORMAT_NAMES = {"openai": "openai messages", "sharegpt": "sharegpt conversations
                 "prompt_completion": "prompt/completion", "text": "text"}
 
 
-HINTS = {"preference_pair": "chosen/rejected pairs need a preference objective (train.objective: dpo, or kto); SFT "
-                            "cannot train them",
+HINTS = {"preference_pair": "chosen/rejected pairs need a preference objective (train.objective: dpo, kto, orpo or "
+                            "simpo); SFT cannot train them",
          "undesirable_answer": "rows labelled undesirable (label: false, KTO's layout) are answers to avoid: "
                                "train.objective kto learns from them; SFT would train them as good answers",
          "unpaired_preference": "rows with one answer and a label are KTO's layout: train.objective kto trains them; "
                                 "dpo needs chosen/rejected pairs",
-         "not_a_preference": "a preference objective (train.objective dpo or kto) trains chosen/rejected pairs or "
-                             "labelled answers; plain conversations are SFT's (train them first, or with "
+         "not_a_preference": "a preference objective (train.objective dpo, kto, orpo, simpo) trains chosen/rejected "
+                             "pairs or labelled answers; plain conversations are SFT's (train them first, or with "
                              "train.init_adapter)",
          "identical_pair": "the chosen and rejected answers are the same: nothing to prefer",
          "no_prompt": "a preference row needs a prompt: a prompt, instruction, conversations or messages field (map "

@@ -18,14 +18,14 @@ import numpy as np
 from conf.schema import DataConfig
 from tasks.clean.dedup import NearDuplicates
 from tasks.clean.normalise import normalise_row, plain_text, row_messages
-from tasks.clean.preference import KINDS as PREFERENCE_KINDS, normalise_preference_row
+from tasks.clean.preference import normalise_preference_row
 from tasks.clean.readers import RowRejected, read_source
 from tasks.clean.report import (
     HINTS, held_out_labels_seen_in_training, label_report, reject_line, source_layouts, write_lines,
 )
 from tasks.context import RunContext
 from tasks.labels import label_order
-from tasks.results import CleanResult
+from tasks.results import PREFERENCE_KINDS, CleanResult
 
 
 # Rows are normalised and near-duplicate signed a chunk at a time; the character bound keeps a chunk's
