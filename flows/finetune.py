@@ -82,7 +82,7 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
         first = finetune(load_config(config.train.init_adapter), register=False)
         if not isinstance(first, RunSummary):
             raise UserError(f"train.init_adapter: the first stage, {config.train.init_adapter}, did not finish "
-                            f"(run {first.run_id}); resume or repeat it, then start from its adapter (runs:/...)")
+                            f"(run {first.run_id}); resume or repeat it, then start from its adapter (its run id)")
         first_stage = (first.run_id, first.weights_dir)
     model_dir = resolve_base_model(config.base_model)
     tags = run_tags(config) | ({RERUN_OF_TAG: origin.run_id} if origin is not None else {})

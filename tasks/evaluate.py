@@ -4,8 +4,8 @@ Held-out loss is measured on the trained (assistant) tokens only. Generated answ
 held-out references by `evaluate` metric modules (ROUGE, BLEU, exact match: loraflow's own offline modules
 unless the recipe names hub ones), and chat answers by the recipe's identity check. A chat answer's reasoning is
 split off first, as training rendered it (tasks/reasoning.py): the metrics score the answer alone, `reasoning_share`
-is the share of answers that reasoned, and the samples table shows both parts. Preference data (DPO, KTO) is
-answered and scored against its chosen answers, and its pairs ranked (tasks/preference_scores.py).
+is the share of answers that reasoned, and the samples table shows both parts. Preference data (DPO, KTO, ORPO,
+SimPO) is answered and scored against its chosen answers, and its pairs ranked (tasks/preference_scores.py).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def metric_version(config: EvaluateConfig, chat: bool) -> str:
 
 def metric_names(config: EvaluateConfig, chat: bool, preference: bool = False) -> set[str]:
     """The metrics an evaluation of this recipe logs (per model), found by scoring one made-up answer; with
-    `preference` (a DPO or KTO recipe), how the model ranks held-out pairs as well."""
+    `preference` (a preference objective's recipe), how the model ranks held-out pairs as well."""
     metrics = GenerationMetrics(config, chat, identity_name="Ember")
     names = set(LOSS_METRICS) | set(metrics.compute(["I am Ember."], ["I am Ember."]))
     names |= set(PREFERENCE_METRICS) if preference else set()
@@ -190,15 +190,15 @@ def evaluate_model(data: PreparedData, source: ModelSource, config: EvaluateConf
     samples = list(load_from_disk(str(data.tokens.eval_dir)))
     tokenizer = AutoTokenizer.from_pretrained(data.tokens.tokenizer_dir, trust_remote_code=trust_remote_code)
     model = load_model(model_dir, trust_remote_code).to(inference_device()).eval()
-    reference = []
+    base_pairs = []
     if weights_dir is not None:
         if samples and "rejected_ids" in samples[0]:
             with autocast(precision):
-                reference = pair_logps(model, samples)
+                base_pairs = pair_logps(model, samples)
         model = load_tuned_model(model_dir, weights_dir, trust_remote_code, base=model).to(inference_device()).eval()
     scores, outputs, reasoning, pairs = _score(model, tokenizer, samples, questions, metrics, config, precision)
     if pairs:
-        scores |= reward_scores(pairs, reference or pairs, beta)
+        scores |= reward_scores(pairs, base_pairs or pairs, beta)
     rows = _with_reasoning([{"prompt": shown, "reference": reference, "model": output}
                             for shown, reference, output in zip(questions.shown, questions.references, outputs)],
                            {"model": reasoning})

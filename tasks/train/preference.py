@@ -68,6 +68,7 @@ class _TokenizedPairs:
 
 def _reference_free_trainer(objective: str, preference: PreferenceConfig, arguments: dict, model, train_dataset,
                             tokenizer, callbacks) -> Trainer:
+    # Imported here: trl.experimental warns on import that its API is unstable, which only these objectives use.
     from trl.experimental.cpo import CPOConfig, CPOTrainer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -93,8 +94,8 @@ def _reference_free_trainer(objective: str, preference: PreferenceConfig, argume
 def preference_trainer(objective: str, preference: PreferenceConfig, arguments: dict, model: PreTrainedModel,
                        train_dataset: Dataset, tokenizer: PreTrainedTokenizerBase, callbacks: list[TrainerCallback],
                        *, reference_is_base: bool) -> Trainer:
-    """TRL's trainer for `objective` (dpo, kto, orpo or simpo) with the run's training `arguments` (what TrainingArguments takes)
-    and the recipe's preference settings. Samples were cut to tokenize.max_length already: TRL cuts nothing.
+    """TRL's trainer for `objective` (dpo, kto, orpo or simpo) with the run's training `arguments` (what
+    TrainingArguments takes) and the recipe's preference settings. Samples were cut to tokenize.max_length already: TRL cuts nothing.
 
     `reference_is_base`: the model's adapter is new, so the reference is the base with the adapter switched off;
     else (an adapter training started from) TRL's frozen copy of the adapter as it was."""
