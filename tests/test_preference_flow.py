@@ -64,6 +64,19 @@ def test_preference_metrics_base_and_tuned_and_a_registered_version(chained):
     assert run.data.tags["registered_model"] == f"{MODEL_NAME}/1" and "preference accuracy:" in printed
 
 
+def test_deploy_serves_the_dpo_version_unchanged(chained):
+    from tasks.deploy import AliasFollower, deploy
+    from tests.test_deploy import chat, post
+
+    # challenger: the newest version holds it whether or not its few steps beat the base
+    served = deploy(AliasFollower(MODEL_NAME, "challenger", max_tokens_limit=16), "127.0.0.1", 0, poll_seconds=5)
+    try:
+        status, completion, version = post(f"{served.url}/v1/chat/completions", chat("Question 4?"))
+        assert status == 200 and version == "1" and completion["model"] == f"{MODEL_NAME}/1"
+    finally:
+        served.stop()
+
+
 def test_chat_and_export_use_the_dpo_version_unchanged(chained, tmp_path, capsys):
     assert main(["chat", f"models:/{MODEL_NAME}/1", "-p", "Question 4?", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
