@@ -120,11 +120,18 @@ def pairs(tiny_model_dir, tmp_path_factory):
                     RunContext(folder, cache_dir=folder / "cache"))
 
 
-def test_dpo_under_zero3_in_two_workers_makes_the_one_process_adapter(pairs, tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def dpo_one_process(pairs, tiny_model_dir, tmp_path_factory):
+    return train(pairs, tiny_model_dir, TrainConfig(**SETTINGS | {"objective": "dpo", "grad_accum": 2}),
+                 RunContext(tmp_path_factory.mktemp("dpo-one")))
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_dpo_under_zero_in_two_workers_makes_the_one_process_adapter(zero, pairs, tiny_model_dir, dpo_one_process,
+                                                                     tmp_path):
     """ZeRO-3 partitions the weights the reference pass (the adapter switched off) reads as well."""
-    one = train(pairs, tiny_model_dir, TrainConfig(**SETTINGS | {"objective": "dpo", "grad_accum": 2}),
-                RunContext(tmp_path / "one"))
-    config = TrainConfig(**SETTINGS | {"objective": "dpo", "deepspeed": ZERO_CONFIGS / "zero3.json", "processes": 2})
+    one = dpo_one_process
+    config = TrainConfig(**SETTINGS | {"objective": "dpo", "deepspeed": ZERO_CONFIGS / f"{zero}.json", "processes": 2})
     two = train_in_workers(pairs, tiny_model_dir, config, RunContext(tmp_path / "two"))
     assert two.losses == pytest.approx(one.losses, rel=1e-5)
     expected, adapter = (load_file(result.weights_dir / "adapter_model.safetensors") for result in (one, two))
