@@ -374,6 +374,7 @@ def _print_preview(args: argparse.Namespace, scratch: Path) -> int:
     from flows.stages import prepare_data
     from tasks.base_model import resolve_base_model
     from tasks.context import RunContext
+    from tasks.results import PREFERENCE_KINDS
     from tasks.tokenize import ChatEncoder, encode_chat_rows, head_sample_text, marked_text, padding_share
 
     config = load_config(args.config, args.override)
@@ -382,6 +383,8 @@ def _print_preview(args: argparse.Namespace, scratch: Path) -> int:
     cleaned, tokens = data.cleaned, data.tokens
     tokenizer = AutoTokenizer.from_pretrained(tokens.tokenizer_dir)
     train_rows = load_from_disk(str(tokens.train_dir))
+    if tokens.task in PREFERENCE_KINDS:
+        return _print_preference_preview(args, config, tokens, tokenizer, train_rows)
     if config.tokenize.mode == "chat" and not config.has_head:
         clean_rows = (json.loads(line) for line in cleaned.train_path.read_text(encoding="utf-8").splitlines())
         encoded = encode_chat_rows(ChatEncoder(tokenizer, config.tokenize), clean_rows, {})
@@ -407,6 +410,31 @@ def _print_preview(args: argparse.Namespace, scratch: Path) -> int:
     waste = padding_share(random.Random(0).sample(lengths, len(lengths)), config.train.batch_size)
     print(f"--- padding: {waste:.0%} of tokens in shuffled batches of {config.train.batch_size} without packing; "
           + ("0% with packing (rows are flattened, no padding)" if packed else "packing is off"))
+    return 0
+
+
+def _print_preference_preview(args: argparse.Namespace, config, tokens, tokenizer, train_rows) -> int:
+    """Preference samples as they will be trained: each answer after its prompt, the answer between [[ ]]."""
+    import json
+
+    from tasks.tokenize import marked_text
+
+    answers = [name for name in ("chosen_ids", "rejected_ids", "completion_ids") if name in train_rows.column_names]
+    samples = list(train_rows.select(range(min(args.n, len(train_rows)))))
+    if args.json:
+        for sample in samples:
+            print(json.dumps({key: sample[key] for key in ("prompt_ids", *answers, "label") if key in sample}))
+        return 0
+    for number, sample in enumerate(samples, start=1):
+        prompt = sample["prompt_ids"]
+        label = f", labelled {'desirable' if sample['label'] else 'undesirable'}" if "label" in sample else ""
+        print(f"--- sample {number}: a prompt of {len(prompt)} tokens{label} ---")
+        for name in answers:
+            answer = sample[name]
+            print(f"{name.removesuffix('_ids')} ({len(answer)} tokens, between [[ ]]):")
+            print(marked_text(tokenizer, prompt + answer, [-100] * len(prompt) + answer))
+    print(f"--- {tokens.train_samples} train samples, {tokens.train_tokens} tokens, each prompt and answer within "
+          f"{config.tokenize.max_length}; rejected {tokens.rejected or 'none'}, truncated {tokens.truncated}")
     return 0
 
 

@@ -103,3 +103,10 @@ def test_the_version_scored_on_its_own_gets_the_preference_scores_its_run_logged
     scored = evaluate_model(load_config(recipe), f"models:/{MODEL_NAME}/1").metrics
     for name in ("preference_accuracy", "reward_margin", "reward_accuracy", "eval_loss"):
         assert scored[name] == pytest.approx(run.data.metrics[f"tuned_{name}"], rel=1e-4, abs=1e-6), name
+
+
+def test_preview_shows_each_answer_after_its_prompt(chained, capsys):
+    _, _, recipe = chained
+    assert main(["preview", str(recipe), "-n", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "chosen (" in shown and "rejected (" in shown and "[[Answer" in shown and "[[I do not know." in shown
