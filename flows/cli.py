@@ -323,10 +323,13 @@ def _data(args: argparse.Namespace) -> int:
     from tasks.clean import clean
     from tasks.context import RunContext
 
+    from conf.schema import RunConfig, TrainConfig
+
     data = DataConfig(train=[str(p) for p in args.paths], eval=[], format=args.format, text_split=args.text_split)
+    kind = RunConfig(train=TrainConfig(objective=args.objective)).data_kind  # what a recipe with that objective keeps
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="loraflow-data-"))
     try:
-        result = clean(data, RunContext(out_dir))
+        result = clean(data, RunContext(out_dir), task=kind)
     except BaseException:
         if not args.out:  # a folder of ours, left empty by what failed
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -624,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=".txt/.md files: a document per non-empty line (default), per paragraph, or per file")
     data.add_argument("--out", type=Path, help="work folder: the cleaned rows, rejects and report land in its clean/ (default: a temp folder)")
     data.add_argument("--json", action="store_true", help="print one JSON object: per file, format and counts")
+    data.add_argument("--objective", default="sft", choices=["sft", "dpo", "kto", "orpo", "simpo"],
+                      help="read the rows as a recipe with this train.objective does: preference pairs for dpo, orpo "
+                      "and simpo, labelled answers (or pairs) for kto")
     data.set_defaults(handler=_data)
 
     node = commands.add_parser("train-node", help="join a multi-node training as one of its other machines")

@@ -176,3 +176,14 @@ def test_a_pair_with_its_prompt_under_another_name_is_read_once_the_name_is_mapp
     mapped = clean(data([source], columns={"instruction": "question"}), RunContext(tmp_path / "b"), task="preference")
     assert read_jsonl(mapped.train_path) == [{"prompt": [{"role": "system", "content": "Be brief."}, *PROMPT],
                                               "chosen": CHOSEN, "rejected": REJECTED}]
+
+
+def test_loraflow_data_reads_preference_rows_for_a_preference_objective(tmp_path, capsys):
+    from flows.cli import main
+
+    source = write_jsonl(tmp_path / "pairs.jsonl", [LAYOUTS["alpaca"], LAYOUTS["sharegpt"] | {"rejected": "Same."},
+                                                     {"prompt": "Hi", "chosen": "Same.", "rejected": "Same."}])
+    assert main(["data", str(source), "--objective", "dpo"]) == 0
+    assert "read 3, kept 2, rejected: identical_pair 1" in capsys.readouterr().out
+    assert main(["data", str(source)]) == 0
+    assert "rejected: preference_pair 3" in capsys.readouterr().out
