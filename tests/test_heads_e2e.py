@@ -38,7 +38,7 @@ def run(request):
     return request.param, mlflow_run, stdout
 
 
-def test_the_head_run_is_scored_base_vs_tuned_and_registered(run):
+def test_the_head_run_is_scored_base_vs_tuned_and_registered(run, tmp_path):
     task, mlflow_run, stdout = run
     metrics = mlflow_run.data.metrics
     overall = ("accuracy", "precision", "recall", "f1")
@@ -52,7 +52,8 @@ def test_the_head_run_is_scored_base_vs_tuned_and_registered(run):
     client = MlflowClient()
     files = {item.path for item in client.list_artifacts(mlflow_run.info.run_id, "eval")}
     assert {"eval/confusion_matrix.png", "eval/predictions.md", "eval/predictions_table.json"} <= files
-    table = json.loads(open(client.download_artifacts(mlflow_run.info.run_id, "eval/predictions_table.json")).read())
+    table_file = client.download_artifacts(mlflow_run.info.run_id, "eval/predictions_table.json", str(tmp_path))
+    table = json.loads(open(table_file).read())
     assert set(table["columns"]) == {"text", "gold", "base", "tuned"} and table["data"]
     (version,) = client.search_model_versions(f"run_id='{mlflow_run.info.run_id}'")
     assert version.name == RECIPES[task][1] and version.tags["loraflow.primary_metric"] == "f1"
