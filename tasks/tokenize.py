@@ -167,6 +167,14 @@ class ChatEncoder:
                 trained.append((start, end))
         return trained[-1:] if self.config.loss_on == "last_assistant" else trained
 
+    def render(self, messages: list[dict], tools: list[dict] | None
+               ) -> tuple[list[dict], list[dict] | None, str, list[tuple[int, int, int]]]:
+        """(messages, tools) as the template takes them (tasks/chat_templates.for_template), the rendered text and
+        each assistant turn's (message index, start, end) in it, reasoning rendered as the config says."""
+        messages, tools = for_template(messages, tools, self.tokenizer.chat_template, self.config.tool_format)
+        text, spans = assistant_spans(self.tokenizer, [self.reasoning.for_template(m) for m in messages], tools)
+        return messages, tools, text, spans
+
     def ids_and_offsets(self, messages: list[dict], tools: list[dict] | None, text: str
                         ) -> tuple[list[int], list[tuple[int, int]]]:
         """The rendered text's token ids and their character offsets; message text that spells a control token is
@@ -187,8 +195,7 @@ class ChatEncoder:
         """(prompt ids, answer ids) of a prompt and one answer to it (a preference pair's side): the conversation
         rendered whole as SFT renders it, the prompt up to where the answer's first assistant turn starts (the
         generation prompt included), the answer through its last turn's end-of-turn marker."""
-        messages, tools = for_template(prompt + answer, tools, self.tokenizer.chat_template, self.config.tool_format)
-        text, spans = assistant_spans(self.tokenizer, [self.reasoning.for_template(m) for m in messages], tools)
+        messages, tools, text, spans = self.render(prompt + answer, tools)
         first = len(messages) - len(answer)  # Hermes tool rendering may put a system turn in front: count from the end
         start = next(begin for index, begin, _ in spans if index >= first)
         end = spans[-1][2]
@@ -202,8 +209,7 @@ class ChatEncoder:
     def encode(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[dict, bool]:
         """({input_ids, labels}, truncated) for one conversation (with the tools it may call); labels are
         IGNORE_INDEX where no loss."""
-        messages, tools = for_template(messages, tools, self.tokenizer.chat_template, self.config.tool_format)
-        text, spans = assistant_spans(self.tokenizer, [self.reasoning.for_template(m) for m in messages], tools)
+        messages, tools, text, spans = self.render(messages, tools)
         counts = Counter()
         spans = self.trained_spans(messages, text, spans, counts)
         ids, offsets = self.ids_and_offsets(messages, tools, text)
