@@ -98,7 +98,7 @@ def _score(model, tokenizer, samples: list[dict], questions: HeldOut, metrics: G
     every other metric scores the answer alone."""
     with autocast(precision):
         loss = heldout_loss(model, samples)
-        pairs = pair_logps(model, samples) if samples and "rejected_ids" in samples[0] else []
+        pairs = pair_logps(model, samples)  # none unless the held-out samples are preference pairs
         outputs = questions.outputs(model, tokenizer, config.max_new_tokens, config.batch_size)
     reasoning = [""] * len(outputs)
     if questions.chat:
@@ -192,9 +192,8 @@ def evaluate_model(data: PreparedData, source: ModelSource, config: EvaluateConf
     model = load_model(model_dir, trust_remote_code).to(inference_device()).eval()
     base_pairs = []
     if weights_dir is not None:
-        if samples and "rejected_ids" in samples[0]:
-            with autocast(precision):
-                base_pairs = pair_logps(model, samples)
+        with autocast(precision):
+            base_pairs = pair_logps(model, samples)
         model = load_tuned_model(model_dir, weights_dir, trust_remote_code, base=model).to(inference_device()).eval()
     scores, outputs, reasoning, pairs = _score(model, tokenizer, samples, questions, metrics, config, precision)
     if pairs:
