@@ -169,14 +169,22 @@ class TrainConfig(_Section):
                        "rendezvous at `rendezvous`); the flow's machine logs, the others run `loraflow train-node`")
     rendezvous: str | None = Field(default=None, description="nodes > 1: host:port of the rendezvous, on one of the "
                                    "nodes (every node names the same)")
-    low_memory: bool = Field(
-        default=False, description="LoRA's frozen base in the run's bf16/fp16 and activations recomputed in backward "
-        "(gradient checkpointing): much less memory, somewhat slower"
+    low_memory: bool | Literal["auto"] = Field(
+        default="auto", description="activations recomputed in backward instead of kept (gradient checkpointing): much "
+        "less memory, slower; auto: on when the run is compiled (compiling wins back more than recomputing costs: "
+        "bench/train.py), else off. true also keeps LoRA's frozen base 16-bit where frozen_base is auto"
     )
-    compile: bool = Field(
-        default=False, description="torch.compile (inductor) each decoder layer once (regional compilation): faster "
-        "steps after a one-off compile that inductor caches on disk for the next run; on a CPU, attn auto then means "
-        "the model's eager attention a block of queries at a time (tasks/causal_attention.py), which inductor fuses"
+    frozen_base: Literal["auto", "fp32", "16bit"] = Field(
+        default="auto", description="LoRA's frozen base weights: 16bit in the run's bf16/fp16 (PEFT keeps the LoRA "
+        "weights in fp32), fp32 as loaded; auto: 16bit for method lora in a 16-bit run (no slower, half the base's "
+        "memory: bench/train.py), fp32 otherwise and in torchrun workers"
+    )
+    compile: bool | Literal["auto"] = Field(
+        default="auto", description="torch.compile (inductor) each decoder layer once (regional compilation): faster "
+        "steps after a one-off compile that inductor caches on disk (under LORAFLOW_CACHE) for the next run; on a CPU, "
+        "attn auto then means the model's eager attention a block of queries at a time (tasks/causal_attention.py), "
+        "which inductor fuses. auto: on where the run trains enough tokens for compiling to pay (bench/compile.py's "
+        "break-even, cold or warm cache), for SFT with LoRA or full in one process on a CPU"
     )
 
     @property
@@ -188,6 +196,13 @@ class TrainConfig(_Section):
     def _adapter_to_start_from(self) -> "TrainConfig":
         if self.init_adapter is not None and self.method == "full":
             raise ValueError("init_adapter: a LoRA adapter to start from; method full trains every weight of the base")
+        return self
+
+    @model_validator(mode="after")
+    def _frozen_base_is_loras(self) -> "TrainConfig":
+        if self.frozen_base == "16bit" and self.method != "lora":
+            raise ValueError(f"frozen_base: 16bit is for method lora (method {self.method}: "
+                             + ("its base is 4-bit)" if self.method == "qlora" else "every weight trains)"))
         return self
 
     @model_validator(mode="after")

@@ -105,6 +105,7 @@ def _report(config, summary, resume_command: str) -> int:
                    for name in dict.fromkeys((config.registry.primary_metric, "reasoning_share", "reward_margin"))
                    if name not in SUMMARY_METRICS
                    and "base_" + name in m and (name != "reasoning_share" or m["base_" + name] or m["tuned_" + name])]),
+                *[f"{'train.' + setting + ':':<19}{choice}" for setting, choice in summary.choices.items()],
                 f"registered:        {_registration(reg)}",
                 f"{'predictions:' if config.has_head else 'sample answers:':<19}{summary.samples_path}",
                 f"try it:            loraflow predict models:/{reg.model_name}/{reg.version} --text '...'"

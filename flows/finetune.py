@@ -11,7 +11,7 @@ tags and the other run bookkeeping live beside it in flows/runs.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -38,6 +38,7 @@ class RunSummary:
     registered: RegisterResult | None  # None: a first stage, which is not registered
     samples_path: Path
     weights_dir: Path
+    choices: dict[str, str] = field(default_factory=dict)  # what each automatic training setting became, and why
 
 
 @dataclass(frozen=True)
@@ -129,5 +130,5 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
                 champion = score_champion_head_to_head(config, basis, data.cleaned, ctx, precision=trained.precision)
                 registered = register_task(request.model_copy(update={"champion_score": champion}))
     return RunSummary(ctx.run_id, run.info.experiment_id, evaluated.metrics, registered, evaluated.markdown_path,
-                      trained.weights_dir)
+                      trained.weights_dir, trained.choices)
 

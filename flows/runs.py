@@ -189,11 +189,11 @@ def preflight(config: RunConfig) -> None:
     check_base_model(config.base_model)
     check_readable([*config.data.train, *config.data.eval], config.data.text_split)
     choose_precision(config.train.precision)
-    choose_attention(config.train.attn, config.train.compile)
+    choose_attention(config.train.attn, config.train.compile is True)
     check_deepspeed(config.train)
     check_sample_prompts(config.train, config.evaluate.every_steps)
     check_reference_pass(config.train)
-    check_compile(config.train)
+    check_compile(config.train.compile)
     if config.has_head:
         check_head_metric(config.evaluate, config.task, config.registry.primary_metric)
     else:

@@ -127,7 +127,8 @@ def train_task(data: PreparedData, model_dir: str, config: RunConfig, ctx: RunCo
                        heldout=HeldOutReport(every, on_heldout_loss) if every else None)
     _progress(f"train: {result.steps} steps in {result.train_seconds:.0f} s ({result.tokens_per_second:.0f} tokens/s, "
               f"{result.precision}, {result.attn} attention)")
-    set_tags(ctx.run_id, {"train.precision_used": result.precision, "train.attn_used": result.attn})
+    set_tags(ctx.run_id, {"train.precision_used": result.precision, "train.attn_used": result.attn}
+             | {f"train.{setting}_used": choice for setting, choice in result.choices.items()})
     log_metrics(ctx.run_id, {"train_seconds": result.train_seconds, "train_tokens_per_s": result.tokens_per_second})
     log_artifact(ctx.run_id, result.weights_dir, weights_artifact(config.train.method))
     log_loss_plot(ctx.run_id)

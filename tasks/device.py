@@ -58,10 +58,11 @@ def check_deepspeed(config: TrainConfig) -> None:
                               "offload from; on a CPU use conf/deepspeed/zero3.json")
 
 
-def check_compile(config: TrainConfig) -> None:
-    """On a CPU inductor compiles the layers to C++ (with `CXX` or g++): without a compiler it would fail mid-step."""
+def check_compile(compiled: bool | str) -> None:
+    """On a CPU inductor compiles the layers to C++ (with `CXX` or g++): without a compiler it would fail mid-step.
+    (`auto` never compiles without one.)"""
     compiler = os.environ.get("CXX", "g++")
-    if config.compile and not torch.cuda.is_available() and shutil.which(compiler) is None:
+    if compiled is True and not torch.cuda.is_available() and shutil.which(compiler) is None:
         raise TrainSetupError(f"train.compile: torch.compile on a CPU needs a C++ compiler ({compiler} not found); "
                               "install one or set compile: false")
 

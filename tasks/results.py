@@ -88,6 +88,7 @@ class TrainResult:
     losses: list[float]
     precision: str
     attn: str
+    choices: dict[str, str] = field(default_factory=dict)  # each automatic setting: "value: why" (train.choices)
 
     @property
     def model(self) -> ModelSource:

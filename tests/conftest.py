@@ -19,6 +19,8 @@ STATE_DIR = Path(tempfile.mkdtemp(prefix="loraflow-tests-"))
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{STATE_DIR / 'mlruns' / 'mlflow.db'}"
 os.environ["LORAFLOW_ARTIFACT_ROOT"] = (STATE_DIR / "mlruns" / "artifacts").as_uri()
 os.environ["PREFECT_HOME"] = str(STATE_DIR / "prefect")
+# Inductor's cache of the session's own: what `compile: auto` decides never depends on what this machine compiled before.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(STATE_DIR / "inductor")
 (STATE_DIR / "mlruns").mkdir()
 
 from conf.environment import apply_tool_defaults  # noqa: E402

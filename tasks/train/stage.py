@@ -47,6 +47,7 @@ from tasks.results import TokenizedData, TrainResult
 from tasks.train.callbacks import (
     AnswerSamplePrompts, HeldOutLossEvery, HeldOutReport, ProgressBarOnly, SampleLogger, StepLogger, StepMetrics,
 )
+from tasks.train.choices import TrainChoices, choose_training, compile_key, inductor_cache, mark_warm
 from tasks.train.checkpoints import checkpoints_folder, weights_folder
 from tasks.train.collators import training_collator
 from tasks.train.loss import TrainedPositionsTrainer
@@ -59,19 +60,12 @@ PEFT_TASK_TYPES = {None: "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "tok
 HEAD_MODULES = ("classifier", "score")  # what transformers names a task head's output layer; PEFT saves them whole
 
 
-def frozen_dtype(method: str, precision: str, low_memory: bool) -> torch.dtype | None:
-    """The 16-bit dtype `low_memory` keeps LoRA's frozen base in, or None where the base stays as loaded."""
-    if method == "lora" and low_memory and precision in ("bf16", "fp16"):
-        return torch.bfloat16 if precision == "bf16" else torch.float16
-    return None
-
-
 def load_base_for_training(
     model_dir: str, method: str, precision: str, attn: str, trust_remote_code: bool = False, head: Head | None = None,
-    low_memory: bool = False,
+    frozen_dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
     """fp32 weights for LoRA and full training; for QLoRA, 4-bit NF4 with double quantisation, computing in bf16/fp32.
-    With `low_memory`, LoRA's frozen base in the run's 16-bit precision (PEFT keeps the LoRA weights in fp32).
+    With `frozen_dtype`, LoRA's frozen base in that 16-bit dtype (PEFT keeps the LoRA weights in fp32).
     With a task head: the same base under a new output layer of len(head.labels) outputs.
 
     Weights load from safetensors only (never a pickle). On a CPU, bitsandbytes repacks 4-bit weights for
@@ -84,8 +78,8 @@ def load_base_for_training(
         return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn, use_safetensors=True,
                                                     trust_remote_code=trust_remote_code, **{"dtype": torch.float32} | options)
 
-    if (dtype := frozen_dtype(method, precision, low_memory)) is not None:
-        return load(dtype=dtype)
+    if frozen_dtype is not None:
+        return load(dtype=frozen_dtype)
     if method != "qlora":
         return load()
     quantization = BitsAndBytesConfig(
@@ -115,11 +109,19 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
     head = Head(tokens.task, tokens.labels) if tokens.task in HEAD_TASKS else None
     name_deepspeed_accelerator()
     precision = choose_precision(config.precision)
-    attn = choose_attention(config.attn, config.compile)
+    choices_path = out_dir / "choices.json"
+    if resume_from is not None and choices_path.exists():
+        choices = TrainChoices.load(choices_path)  # a resumed run trains as it began, whatever the cache holds now
+    else:
+        choices = choose_training(tokens, model_dir, config, precision, ctx.cache_dir)
+        choices.save(choices_path)
+    attn = choose_attention(config.attn, choices.compile)
     check_deepspeed(config)
     check_sample_prompts(config, samples.every_steps if samples is not None else None)
     check_reference_pass(config)
-    check_compile(config)
+    check_compile(choices.compile)
+    if choices.compile:
+        inductor_cache(ctx.cache_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
     on_cpu = not torch.cuda.is_available()
@@ -141,12 +143,12 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
         set_seed(seed)  # the new head's weights are drawn as it loads; evaluation draws the same ones as its base
     if attn == causal_attention.NAME:
         causal_attention.register()
-    model = load_base_for_training(model_dir, config.method, precision, attn, trust_remote_code, head,
-                                   config.low_memory)
+    frozen_dtype = choices.frozen_dtype(precision)
+    model = load_base_for_training(model_dir, config.method, precision, attn, trust_remote_code, head, frozen_dtype)
     if attn == causal_attention.NAME and not causal_attention.supported(model):
         attn = "eager"  # a model without transformers' per-model eager attention: the plain one, whole
         model.set_attn_implementation(attn)
-    if config.compile:
+    if choices.compile:
         # The first layer's input (the frozen embeddings' output) would otherwise need no gradient while every other
         # layer's does: Dynamo would compile that layer's graph a second time.
         model.enable_input_require_grads()
@@ -169,10 +171,10 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
             exclude_modules=list(HEAD_MODULES) if head else None,
         ))
     if config.method != "full":
-        if (dtype := frozen_dtype(config.method, precision, config.low_memory)) is not None:
+        if frozen_dtype is not None:
             # PEFT's own cast: the frozen base stays 16-bit, every trainable weight in fp32 (a task head's trained
             # copy would otherwise be 16-bit, as the base it was loaded with).
-            cast_mixed_precision_params(model, dtype)
+            cast_mixed_precision_params(model, frozen_dtype)
     checkpoints_dir = checkpoints_folder(out_dir)
     preference = config.objective != "sft"
     arguments = dict(
@@ -203,9 +205,9 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
         ddp_backend="gloo" if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         deepspeed=str(config.deepspeed) if config.deepspeed is not None else None,
         save_on_each_node=config.nodes > 1,  # each node's launcher reads the weights from its own disk
-        activation_checkpointing=config.low_memory,  # activations recomputed in backward instead of kept
+        activation_checkpointing=choices.recompute,  # activations recomputed in backward instead of kept
         activation_checkpointing_kwargs={"use_reentrant": False},
-        torch_compile=config.compile,
+        torch_compile=choices.compile,
     )
     steps, stopper = StepMetrics(on_step), StopWhenRequested()
     callbacks: list[TrainerCallback] = [steps, stopper]
@@ -231,7 +233,7 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
             processing_class=tokenizer,
             callbacks=callbacks,
         )
-    if config.compile:
+    if choices.compile:
         # Accelerate's regional compilation: the decoder layers, all of one class, share one compiled graph, so
         # compiling costs one layer's compile rather than the whole model's (bench/compile.py). Dynamic shapes from
         # the start: packed batches vary in width, and each new width would otherwise compile again. The Trainer
@@ -243,6 +245,9 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
+    if choices.compile:
+        mark_warm(ctx.cache_dir, compile_key(model_dir, config, precision, choices.recompute, choices.frozen_16bit,
+                                             tokens.task))
     # Asked during the last step: the Trainer saved its final checkpoint; stop before evaluation and registration.
     if stopper.stopped or STOP_REQUESTED.is_set():
         raise TrainingStopped(output.global_step, checkpoints_dir / f"checkpoint-{output.global_step}")
@@ -265,4 +270,5 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
         tokens_per_second=steps.tokens / seconds,
         precision=precision,
         attn=attn,
+        choices=choices.reasons,
     )
