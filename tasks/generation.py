@@ -61,41 +61,59 @@ def _stop_ids(model, tokenizer) -> set[int]:
     return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
+def length_batches(tokenizer, texts: list[str], batch_size: int, **encoding) -> list[list[int]]:
+    """Indices of `texts` in batches of like token length, longest first: a batch pads to its longest prompt, so
+    mixing lengths pays for padding in every step (bench/generate.py)."""
+    lengths = [len(ids) for ids in tokenizer(texts, **encoding)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda index: -lengths[index])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def decoding_options(model, static_cache: bool) -> dict:
+    """A static KV cache on a GPU, where transformers' generate then compiles the decoding step itself (it compiles
+    on accelerators only); on a CPU the cache grows as it goes: a static one measured no faster (bench/generate.py).
+    Not for the few sample prompts answered during training, for which compiling would not pay."""
+    return {"cache_implementation": "static"} if static_cache and model.device.type == "cuda" else {}
+
+
 @torch.no_grad()
 def generate_chat(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
                   tools: list[list[dict] | None] | None = None, tool_format: str = "auto",
-                  temperature: float = 0.0) -> list[Answer]:
+                  temperature: float = 0.0, static_cache: bool = True) -> list[Answer]:
     """Answers to each prompt conversation (greedy, or sampled at `temperature`), rendered with the tokenizer's chat
-    template (with the tools each prompt may call, as training rendered them)."""
+    template (with the tools each prompt may call, as training rendered them), in the prompts' order."""
     tokenizer.padding_side = "left"
     texts = chat_prompts(tokenizer, prompts, tools, tool_format)
     stop_ids = _stop_ids(model, tokenizer)
-    answers = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt",
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    answers: list[Answer | None] = [None] * len(texts)
+    for indices in length_batches(tokenizer, texts, batch_size, add_special_tokens=False):
+        batch = tokenizer([texts[index] for index in indices], padding=True, return_tensors="pt",
                           add_special_tokens=False).to(model.device)
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-        for generated in output[:, batch["input_ids"].shape[1] :].tolist():
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                **sampling, **decoding_options(model, static_cache))
+        for index, generated in zip(indices, output[:, batch["input_ids"].shape[1] :].tolist()):
             stop = next((place for place, token in enumerate(generated) if token in stop_ids), None)
-            answers.append(Answer(tokenizer.decode(generated, skip_special_tokens=True).strip(),
-                                  len(generated) if stop is None else stop + 1, stop is not None))
+            answers[index] = Answer(tokenizer.decode(generated, skip_special_tokens=True).strip(),
+                                    len(generated) if stop is None else stop + 1, stop is not None)
     return answers
 
 
 @torch.no_grad()
-def continue_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations of plain-text prompts (pretraining: no chat template)."""
+def continue_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                   static_cache: bool = True) -> list[str]:
+    """Greedy continuations of plain-text prompts (pretraining: no chat template), in the prompts' order."""
     tokenizer.padding_side = "left"
-    continuations = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], padding=True, return_tensors="pt",
+    continuations = [""] * len(prompts)
+    for indices in length_batches(tokenizer, prompts, batch_size, split_special_tokens=True):
+        batch = tokenizer([prompts[index] for index in indices], padding=True, return_tensors="pt",
                           split_special_tokens=True).to(model.device)
-        output = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-        continuations += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [continuation.strip() for continuation in continuations]
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id, **decoding_options(model, static_cache))
+        texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        for index, text in zip(indices, texts):
+            continuations[index] = text.strip()
+    return continuations
 
 
 @dataclass(frozen=True)
@@ -110,12 +128,12 @@ class HeldOut:
     tools: list | None = None  # chat: the tools each prompt may call
     tool_format: str = "auto"
 
-    def outputs(self, model, tokenizer, max_new_tokens: int, batch_size: int) -> list[str]:
+    def outputs(self, model, tokenizer, max_new_tokens: int, batch_size: int, static_cache: bool = True) -> list[str]:
         if self.chat:
             answers = generate_chat(model, tokenizer, self.prompts, max_new_tokens, batch_size, self.tools,
-                                    self.tool_format)
+                                    self.tool_format, static_cache=static_cache)
             return [answer.text for answer in answers]
-        return continue_texts(model, tokenizer, self.prompts, max_new_tokens, batch_size)
+        return continue_texts(model, tokenizer, self.prompts, max_new_tokens, batch_size, static_cache)
 
 
 def _reference(message: dict) -> str:
@@ -161,7 +179,7 @@ class SamplePrompts:
 
     def answer(self, model, tokenizer) -> list[str]:
         questions = HeldOut(self.prompts, self.shown, [], self.chat, self.tools, self.tool_format)
-        return questions.outputs(model, tokenizer, self.max_new_tokens, batch_size=len(self.prompts))
+        return questions.outputs(model, tokenizer, self.max_new_tokens, batch_size=len(self.prompts), static_cache=False)
 
 
 def sample_prompts(config: EvaluateConfig, eval_path: Path, tool_format: str = "auto") -> SamplePrompts | None:

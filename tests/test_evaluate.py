@@ -57,3 +57,25 @@ def test_the_primary_metric_must_be_one_the_recipe_measures(primary, chat, ok):
     else:
         with pytest.raises(MetricSetupError, match=f"registry.primary_metric: '{primary}' is not measured"):
             check_primary_metric(EvaluateConfig(), chat, primary)
+
+
+def test_answers_come_back_in_the_prompts_order_as_each_prompt_alone_gets_them(tiny_model_dir):
+    """Generation batches prompts of like length (tasks/generation.py); in fp32 a greedy answer does not depend on its
+    batch, so each equals plain `generate` on that prompt alone, unpadded."""
+    from transformers import AutoTokenizer
+
+    from tasks.base_model import load_model
+    from tasks.generation import chat_prompts, continue_texts, generate_chat
+
+    model, tokenizer = load_model(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [[{"role": "user", "content": "word " * words}] for words in (3, 40, 1, 25, 9, 60, 2)]
+    answers = generate_chat(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    alone = []
+    for text in chat_prompts(tokenizer, prompts):
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        output = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        alone.append(tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    assert [answer.text for answer in answers] == alone
+    openings = ["one two", "a much longer opening of a document " * 5, "three"]
+    assert continue_texts(model, tokenizer, openings, max_new_tokens=5, batch_size=2) == [
+        continue_texts(model, tokenizer, [opening], max_new_tokens=5, batch_size=1)[0] for opening in openings]
