@@ -35,6 +35,8 @@ from tasks.device import (
 )
 from tasks.evaluate import check_primary_metric, metric_version
 from tasks.locks import file_lock, holds
+from tasks.model_card import CardFacts
+from tasks.results import PreparedData
 from tasks.evaluate_heads import check_head_metric, head_metric_version
 from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, PRIMARY_METRIC_TAG, RegisterRequest, RegisterResult
 from tasks.tokenize import load_tokenizer
@@ -78,6 +80,21 @@ def run_tags(config: RunConfig) -> dict[str, str]:
         CONFIG_HASH_TAG: config_hash(config),
         "trust_remote_code": str(config.trust_remote_code).lower(),
     } | {f"version.{package}": version(package) for package in TRACKED_PACKAGES}
+
+
+def card_facts(config: RunConfig, data: PreparedData) -> CardFacts:
+    """What the registered version's model card tells of this run's training and data (tasks/model_card.py)."""
+    train, lora, cleaned = config.train, config.train.lora, data.cleaned
+    report = json.loads(cleaned.report_path.read_text(encoding="utf-8")) if cleaned.report_path.is_file() else {}
+    adapter = ("every weight (full training)" if train.method == "full" else
+               f"LoRA r={lora.r}, alpha {lora.alpha}, on {lora.target_modules}" + (", DoRA" if lora.use_dora else ""))
+    if train.init_adapter is not None:
+        adapter += f", starting from the adapter {train.init_adapter}"
+    return CardFacts(recipe=config.name, config_hash=config_hash(config), method=train.method, objective=train.objective,
+                     adapter=adapter, steps=train.max_steps, max_length=config.tokenize.max_length,
+                     train_tokens=data.tokens.train_tokens, sources=report.get("sources", {}),
+                     train_rows=cleaned.train_rows, eval_rows=cleaned.eval_rows, rejected_rows=cleaned.rejected_rows,
+                     data_hash=cleaned.data_hash, eval_hash=cleaned.eval_hash)
 
 
 def run_lock(work_dir: Path) -> contextlib.AbstractContextManager[bool]:

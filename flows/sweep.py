@@ -31,7 +31,7 @@ from conf.schema import ConfigError, RunConfig, SearchRange, SweepConfig, load_c
 from flows import search
 from flows.placement import InProcess, Pool, Processes
 from flows.runs import (
-    CONFIG_HASH_TAG, current_data_hash, experiment_id, preflight, run_context, run_tags, score_basis_tags,
+    CONFIG_HASH_TAG, card_facts, current_data_hash, experiment_id, preflight, run_context, run_tags, score_basis_tags,
 )
 from flows.stages import prepare_data, register_task, score_champion_head_to_head, weights_artifact
 from flows.sweep_point import POINT_TAG, PointJob, PointResult, point_name, recorded_result
@@ -282,7 +282,7 @@ def _register_best(best: PointResult, config: RunConfig, data: PreparedData, swe
     return register_task(RegisterRequest(
         run_id=best.run_id, weights_dir=weights_dir, base_model=config.base_model, metrics=best.metrics,
         tags=run_tags(config) | basis | {"data_hash": data.cleaned.data_hash, "loraflow.sweep_run_id": sweep_run_id},
-        registry=config.registry, champion_score=champion_score,
+        registry=config.registry, champion_score=champion_score, card=card_facts(config, data),
     ))
 
 

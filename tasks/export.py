@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from conf.schema import UserError
 from tasks.base_model import load_tuned_model
+from tasks.model_card import CARD_FILE, merged_card, write_card
 from tasks.logged_model import fetch_model, is_logged_model
 
 
@@ -31,6 +32,8 @@ def export_merged(source: str, out_dir: Path, trust_remote_code: bool = False) -
         staging = Path(scratch) / "merged"
         model.save_pretrained(staging)
         AutoTokenizer.from_pretrained(tuned.weights_dir, trust_remote_code=tuned.trust_remote_code).save_pretrained(staging)
+        if (card := tuned.weights_dir / CARD_FILE).is_file():
+            write_card(merged_card(card), staging)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         if out_dir.exists():
             out_dir.rmdir()

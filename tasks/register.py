@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from conf.schema import RegistryConfig, UserError
 from tasks.base_model import base_identity, is_adapter
 from tasks.labels import Head
+from tasks.model_card import CardFacts, model_card, version_description, write_card
 from tasks.promotion_lock import SharedLock, promotion_lock
 from tasks.tracking import attached_run
 
@@ -100,6 +101,7 @@ class RegisterRequest(BaseModel):
     tags: dict[str, str]
     registry: RegistryConfig
     champion_score: ChampionScore | None = None
+    card: CardFacts | None = None  # what the model card tells of the run's training and data
 
 
 def decide_promotion(
@@ -224,12 +226,18 @@ def register(request: RegisterRequest, across_machines: SharedLock | None = None
     client = MlflowClient()
     name = config.model_name
     existing = _version_of_run(client, name, run_id)
+    card = None
     if existing is None:
         head = Head.of(weights_dir)
         serving = {"task": head.task, "max_length": 512} if head is not None else {"max_new_tokens": 128}
+        artifact = "adapter" if is_adapter(weights_dir) else "model"
+        card = model_card(base_model=base_model, run_id=run_id, model_name=name, artifact=artifact, metrics=metrics,
+                          primary_metric=config.primary_metric, facts=request.card,
+                          champion=_champion_for_card(client, name, config.primary_metric, request.champion_score))
+        write_card(card, weights_dir)
         with attached_run(run_id):
             info = mlflow.pyfunc.log_model(
-                name="adapter" if is_adapter(weights_dir) else "model",
+                name=artifact,
                 python_model=HEAD_MODEL_CODE if head is not None else CHAT_MODEL_CODE,
                 artifacts={"weights": str(weights_dir)},
                 model_config={"base_model": base_model} | serving | base_identity(base_model),
@@ -256,12 +264,32 @@ def register(request: RegisterRequest, across_machines: SharedLock | None = None
             decision = _judge(client, name, _version(client, name, number), rescored)
         except RegistryUnavailable as error:
             client.set_model_version_tag(name, number, PROMOTION_TAG, f"undecided: {error}")
+            if card is not None:
+                client.update_model_version(name, number, version_description(card, name, number, f"undecided: {error}"))
             return RegisterResult(name, number, False, f"undecided, kept as challenger: {error}", decided=False)
+        if card is not None:
+            outcome = ("champion: " if decision.promote else "not promoted: ") + decision.reason
+            client.update_model_version(name, number, version_description(card, name, number, outcome))
         client.set_model_version_tag(name, number, PROMOTION_TAG, decision.reason)
         client.set_model_version_tag(name, number, COMPARED_TAG, decision.compared_with)
         if decision.promote:
             _make_champion(client, name, number)
     return RegisterResult(name, number, decision.promote, decision.reason)
+
+
+def _champion_for_card(client: MlflowClient, name: str, primary_metric: str, rescored: ChampionScore | None
+                       ) -> tuple[str, float] | None:
+    """The champion's score of the primary metric, for the card: measured in this run (the head-to-head), else the
+    one it was registered with when that is the same metric; None without a champion or a registry to ask."""
+    if rescored is not None:
+        return rescored.version, rescored.value
+    try:
+        champion = _champion(client, name)
+    except RegistryUnavailable:
+        return None
+    if champion is None or champion.tags.get(PRIMARY_METRIC_TAG) != primary_metric:
+        return None
+    return str(champion.version), float(champion.tags[PRIMARY_VALUE_TAG])
 
 
 def _new_version(client: MlflowClient, name: str, logged: mlflow.models.model.ModelInfo,

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from mlflow.tracking import MlflowClient
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -116,6 +117,36 @@ def test_export_writes_a_merged_model_that_generates_like_base_plus_adapter(fini
     with torch.no_grad():
         texts = [tokenizer.decode(model.generate(**prompt, max_new_tokens=24, do_sample=False)[0]) for model in (merged, tuned)]
     assert texts[0] == texts[1] and "Ember" in texts[0]
+    card = ModelCard.load(tmp_path / "merged" / "README.md")  # the version's card travels, for a plain transformers load
+    assert card.data.library_name == "transformers" and run.data.tags["data_hash"] in card.text
+
+
+def test_the_version_carries_a_model_card_whose_numbers_are_the_runs(finished_run, tmp_path):
+    """The version's description and the README.md in its logged model: one Hugging Face model card, its metrics
+    table equal to the run's metrics as MLflow gives them back."""
+    run, _ = finished_run
+    client = MlflowClient()
+    name = load_config(RECIPE, OVERRIDES).registry.model_name
+    version = client.get_model_version_by_alias(name, "champion")
+    description = version.description
+    assert description.startswith(f"**{name} version {version.version}**: champion: ")
+    metrics = run.data.metrics
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in description.splitlines()
+            if line.startswith("| ") and line.count("|") >= 4 and not line.startswith("| metric")]
+    shown = {row[0].split(" (")[0]: row for row in rows if row[0].split(" (")[0] in {
+        key.removeprefix("tuned_") for key in metrics if key.startswith("tuned_")}}
+    assert set(shown) == {key.removeprefix("tuned_") for key in metrics
+                          if key.startswith("tuned_") and "base_" + key.removeprefix("tuned_") in metrics}
+    for metric, row in shown.items():
+        assert float(row[1]) == pytest.approx(metrics[f"base_{metric}"], abs=5e-5), metric
+        assert float(row[2]) == pytest.approx(metrics[f"tuned_{metric}"], abs=5e-5), metric
+    assert "identity_share (decides promotion)" in description
+    report = json.loads(Path(client.download_artifacts(run.info.run_id, "data/report.json", str(tmp_path))).read_text())
+    assert f"{report['train_rows']} rows trained, {report['eval_rows']} held out" in description
+    assert run.data.tags["data_hash"] in description and run.data.tags["loraflow.config_hash"] in description
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(tmp_path / "model"))
+    card = ModelCard.load(next(Path(local).rglob("README.md")))
+    assert card.data.library_name == "peft" and card.text.strip() in description
 
 
 def test_run_holds_config_report_and_eval_artifacts(finished_run, tmp_path):
