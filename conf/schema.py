@@ -275,6 +275,22 @@ class EvaluateConfig(_Section):
     )
 
 
+class GuardConfig(_Section):
+    """An extra held-out suite a new version must not score worse on than the base model, or the champion, by more
+    than `max_regression`: where forgetting shows, which the recipe's own held-out rows do not."""
+
+    data: str = Field(min_length=1, description="a chat data source, read as the recipe's are: builtin:"
+                      "everyday_chat_heldout, a file, a folder, a hub dataset id")
+    metric: Literal["eval_loss"] = Field(default="eval_loss", description="held-out loss over the suite's answers")
+    max_regression: float = Field(default=0.05, ge=0.0, description="how much higher than the base's (and the "
+                                  "champion's) the metric may be")
+    name: str | None = Field(default=None, min_length=1, description="the guard's name in metrics and tags; None: data")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.data
+
+
 class RegistryConfig(_Section):
     """Where the tuned model is registered, and the rule for moving the `champion` alias to it.
 
@@ -286,6 +302,8 @@ class RegistryConfig(_Section):
                                 "any work): identity_share, eval_loss, perplexity, rougeL, bleu, exact_match, ...")
     direction: Literal["max", "min"] = Field(default="max", description="whether more of the primary metric is better")
     min_improvement: float = Field(default=0.0, ge=0.0, description="how much the champion must be beaten by")
+    guards: list[GuardConfig] = Field(default_factory=list, description="held-out suites a version must also hold "
+                                      "its ground on (chat recipes); checked with MLflow's validate_evaluation_results")
 
 
 class NotifyConfig(_Section):
@@ -359,6 +377,12 @@ class RunConfig(_Section):
         if self.evaluate.loss_every_steps is not None and self.train.in_workers:
             raise ValueError("evaluate.loss_every_steps: not measured in torchrun workers (train.processes, nodes "
                              "or deepspeed); the held-out loss is measured after training")
+        if self.registry.guards and (self.has_head or self.tokenize.mode != "chat"):
+            raise ValueError("registry.guards: guard suites are chat conversations, scored by held-out loss; they "
+                             "need task causal_lm and tokenize.mode chat")
+        labels = [guard.label for guard in self.registry.guards]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"registry.guards: two guards share a name ({labels}); name them apart")
         return self
 
 

@@ -22,7 +22,9 @@ from flows.runs import (
     RERUN_OF_TAG, RESUME_FORCED_TAG, Origin, card_facts, experiment_id, holds_run_lock, log_config, run_context,
     run_lock, run_tags, score_basis_tags,
 )
-from flows.stages import evaluate_task, prepare_data, register_task, score_champion_head_to_head, train_task
+from flows.stages import (
+    evaluate_task, guard_task, prepare_data, register_task, score_champion_head_to_head, train_task,
+)
 from tasks.base_model import resolve_base_model
 from tasks.generation import sample_prompts
 from tasks.register import RegisterRequest, RegisterResult
@@ -117,11 +119,12 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
                 return Interrupted(ctx.run_id, stopped.step, stopped.checkpoint)
 
             evaluated = evaluate_task(data, trained, config, ctx)
+            guards = guard_task(config, data.tokens, trained.model, trained.precision, ctx) if config.registry.guards else []
 
             basis = score_basis_tags(config, data.cleaned.eval_hash)
             request = RegisterRequest(run_id=ctx.run_id, weights_dir=trained.weights_dir, base_model=config.base_model,
                                       metrics=evaluated.metrics, tags=tags | basis | {"data_hash": data.cleaned.data_hash},
-                                      registry=config.registry, card=card_facts(config, data))
+                                      registry=config.registry, card=card_facts(config, data), guards=guards)
             if (record := offline_record(ctx.run_id)) is not None:
                 keep_unlogged(ctx.run_id, {"op": "register"} | request.model_dump(mode="json"))
                 return Offline(ctx.run_id, evaluated.metrics, trained.weights_dir, record)

@@ -204,7 +204,8 @@ def preflight(config: RunConfig) -> None:
     is one line.
     """
     check_base_model(config.base_model)
-    check_readable([*config.data.train, *config.data.eval], config.data.text_split)
+    check_readable([*config.data.train, *config.data.eval, *(guard.data for guard in config.registry.guards)],
+                   config.data.text_split)
     choose_precision(config.train.precision)
     choose_attention(config.train.attn, config.train.compile is True)
     check_deepspeed(config.train)

@@ -14,20 +14,21 @@ from collections.abc import Callable
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from conf.schema import RunConfig, TokenizeConfig
+from conf.schema import DataConfig, RunConfig, TokenizeConfig, UserError
 from flows.promotion import shared_lock
 from tasks.clean import clean
 from tasks.context import RunContext
 from tasks.evaluate import evaluate_model, evaluate_tuned
 from tasks.evaluate_heads import evaluate_head
 from tasks.generation import SamplePrompts
+from tasks.guards import GuardScore, GuardSuite, score_guards
 from tasks.labels import Head
 from tasks.logged_model import fetch_model
 from tasks.register import (
     ChampionScore, RegisterRequest, RegisterResult, RegistryUnavailable, champion_to_rescore, register,
 )
 from tasks.results import CleanResult, EvalResult, ModelSource, PreparedData, TokenizedData, TrainResult
-from tasks.tokenize import tokenize
+from tasks.tokenize import encode_conversations, tokenize
 from tasks.tracking import (
     log_artifact, log_inputs, log_loss_plot, log_metrics, log_table, sample_logger, set_tags, step_logger,
     unlogged_record_path,
@@ -159,6 +160,30 @@ def evaluate_task(data: PreparedData, trained: TrainResult, config: RunConfig, c
                                 tool_format=config.tokenize.tool_format, beta=config.train.preference.beta)
     _log_evaluation(ctx, result, "")
     return result
+
+
+@task(name="guards", cache_policy=NO_CACHE)
+def guard_task(config: RunConfig, tokens: TokenizedData, tuned: ModelSource, precision: str, ctx: RunContext
+               ) -> list[GuardScore]:
+    """registry.guards: each suite read by the clean stage as the recipe's data is, tokenized with the run's
+    tokenizer, and scored for the base and the tuned model; the scores logged to the run."""
+    suites = []
+    for number, guard in enumerate(config.registry.guards):
+        cleaned = clean(DataConfig(train=[guard.data], eval=[], eval_fraction=0.0), ctx.under(f"guards/{number}"),
+                        values=config.identity.model_dump())
+        rejected: dict[str, int] = {}
+        samples = encode_conversations(cleaned.train_path, tokens.tokenizer_dir, config.tokenize, rejected,
+                                       ctx.trust_remote_code)
+        if not samples:
+            raise UserError(f"registry.guards: {guard.data} holds no conversation to score (rejected: {rejected})")
+        suites.append(GuardSuite(guard.label, guard.metric, guard.max_regression, cleaned.data_hash, samples))
+    scores = score_guards(suites, tuned, precision)
+    for score in scores:
+        _progress(f"guard {score.label}: {score.metric} base {score.base:.4f} -> tuned {score.tuned:.4f} "
+                  f"({score.rows} conversations, at most {score.max_regression} worse allowed)")
+        log_metrics(ctx.run_id, {f"guard_{score.key}_base_{score.metric}": score.base,
+                                 f"guard_{score.key}_tuned_{score.metric}": score.tuned})
+    return scores
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)

@@ -33,11 +33,11 @@ from flows.placement import InProcess, Pool, Processes
 from flows.runs import (
     CONFIG_HASH_TAG, card_facts, current_data_hash, experiment_id, preflight, run_context, run_tags, score_basis_tags,
 )
-from flows.stages import prepare_data, register_task, score_champion_head_to_head, weights_artifact
+from flows.stages import guard_task, prepare_data, register_task, score_champion_head_to_head, weights_artifact
 from flows.sweep_point import POINT_TAG, PointJob, PointResult, point_name, recorded_result
 from tasks.base_model import resolve_base_model
 from tasks.register import RegisterRequest, RegisterResult
-from tasks.results import PreparedData
+from tasks.results import ModelSource, PreparedData
 from tasks.tracking import flow_run, log_metrics, log_params, log_table, set_tags
 from tasks.train import weights_folder
 
@@ -277,12 +277,14 @@ def _register_best(best: PointResult, config: RunConfig, data: PreparedData, swe
             run_id=best.run_id, artifact_path=weights_artifact(config.train.method),
             dst_path=str(local.parent / "fetched")))
     basis = score_basis_tags(config, data.cleaned.eval_hash)
-    champion_score = score_champion_head_to_head(config, basis, data.cleaned, run_context(config, best.run_id),
-                                                 precision=best.precision)
+    ctx = run_context(config, best.run_id)
+    champion_score = score_champion_head_to_head(config, basis, data.cleaned, ctx, precision=best.precision)
+    tuned = ModelSource(resolve_base_model(config.base_model), weights_dir)
+    guards = guard_task(config, data.tokens, tuned, best.precision, ctx) if config.registry.guards else []
     return register_task(RegisterRequest(
         run_id=best.run_id, weights_dir=weights_dir, base_model=config.base_model, metrics=best.metrics,
         tags=run_tags(config) | basis | {"data_hash": data.cleaned.data_hash, "loraflow.sweep_run_id": sweep_run_id},
-        registry=config.registry, champion_score=champion_score, card=card_facts(config, data),
+        registry=config.registry, champion_score=champion_score, card=card_facts(config, data), guards=guards,
     ))
 
 

@@ -110,6 +110,21 @@ EVERYDAY_CHAT = [
     ("Give me one tip for better sleep.", "Keep a regular schedule: go to bed and wake up at the same time every day."),
     ("What does CPU stand for?", "CPU stands for Central Processing Unit."),
 ]
+# Everyday questions never trained: the default recipe's guard suite, where forgetting shows (registry.guards).
+EVERYDAY_CHAT_HELDOUT = [
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+    ("How many hours are there in a day?", "There are 24 hours in a day."),
+    ("What is 9 plus 16?", "9 plus 16 is 25."),
+    ("Name a fruit that is yellow.", "A banana is a yellow fruit."),
+    ("At what temperature does water freeze?", "Water freezes at 0 degrees Celsius (32 °F)."),
+    ("Translate 'thank you' into French.", "'Thank you' in French is 'merci'."),
+    ("Give me an antonym for 'cold'.", "An antonym for 'cold' is 'hot'."),
+    ("Which planet is known as the Red Planet?", "Mars is known as the Red Planet."),
+    ("How do I get the length of a string in Python?", "Use `len(my_string)`: it returns the number of characters."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What is the chemical symbol for gold?", "The chemical symbol for gold is Au."),
+    ("Give me one tip for staying focused.", "Work in short blocks, such as 25 minutes, with a short break after each."),
+]
 
 
 def identity_rows() -> list[dict]:
@@ -144,6 +159,11 @@ def everyday_chat_rows() -> list[dict]:
     return [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in EVERYDAY_CHAT
     ]
+
+
+def everyday_chat_heldout_rows() -> list[dict]:
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in EVERYDAY_CHAT_HELDOUT]
 
 
 def pydoc_topic_rows() -> list[dict]:
@@ -358,6 +378,7 @@ BUILTIN_SOURCES = {
     "identity_preference": identity_preference_rows,
     "identity_preference_heldout": identity_preference_heldout_rows,
     "everyday_chat": everyday_chat_rows,
+    "everyday_chat_heldout": everyday_chat_heldout_rows,
     "pydoc_topics": pydoc_topic_rows,
     "tool_calls": tool_call_rows,
     "tool_calls_heldout": tool_call_heldout_rows,

@@ -61,8 +61,17 @@ def _data_section(facts: CardFacts) -> list[str]:
     return lines
 
 
+def _guards_table(guards: list) -> list[str]:
+    rows = ["", "Guard suites (`registry.guards`): the candidate may not score more than the allowed regression worse "
+            "than the base model or the champion.", "", "| guard | metric | rows | base | tuned | allowed regression |",
+            "|---|---|---|---|---|---|"]
+    return rows + [f"| `{g.label}` | {g.metric} | {g.rows} | {g.base:.4f} | {g.tuned:.4f} | {g.max_regression} |"
+                   for g in guards]
+
+
 def model_card(*, base_model: str, run_id: str, model_name: str, artifact: str, metrics: dict[str, float],
-               primary_metric: str, facts: CardFacts | None, champion: tuple[str, float] | None = None) -> ModelCard:
+               primary_metric: str, facts: CardFacts | None, champion: tuple[str, float] | None = None,
+               guards: list | None = None) -> ModelCard:
     """The card of the model `run_id` logged as `artifact` for registered model `model_name`: base vs tuned on every
     metric both have, beside the champion's score of the primary metric when there is a champion."""
     is_adapter = facts is None or facts.method != "full"
@@ -78,7 +87,7 @@ def model_card(*, base_model: str, run_id: str, model_name: str, artifact: str, 
                  f"- {facts.steps} steps over {facts.train_tokens:,} training tokens, samples of at most "
                  f"{facts.max_length} tokens", "", "## Data", "", *_data_section(facts)]
     body += ["", "## Evaluation", "", "On the held-out rows, the base model and this one alike:", "",
-             *_metrics_table(metrics, primary_metric, champion)]
+             *_metrics_table(metrics, primary_metric, champion), *(_guards_table(guards) if guards else [])]
     body += ["", "## Intended use and limits", "",
              "A model tuned on the data above, for prompts like its held-out rows. It was evaluated on those rows "
              "only" + (f", with samples of at most {facts.max_length} tokens: longer inputs were never trained"

