@@ -108,6 +108,10 @@ def run_cli(*args, cwd=REPO):
         ("registry:\n  primary_metric: preference_accuracy\n", "'preference_accuracy' is not measured by this recipe"),
         ("registry:\n  primary_metric: accuracy\n", "registry.primary_metric: 'accuracy' is not measured by this recipe"),
         ("evaluate:\n  metrics: [./no_metric_here]\n", "evaluate.metrics: cannot load metric './no_metric_here'"),
+        ("registry:\n  guards: [{data: missing.jsonl}]\n", "missing.jsonl"),
+        ("registry:\n  guards: [{data: 'builtin:identity'}, {data: 'builtin:identity'}]\n", "two guards share a name"),
+        ("tokenize:\n  mode: pretrain\nregistry:\n  guards: [{data: 'builtin:identity'}]\n", "registry.guards: guard suites"),
+        ("train:\n  frozen_base: 16bit\n  method: full\n", "frozen_base: 16bit is for method lora"),
     ],
 )
 def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path, monkeypatch, capsys, model_dir, recipe_text,
