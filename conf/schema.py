@@ -275,20 +275,38 @@ class EvaluateConfig(_Section):
     )
 
 
+LM_EVAL_PREFIX = "lm-eval:"
+
+
 class GuardConfig(_Section):
     """An extra held-out suite a new version must not score worse on than the base model, or the champion, by more
     than `max_regression`: where forgetting shows, which the recipe's own held-out rows do not."""
 
-    data: str = Field(min_length=1, description="a chat data source, read as the recipe's are: builtin:"
-                      "everyday_chat_heldout, a file, a folder, a hub dataset id")
-    metric: Literal["eval_loss"] = Field(default="eval_loss", description="held-out loss over the suite's answers")
-    max_regression: float = Field(default=0.05, ge=0.0, description="how much higher than the base's (and the "
+    data: str = Field(min_length=1, description="a chat data source, read as the recipe's are (builtin:"
+                      "everyday_chat_heldout, a file, a folder, a hub dataset id), scored by eval_loss; or lm-eval:PATH, "
+                      "a task YAML of lm-evaluation-harness on local files (conf/lm_eval/everyday_mc.yaml), scored by "
+                      "one of its metrics")
+    metric: str = Field(default="eval_loss", min_length=1, description="eval_loss for a data source; for an lm-eval "
+                        "task, a metric of its metric_list (acc, acc_norm, ...)")
+    max_regression: float = Field(default=0.05, ge=0.0, description="how much worse than the base's (and the "
                                   "champion's) the metric may be")
     name: str | None = Field(default=None, min_length=1, description="the guard's name in metrics and tags; None: data")
 
     @property
     def label(self) -> str:
         return self.name or self.data
+
+    @property
+    def lm_eval_task(self) -> Path | None:
+        """The lm-evaluation-harness task file this guard runs, or None for a data source."""
+        return Path(self.data.removeprefix(LM_EVAL_PREFIX)) if self.data.startswith(LM_EVAL_PREFIX) else None
+
+    @model_validator(mode="after")
+    def _metric_fits_the_suite(self) -> "GuardConfig":
+        if self.lm_eval_task is None and self.metric != "eval_loss":
+            raise ValueError(f"metric: a data source guard is scored by eval_loss, not {self.metric!r} (an lm-eval: "
+                             "task guard takes the task's metrics)")
+        return self
 
 
 class RegistryConfig(_Section):

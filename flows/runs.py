@@ -34,6 +34,7 @@ from tasks.device import (
     check_compile, check_deepspeed, check_reference_pass, check_sample_prompts, choose_attention, choose_precision,
 )
 from tasks.evaluate import check_primary_metric, metric_version
+from tasks.guards import check_guards
 from tasks.locks import file_lock, holds
 from tasks.model_card import CardFacts
 from tasks.results import PreparedData
@@ -204,8 +205,10 @@ def preflight(config: RunConfig) -> None:
     is one line.
     """
     check_base_model(config.base_model)
-    check_readable([*config.data.train, *config.data.eval, *(guard.data for guard in config.registry.guards)],
+    check_readable([*config.data.train, *config.data.eval,
+                    *(guard.data for guard in config.registry.guards if guard.lm_eval_task is None)],
                    config.data.text_split)
+    check_guards(config.registry.guards)
     choose_precision(config.train.precision)
     choose_attention(config.train.attn, config.train.compile is True)
     check_deepspeed(config.train)

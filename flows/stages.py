@@ -21,7 +21,7 @@ from tasks.context import RunContext
 from tasks.evaluate import evaluate_model, evaluate_tuned
 from tasks.evaluate_heads import evaluate_head
 from tasks.generation import SamplePrompts
-from tasks.guards import GuardScore, GuardSuite, score_guards
+from tasks.guards import GuardScore, GuardSuite, lm_eval_task, score_guards
 from tasks.labels import Head
 from tasks.logged_model import fetch_model
 from tasks.register import (
@@ -169,6 +169,11 @@ def guard_task(config: RunConfig, tokens: TokenizedData, tuned: ModelSource, pre
     tokenizer, and scored for the base and the tuned model; the scores logged to the run."""
     suites = []
     for number, guard in enumerate(config.registry.guards):
+        if guard.lm_eval_task is not None:
+            task, suite_hash, greater_is_better = lm_eval_task(guard)
+            suites.append(GuardSuite(guard.label, guard.metric, guard.max_regression, suite_hash, [], task,
+                                     greater_is_better))
+            continue
         cleaned = clean(DataConfig(train=[guard.data], eval=[], eval_fraction=0.0), ctx.under(f"guards/{number}"),
                         values=config.identity.model_dump())
         rejected: dict[str, int] = {}
@@ -180,7 +185,7 @@ def guard_task(config: RunConfig, tokens: TokenizedData, tuned: ModelSource, pre
     scores = score_guards(suites, tuned, precision)
     for score in scores:
         _progress(f"guard {score.label}: {score.metric} base {score.base:.4f} -> tuned {score.tuned:.4f} "
-                  f"({score.rows} conversations, at most {score.max_regression} worse allowed)")
+                  f"(at most {score.max_regression} worse allowed)")
         log_metrics(ctx.run_id, {f"guard_{score.key}_base_{score.metric}": score.base,
                                  f"guard_{score.key}_tuned_{score.metric}": score.tuned})
     return scores

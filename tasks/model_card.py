@@ -63,10 +63,9 @@ def _data_section(facts: CardFacts) -> list[str]:
 
 def _guards_table(guards: list) -> list[str]:
     rows = ["", "Guard suites (`registry.guards`): the candidate may not score more than the allowed regression worse "
-            "than the base model or the champion.", "", "| guard | metric | rows | base | tuned | allowed regression |",
-            "|---|---|---|---|---|---|"]
-    return rows + [f"| `{g.label}` | {g.metric} | {g.rows} | {g.base:.4f} | {g.tuned:.4f} | {g.max_regression} |"
-                   for g in guards]
+            "than the base model or the champion.", "", "| guard | metric | base | tuned | allowed regression |",
+            "|---|---|---|---|---|"]
+    return rows + [f"| `{g.label}` | {g.metric} | {g.base:.4f} | {g.tuned:.4f} | {g.max_regression} |" for g in guards]
 
 
 def model_card(*, base_model: str, run_id: str, model_name: str, artifact: str, metrics: dict[str, float],

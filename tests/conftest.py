@@ -101,9 +101,9 @@ def wait_for_http(url: str, server, seconds: float = 120) -> None:
 # alone at the end while the other core idles.
 LONGEST_FIRST = ("test_team_stack.py", "test_flow_e2e.py", "test_sweep.py", "test_train.py", "test_tracking_server.py",
                  "test_deepspeed.py", "test_serve.py", "test_unattended.py", "test_heads_e2e.py",
-                 "test_pretrain_e2e.py", "test_real_data_e2e.py", "test_guards_e2e.py", "test_registry.py",
-                 "test_preference_flow.py", "test_preference_train.py", "test_resume.py", "test_deploy.py",
-                 "test_benches.py")
+                 "test_pretrain_e2e.py", "test_real_data_e2e.py", "test_guards_e2e.py", "test_guards.py",
+                 "test_registry.py", "test_preference_flow.py", "test_preference_train.py", "test_resume.py",
+                 "test_deploy.py", "test_benches.py")
 
 
 def pytest_collection_modifyitems(items):

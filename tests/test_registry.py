@@ -318,4 +318,16 @@ def test_a_guard_refuses_a_candidate_that_forgot_more_than_it_allows_against_the
     assert other_suite.promoted  # scored on other rows, the champion's number is not comparable: the base decides
     assert alias(name, CHAMPION) == other_suite.version
     description = client.get_model_version(name, other_suite.version).description
-    assert "| `builtin:everyday_chat_heldout` | eval_loss | 12 | 1.7000 | 1.6000 | 0.05 |" in description
+    assert "| `builtin:everyday_chat_heldout` | eval_loss | 1.7000 | 1.6000 | 0.05 |" in description
+
+
+def test_a_guard_whose_metric_is_better_higher_refuses_a_drop_beyond_it(name, weights):
+    """An lm-eval task's accuracy: a drop of more than max_regression below the base refuses, a smaller one holds."""
+    def accuracy(tuned):
+        return GuardScore(label="everyday_mc", metric="acc", max_regression=0.05, suite_hash="m" * 64, rows=12,
+                          base=0.6667, tuned=tuned, greater_is_better=True)
+
+    dropped = candidate(name, weights, 0.9, guards=[accuracy(0.5)])
+    assert not dropped.promoted and dropped.reason == ("guard everyday_mc: acc 0.5000 is more than 0.05 below the "
+                                                       "base's 0.6667")
+    assert candidate(name, weights, 0.9, guards=[accuracy(0.6667)]).promoted
