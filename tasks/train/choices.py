@@ -63,7 +63,8 @@ def compile_key(model_dir: str, config: TrainConfig, precision: str, recompute: 
                 task: str) -> str:
     """What decides the graphs inductor compiles: the model's architecture, torch, and the settings that change
     the traced layer."""
-    architecture = (Path(model_dir) / "config.json").read_text(encoding="utf-8") if Path(model_dir, "config.json").is_file() else model_dir
+    config_file = Path(model_dir) / "config.json"
+    architecture = config_file.read_text(encoding="utf-8") if config_file.is_file() else model_dir
     lora = config.lora
     parts = [torch.__version__, architecture, precision, config.method, recompute, frozen_16bit, task, config.attn,
              lora.r, lora.target_modules, lora.use_dora]
