@@ -61,12 +61,15 @@ def _stop_ids(model, tokenizer) -> set[int]:
     return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
-def length_batches(tokenizer, texts: list[str], batch_size: int, **encoding) -> list[list[int]]:
-    """Indices of `texts` in batches of like token length, longest first: a batch pads to its longest prompt, so
-    mixing lengths pays for padding in every step (bench/generate.py)."""
-    lengths = [len(ids) for ids in tokenizer(texts, **encoding)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda index: -lengths[index])
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+def length_batches(tokenizer, texts: list[str], batch_size: int, **encoding):
+    """(indices, left-padded batch) of `texts` tokenized once, in batches of like token length, longest first: a batch
+    pads to its longest prompt, so mixing lengths pays for padding in every step (bench/generate.py)."""
+    encoded = tokenizer(texts, **encoding)
+    order = sorted(range(len(texts)), key=lambda index: -len(encoded["input_ids"][index]))
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        yield indices, tokenizer.pad({key: [values[index] for index in indices] for key, values in encoded.items()},
+                                     padding=True, return_tensors="pt")
 
 
 def decoding_options(model, static_cache: bool) -> dict:
@@ -87,9 +90,8 @@ def generate_chat(model, tokenizer, prompts: list[list[dict]], max_new_tokens: i
     stop_ids = _stop_ids(model, tokenizer)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     answers: list[Answer | None] = [None] * len(texts)
-    for indices in length_batches(tokenizer, texts, batch_size, add_special_tokens=False):
-        batch = tokenizer([texts[index] for index in indices], padding=True, return_tensors="pt",
-                          add_special_tokens=False).to(model.device)
+    for indices, batch in length_batches(tokenizer, texts, batch_size, add_special_tokens=False):
+        batch = batch.to(model.device)
         output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                 **sampling, **decoding_options(model, static_cache))
         for index, generated in zip(indices, output[:, batch["input_ids"].shape[1] :].tolist()):
@@ -105,9 +107,8 @@ def continue_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     """Greedy continuations of plain-text prompts (pretraining: no chat template), in the prompts' order."""
     tokenizer.padding_side = "left"
     continuations = [""] * len(prompts)
-    for indices in length_batches(tokenizer, prompts, batch_size, split_special_tokens=True):
-        batch = tokenizer([prompts[index] for index in indices], padding=True, return_tensors="pt",
-                          split_special_tokens=True).to(model.device)
+    for indices, batch in length_batches(tokenizer, prompts, batch_size, split_special_tokens=True):
+        batch = batch.to(model.device)
         output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id, **decoding_options(model, static_cache))
         texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
