@@ -9,6 +9,7 @@ c_bf16_base against c). The reasons become the run's tags, and a recipe that set
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ class TrainChoices:
     recompute: bool
     frozen_16bit: bool
     reasons: dict[str, str]
+    compile_key: str  # the compiled setup's mark once it trained (compile_key)
 
     def frozen_dtype(self, precision: str) -> torch.dtype | None:
         """The dtype LoRA's frozen base is kept in, or None where it stays as loaded (fp32)."""
@@ -45,8 +47,7 @@ class TrainChoices:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"compile": self.compile, "recompute": self.recompute,
-                                    "frozen_16bit": self.frozen_16bit, "reasons": self.reasons}), encoding="utf-8")
+        path.write_text(json.dumps(dataclasses.asdict(self)), encoding="utf-8")
 
     @classmethod
     def load(cls, path: Path) -> TrainChoices:
@@ -124,6 +125,8 @@ def choose_training(tokens: TokenizedData, model_dir: str, config: TrainConfig, 
         frozen_16bit = True
         reasons["frozen_base"] = f"16bit: {precision}, no slower than fp32 at half the base's memory"
 
+    # With compiling, activations are recomputed unless the recipe says not: the setup compiled is the same either way.
+    key = compile_key(model_dir, config, precision, config.low_memory is not False, frozen_16bit, tokens.task)
     if config.compile != "auto":
         compiled = config.compile
         reasons["compile"] = f"{str(compiled).lower()}: set by the recipe"
@@ -131,8 +134,6 @@ def choose_training(tokens: TokenizedData, model_dir: str, config: TrainConfig, 
         compiled = False
         reasons["compile"] = f"false: {why_not}"
     else:
-        recompute_if_compiled = config.low_memory is not False
-        key = compile_key(model_dir, config, precision, recompute_if_compiled, frozen_16bit, tokens.task)
         cache = "warm" if (inductor_cache(cache_dir) / WARM_MARKS / key).exists() else "cold"
         planned, pays_after = planned_tokens(tokens, config), COMPILE_PAYS_AFTER_TOKENS[cache]
         compiled = planned >= pays_after
@@ -146,4 +147,4 @@ def choose_training(tokens: TokenizedData, model_dir: str, config: TrainConfig, 
         recompute = compiled
         reasons["low_memory"] = ("true: compiled, which wins back more than recomputing costs" if compiled
                                  else "false: not compiled, recomputing would cost speed")
-    return TrainChoices(compiled, recompute, frozen_16bit, reasons)
+    return TrainChoices(compiled, recompute, frozen_16bit, reasons, key)

@@ -47,7 +47,7 @@ from tasks.results import TokenizedData, TrainResult
 from tasks.train.callbacks import (
     AnswerSamplePrompts, HeldOutLossEvery, HeldOutReport, ProgressBarOnly, SampleLogger, StepLogger, StepMetrics,
 )
-from tasks.train.choices import TrainChoices, choose_training, compile_key, inductor_cache, mark_warm
+from tasks.train.choices import TrainChoices, choose_training, inductor_cache, mark_warm
 from tasks.train.checkpoints import checkpoints_folder, weights_folder
 from tasks.train.collators import training_collator
 from tasks.train.loss import TrainedPositionsTrainer
@@ -246,8 +246,7 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
     if choices.compile:
-        mark_warm(ctx.cache_dir, compile_key(model_dir, config, precision, choices.recompute, choices.frozen_16bit,
-                                             tokens.task))
+        mark_warm(ctx.cache_dir, choices.compile_key)
     # Asked during the last step: the Trainer saved its final checkpoint; stop before evaluation and registration.
     if stopper.stopped or STOP_REQUESTED.is_set():
         raise TrainingStopped(output.global_step, checkpoints_dir / f"checkpoint-{output.global_step}")
