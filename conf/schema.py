@@ -322,6 +322,15 @@ class RegistryConfig(_Section):
     min_improvement: float = Field(default=0.0, ge=0.0, description="how much the champion must be beaten by")
     guards: list[GuardConfig] = Field(default_factory=list, description="held-out suites a version must also hold "
                                       "its ground on (chat recipes); checked with MLflow's validate_evaluation_results")
+    parity_prompts: int = Field(default=16, ge=0, description="how many held-out chat prompts the registered model, "
+                                "served (pyfunc) and exported (merged), must answer exactly as evaluated before it "
+                                "is promoted; 0: not checked")
+    approval: Literal["auto", "manual"] = Field(default="auto", description="manual: a version that passes every rule "
+                                                "waits as challenger until a person approves or rejects it (the "
+                                                "Prefect UI's form, or `loraflow approve/reject`); needs a Prefect "
+                                                "server")
+    approval_timeout_hours: float = Field(default=24.0, gt=0, description="how long a manual approval is waited for; "
+                                          "then the version is not promoted")
 
 
 class NotifyConfig(_Section):

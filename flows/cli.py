@@ -107,6 +107,7 @@ def _report(config, summary, resume_command: str) -> int:
                    and "base_" + name in m and (name != "reasoning_share" or m["base_" + name] or m["tuned_" + name])]),
                 *[f"{'train.' + setting + ':':<19}{choice}" for setting, choice in summary.choices.items()],
                 f"registered:        {_registration(reg)}",
+                *([f"train/serve parity: {reg.parity}"] if reg.parity else []),
                 f"{'predictions:' if config.has_head else 'sample answers:':<19}{summary.samples_path}",
                 f"try it:            loraflow predict models:/{reg.model_name}/{reg.version} --text '...'"
                 if config.has_head else f"chat with it:      loraflow chat models:/{reg.model_name}/{reg.version}",
@@ -123,7 +124,7 @@ def _report(config, summary, resume_command: str) -> int:
 
 def _registration(reg) -> str:
     """A RegisterResult in one line: the version, whether it became champion, and why."""
-    outcome = " -> champion" if reg.promoted else " (not promoted)"
+    outcome = " -> champion" if reg.promoted else " (awaiting approval)" if reg.awaiting_approval else " (not promoted)"
     return f"{reg.model_name} version {reg.version}{outcome}: {reg.reason}"
 
 
@@ -136,6 +137,9 @@ def _sync(args: argparse.Namespace) -> int:
         print(f"skipped {synced.torn} torn line(s) of the record (a crash while writing it)", file=sys.stderr)
     if synced.registered is not None:
         print(f"registered: {_registration(synced.registered)}")
+        if synced.registered.awaiting_approval:
+            name, version = synced.registered.model_name, synced.registered.version
+            print(f"decide: loraflow approve {name} {version}, or loraflow reject {name} {version} --reason '...'")
         if not synced.registered.decided:
             return EXIT_UNDECIDED
     return 0
@@ -228,6 +232,16 @@ def _promote(args: argparse.Namespace) -> int:
     decision = promote(args.name, args.version, force=args.force, reason=args.reason or "",
                        across_machines=shared_lock())
     print(f"{args.name} version {args.version}: " + ("champion; " if decision.promote else "") + decision.reason)
+    return 0
+
+
+def _decide(args: argparse.Namespace) -> int:
+    from flows.approval import answer_approval
+
+    approve = args.command == "approve"
+    if not approve and not args.reason:
+        raise UserError("reject needs --reason '...': the reason is recorded on the version")
+    print(f"{args.name} version {args.version}: {answer_approval(args.name, args.version, approve, args.reason or '')}")
     return 0
 
 
@@ -600,6 +614,16 @@ def build_parser() -> argparse.ArgumentParser:
     promotion.add_argument("--force", action="store_true", help="promote even if the rule says no (needs --reason)")
     promotion.add_argument("--reason", help="why it was forced; recorded on the version with who forced it")
     promotion.set_defaults(handler=_promote)
+
+    for command, what in (("approve", "approve a version awaiting approval (registry.approval: manual): it becomes "
+                                      "champion"),
+                          ("reject", "reject a version awaiting approval: the champion stays")):
+        deciding = commands.add_parser(command, help=what)
+        deciding.add_argument("name")
+        deciding.add_argument("version")
+        deciding.add_argument("--reason", help="why; recorded on the version with who decided and when"
+                              + (" (required)" if command == "reject" else ""))
+        deciding.set_defaults(handler=_decide)
 
     back = commands.add_parser("rollback", help="move the champion back to the previous champion")
     back.add_argument("name")

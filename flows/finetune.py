@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from conf.schema import RunConfig, UserError, load_config
+from flows.approval import await_approval
 from flows.chain import names_recipe, starting_adapter
 from flows.runs import (
     RERUN_OF_TAG, RESUME_FORCED_TAG, Origin, card_facts, experiment_id, holds_run_lock, log_config, run_context,
@@ -124,7 +125,8 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
             basis = score_basis_tags(config, data.cleaned.eval_hash)
             request = RegisterRequest(run_id=ctx.run_id, weights_dir=trained.weights_dir, base_model=config.base_model,
                                       metrics=evaluated.metrics, tags=tags | basis | {"data_hash": data.cleaned.data_hash},
-                                      registry=config.registry, card=card_facts(config, data), guards=guards)
+                                      registry=config.registry, card=card_facts(config, data), guards=guards,
+                                      evaluated_answers=evaluated.answers_path)
             if (record := offline_record(ctx.run_id)) is not None:
                 keep_unlogged(ctx.run_id, {"op": "register"} | request.model_dump(mode="json"))
                 return Offline(ctx.run_id, evaluated.metrics, trained.weights_dir, record)
@@ -132,6 +134,9 @@ def finetune(config: RunConfig, resume: Resume | None = None, origin: Origin | N
             if register:
                 champion = score_champion_head_to_head(config, basis, data.cleaned, ctx, precision=trained.precision)
                 registered = register_task(request.model_copy(update={"champion_score": champion}))
+                if registered.awaiting_approval:
+                    registered = await_approval(registered, config)
+                    set_tags(ctx.run_id, {"promotion": registered.reason})
     return RunSummary(ctx.run_id, run.info.experiment_id, evaluated.metrics, registered, evaluated.markdown_path,
                       trained.weights_dir, trained.choices)
 

@@ -10,22 +10,19 @@ block, from the flow's state hooks; a webhook that cannot be reached is logged a
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import mlflow
 from prefect import flow, get_run_logger
-from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.logging import get_logger
 
 from conf.environment import apply_tool_defaults, shown_uri
 from conf.schema import load_config
 from flows.finetune import Interrupted, Offline, Resume, finetune
+from flows.notify import post_webhook, webhook_url
 from flows.runs import (
     ResumeRefused, check_resume_data, claimed_cut_off_run, current_data_hash, last_finished_run, preflight,
 )
-
-WEBHOOK_ENV = "LORAFLOW_WEBHOOK_URL"
 
 
 @dataclass(frozen=True)
@@ -50,24 +47,16 @@ def notify_night(flow, flow_run, state) -> None:
         if not isinstance(night, Night) or night.outcome == "promoted":
             return
     try:
-        url = webhook_url(parameters.get("recipe"), parameters.get("overrides"))
+        url = webhook_url(load_config(parameters["recipe"], parameters.get("overrides") or [])
+                          if parameters.get("recipe") else None)
     except Exception as error:  # a recipe that no longer loads: its failure is the news, not this
-        url = os.environ.get(WEBHOOK_ENV)
+        url = webhook_url(None)
         get_logger("loraflow.nightly").warning(f"notification: the recipe's webhook is unknown ({error})")
     if not url:
         return
     text = f"loraflow nightly {night.recipe}: {night.outcome}: {night.reason}"
-    message = {"text": text, "recipe": night.recipe, "outcome": night.outcome, "reason": night.reason,
-               "run_id": night.run_id, "link": run_link(night.run_id, night.experiment_id)}
-    try:
-        CustomWebhookNotificationBlock(name="loraflow-nightly", url=url, json_data=message).notify(text)
-    except Exception as error:  # an unreachable webhook must not change what the night did
-        get_logger("loraflow.nightly").warning(f"notification to {url} failed: {error}")
-
-
-def webhook_url(recipe: str | None, overrides: list[str] | None) -> str | None:
-    configured = load_config(recipe, overrides or []).notify.webhook_url if recipe else None
-    return configured or os.environ.get(WEBHOOK_ENV)
+    post_webhook(url, text, {"text": text, "recipe": night.recipe, "outcome": night.outcome, "reason": night.reason,
+                             "run_id": night.run_id, "link": run_link(night.run_id, night.experiment_id)})
 
 
 def run_link(run_id: str | None, experiment_id: str | None) -> str | None:

@@ -26,6 +26,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from conf.environment import shown_uri
 from conf.schema import RunConfig, UserError, flatten
+from flows.approval import check_approval_server
 from flows.stages import register_task
 from tasks.base_model import check_base_model, resolve_base_model
 from tasks.clean import check_readable, clean
@@ -215,6 +216,7 @@ def preflight(config: RunConfig) -> None:
     check_sample_prompts(config.train, config.evaluate.every_steps)
     check_reference_pass(config.train)
     check_compile(config.train.compile)
+    check_approval_server(config)
     if config.has_head:
         check_head_metric(config.evaluate, config.task, config.registry.primary_metric)
     else:

@@ -144,8 +144,9 @@ def _log_evaluation(ctx: RunContext, result: EvalResult, label: str) -> None:
     log_metrics(ctx.run_id, {f"{label}_{name}" if label else name: value for name, value in result.metrics.items()})
     folder = f"eval/{label}" if label else "eval"
     log_artifact(ctx.run_id, result.markdown_path, folder)
-    if result.confusion_path is not None:
-        log_artifact(ctx.run_id, result.confusion_path, folder)
+    for path in (result.confusion_path, result.answers_path):
+        if path is not None:
+            log_artifact(ctx.run_id, path, folder)
     table = "predictions_table.json" if result.confusion_path is not None else "samples_table.json"
     log_table(ctx.run_id, rows, f"{folder}/{table}")
 

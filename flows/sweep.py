@@ -29,6 +29,7 @@ from prefect import flow
 
 from conf.schema import ConfigError, RunConfig, SearchRange, SweepConfig, load_config
 from flows import search
+from flows.approval import await_approval
 from flows.placement import InProcess, Pool, Processes
 from flows.runs import (
     CONFIG_HASH_TAG, card_facts, current_data_hash, experiment_id, preflight, run_context, run_tags, score_basis_tags,
@@ -36,6 +37,7 @@ from flows.runs import (
 from flows.stages import guard_task, prepare_data, register_task, score_champion_head_to_head, weights_artifact
 from flows.sweep_point import POINT_TAG, PointJob, PointResult, point_name, recorded_result
 from tasks.base_model import resolve_base_model
+from tasks.parity import ANSWERS_FILE
 from tasks.register import RegisterRequest, RegisterResult
 from tasks.results import ModelSource, PreparedData
 from tasks.tracking import flow_run, log_metrics, log_params, log_table, set_tags
@@ -281,11 +283,24 @@ def _register_best(best: PointResult, config: RunConfig, data: PreparedData, swe
     champion_score = score_champion_head_to_head(config, basis, data.cleaned, ctx, precision=best.precision)
     tuned = ModelSource(resolve_base_model(config.base_model), weights_dir)
     guards = guard_task(config, data.tokens, tuned, best.precision, ctx) if config.registry.guards else []
-    return register_task(RegisterRequest(
+    registered = register_task(RegisterRequest(
         run_id=best.run_id, weights_dir=weights_dir, base_model=config.base_model, metrics=best.metrics,
         tags=run_tags(config) | basis | {"data_hash": data.cleaned.data_hash, "loraflow.sweep_run_id": sweep_run_id},
         registry=config.registry, champion_score=champion_score, card=card_facts(config, data), guards=guards,
+        evaluated_answers=_evaluated_answers(best.run_id, ctx.work_dir / "eval"),
     ))
+    return await_approval(registered, config) if registered.awaiting_approval else registered
+
+
+def _evaluated_answers(run_id: str, local: Path) -> Path | None:
+    """The point's evaluated chat answers (train/serve parity): here, or from its run on another machine; None for a
+    recipe without chat answers."""
+    if (local / ANSWERS_FILE).exists():
+        return local / ANSWERS_FILE
+    if not any(item.path == f"eval/{ANSWERS_FILE}" for item in MlflowClient().list_artifacts(run_id, "eval")):
+        return None
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"eval/{ANSWERS_FILE}",
+                                                    dst_path=str(local.parent / "fetched")))
 
 
 def run_sweep(sweep_config: SweepConfig, wait_for_prefect: Callable[[], float] = lambda: 0.0) -> SweepSummary:

@@ -55,6 +55,8 @@ class TunedChatModel(mlflow.pyfunc.PythonModel):
         base_dir = resolve_base_model(config["base_model"])
         self.model = load_tuned_model(base_dir, weights_dir, trust_remote_code).to(inference_device()).eval()
         self.max_new_tokens = int(config.get("max_new_tokens", 128))
+        self.tool_format = config.get("tool_format", "auto")  # how training rendered tool calls
+        self.evaluated_answers = context.artifacts.get("evaluated_answers")  # tasks/parity.py; older versions: None
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
 
     def predict(self, context, model_input, params=None):
@@ -94,9 +96,12 @@ class TunedChatModel(mlflow.pyfunc.PythonModel):
                                f"context of {self.context_length} tokens")
         return ChatRequest(messages, max_tokens, float(temperature), prompt_tokens)
 
-    def answer(self, conversations: list[list[dict]], max_tokens: int, temperature: float) -> list[Answer]:
-        """Generated texts (reasoning and answer) for checked conversations, in one generate call (as a batch)."""
-        return generate_chat(self.model, self.tokenizer, conversations, max_tokens, batch_size=len(conversations),
+    def answer(self, conversations: list[list[dict]], max_tokens: int, temperature: float,
+               tools: list[list[dict] | None] | None = None, batch_size: int | None = None) -> list[Answer]:
+        """Generated texts (reasoning and answer) for checked conversations (offering `tools`), in one generate call
+        (as a batch) unless `batch_size` says otherwise."""
+        return generate_chat(self.model, self.tokenizer, conversations, max_tokens,
+                             batch_size=batch_size or len(conversations), tools=tools, tool_format=self.tool_format,
                              temperature=temperature)
 
     def completion(self, request: ChatRequest, output: Answer, model_name: str) -> dict:

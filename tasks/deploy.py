@@ -4,7 +4,8 @@ Endpoints: OpenAI-compatible `POST /v1/chat/completions`, MLflow's `POST /invoca
 request), and `GET /health` (the live version). A watcher reads the alias every `poll_seconds`; when it moves (the
 nightly job promotes, `loraflow rollback` moves it back) the new version is loaded beside the live one and swapped
 in with one assignment: each request holds the version it started on, so in-flight requests finish there and none
-fails. A version that fails to load is not switched to; the live one keeps serving and the log says why.
+fails. A version that fails to load, or does not answer the prompts it was evaluated on as the evaluation did
+(tasks/parity.py), is not switched to; the live one keeps serving and the log says why.
 
 The HTTP server is the standard library's threading server (one thread per request). Chat requests to one version
 that arrive together are answered by one generate call (a batch of up to `max_batch`, with the same max_tokens and
@@ -28,6 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks.generation import Answer, RequestError
+from tasks.parity import EvaluatedAnswers, Parity, served_answers
 
 _logger = logging.getLogger("loraflow.deploy")
 MAX_BODY_BYTES = 1 << 20
@@ -147,17 +149,36 @@ class AliasFollower:
         try:
             loaded = load_version(f"models:/{self.name}/{version}", self.engine)
         except Exception as error:  # any failure to load (missing weights, bad config, import error) keeps the old
-            self.refused = version
-            _logger.error(f"{self.name} version {version}: not switched to, it failed to load "
-                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); still serving "
-                          f"version {self.live.version if self.live else 'none'}")
-            return
+            return self._refuse(version, f"it failed to load ({type(error).__name__}: "
+                                         f"{str(error).splitlines()[0] if str(error) else ''})")
+        if (differs := self._parity_failure(version, loaded)) is not None:
+            return self._refuse(version, f"it does not answer as it was evaluated: {differs}")
         previous = self.live
         self.live, self.refused = LiveVersion(version, loaded, Batcher(loaded, self.max_batch)), None  # the switch
         if previous is not None:
             previous.batcher.close()
         _logger.warning(f"{self.name}@{self.alias}: now serving version {version}"
                         + (f" (was {previous.version})" if previous else ""))
+
+    def _refuse(self, version: str, why: str) -> None:
+        self.refused = version
+        _logger.error(f"{self.name} version {version}: not switched to, {why}; still serving version "
+                      f"{self.live.version if self.live else 'none'}")
+
+    def _parity_failure(self, version: str, loaded) -> str | None:
+        """Why the loaded version's answers to the prompts it was evaluated on differ from the evaluated answers
+        (tasks/parity.py), or None. Checked for the transformers engine, which serves the evaluated computation;
+        a version registered before the check existed carries no answers to check."""
+        path = getattr(loaded, "evaluated_answers", None)
+        if self.engine != "transformers" or path is None:
+            return None
+        evaluated = EvaluatedAnswers.read(path)
+        parity = Parity.of(evaluated, served_answers(loaded, evaluated))
+        if parity.share < 1.0:
+            return parity.describe("share of identical answers")
+        _logger.info(f"{self.name} version {version}: answers its {len(evaluated.answers)} evaluated prompts as "
+                     "evaluated")
+        return None
 
     def _serving(self) -> LiveVersion:
         """The version live now; a request holds it to its end, whatever switch comes meanwhile."""

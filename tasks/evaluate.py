@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import evaluate
@@ -25,6 +26,7 @@ from tasks.device import autocast, inference_device
 from tasks.generation import HeldOut, held_out, split_answers
 from tasks.heldout import heldout_loss
 from tasks.metrics import metric_code_version, resolve_metric
+from tasks.parity import ANSWERS_FILE, EvaluatedAnswers
 from tasks.preference_scores import PREFERENCE_METRICS, PairLogps, pair_logps, preference_accuracy, reward_scores
 from tasks.results import EvalResult, ModelSource, PreparedData, TrainResult
 
@@ -91,24 +93,31 @@ def check_primary_metric(config: EvaluateConfig, chat: bool, primary_metric: str
         )
 
 
+@dataclass(frozen=True)
+class _Scored:
+    scores: dict[str, float]
+    generated: list[str]  # as generated: a chat answer's reasoning included
+    outputs: list[str]  # what is scored: the answers, their reasoning split off
+    reasoning: list[str]
+    pairs: list[PairLogps]  # the log-probabilities of held-out preference pairs' answers
+
+
 def _score(model, tokenizer, samples: list[dict], questions: HeldOut, metrics: GenerationMetrics,
-           config: EvaluateConfig, precision: str) -> tuple[dict[str, float], list[str], list[str], list[PairLogps]]:
-    """(scores, outputs, their reasoning, the log-probabilities of held-out preference pairs' answers). A chat
-    answer's reasoning is split off before it is scored: `reasoning_share` is the share of answers that reasoned,
-    every other metric scores the answer alone."""
+           config: EvaluateConfig, precision: str) -> _Scored:
+    """Losses are measured in the training precision; answers are generated in fp32, as the registered model serves
+    them (tasks/parity.py). A chat answer's reasoning is split off before it is scored: `reasoning_share` is the share
+    of answers that reasoned, every other metric scores the answer alone."""
     with autocast(precision):
         loss = heldout_loss(model, samples)
         pairs = pair_logps(model, samples)  # none unless the held-out samples are preference pairs
-        outputs = questions.outputs(model, tokenizer, config.max_new_tokens, config.batch_size)
-    reasoning = [""] * len(outputs)
-    if questions.chat:
-        reasoning, outputs = split_answers(tokenizer, outputs)
+    generated = questions.outputs(model, tokenizer, config.max_new_tokens, config.batch_size)
+    reasoning, outputs = split_answers(tokenizer, generated) if questions.chat else ([""] * len(generated), generated)
     scores = {"eval_loss": loss, "perplexity": math.exp(loss)} | metrics.compute(outputs, questions.references)
     if questions.chat:
         scores["reasoning_share"] = sum(map(bool, reasoning)) / len(reasoning) if reasoning else 0.0
     if pairs:
         scores["preference_accuracy"] = preference_accuracy(pairs)
-    return scores, outputs, reasoning, pairs
+    return _Scored(scores, generated, outputs, reasoning, pairs)
 
 
 def _with_reasoning(rows: list[dict], reasoning: dict[str, list[str]]) -> list[dict]:
@@ -145,8 +154,9 @@ def _write_samples(out_dir: Path, title: str, rows: list[dict], scores: dict[str
 
 def evaluate_tuned(data: PreparedData, trained: TrainResult, config: EvaluateConfig, ctx: RunContext, *,
                    identity_name: str = "", tool_format: str = "auto", beta: float = 0.1) -> EvalResult:
-    """Score the base model, then the tuned one (base + adapter, or the fully trained model), on the held-out rows,
-    in the precision training ran in; the report lands in ctx.work_dir/eval.
+    """Score the base model, then the tuned one (base + adapter, or the fully trained model), on the held-out rows:
+    losses in the precision training ran in, answers in fp32; the report lands in ctx.work_dir/eval, with the tuned
+    model's answers to chat prompts as generated (`answers_path`, what tasks/parity.py holds the served model to).
 
     Conversations are answered; documents are continued from their opening words. Both models use the tokenizer
     saved with the tuned weights, so they share its chat template. Held-out preference pairs are ranked as well
@@ -160,22 +170,27 @@ def evaluate_tuned(data: PreparedData, trained: TrainResult, config: EvaluateCon
     samples = list(load_from_disk(str(data.tokens.eval_dir)))
     tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
     model = load_model(model_dir, trust_remote_code).to(inference_device()).eval()
-    base_scores, base_outputs, base_reasoning, base_pairs = _score(model, tokenizer, samples, questions, metrics,
-                                                                   config, precision)
-    tuned = load_tuned_model(model_dir, weights_dir, trust_remote_code, base=model).to(inference_device()).eval()
-    tuned_scores, tuned_outputs, tuned_reasoning, tuned_pairs = _score(tuned, tokenizer, samples, questions, metrics,
-                                                                       config, precision)
-    if base_pairs:
-        base_scores |= reward_scores(base_pairs, base_pairs, beta)
-        tuned_scores |= reward_scores(tuned_pairs, base_pairs, beta)
+    base = _score(model, tokenizer, samples, questions, metrics, config, precision)
+    tuned_model = load_tuned_model(model_dir, weights_dir, trust_remote_code, base=model).to(inference_device()).eval()
+    tuned = _score(tuned_model, tokenizer, samples, questions, metrics, config, precision)
+    base_scores, tuned_scores = base.scores, tuned.scores
+    if base.pairs:
+        base_scores |= reward_scores(base.pairs, base.pairs, beta)
+        tuned_scores |= reward_scores(tuned.pairs, base.pairs, beta)
     rows = _with_reasoning([
-        {"prompt": shown, "reference": reference, "base": base, "tuned": tuned_output}
-        for shown, reference, base, tuned_output in zip(questions.shown, questions.references, base_outputs, tuned_outputs)
-    ], {"base": base_reasoning, "tuned": tuned_reasoning})
+        {"prompt": shown, "reference": reference, "base": base_output, "tuned": tuned_output}
+        for shown, reference, base_output, tuned_output in zip(questions.shown, questions.references, base.outputs,
+                                                                 tuned.outputs)
+    ], {"base": base.reasoning, "tuned": tuned.reasoning})
     scores = {"base": base_scores, "tuned": tuned_scores}
     samples_path, markdown_path = _write_samples(ctx.work_dir / "eval", "Base vs tuned on held-out data", rows, scores)
     flat = {f"{model}_{name}": value for model, values in scores.items() for name, value in values.items()}
-    return EvalResult(metrics=flat, samples_path=samples_path, markdown_path=markdown_path)
+    answers_path = None
+    if questions.chat:  # what the registered model must answer alike (a text continuation is not served)
+        answers_path = EvaluatedAnswers(questions.prompts, questions.tools, questions.tool_format,
+                                        config.max_new_tokens, config.batch_size, tuned.generated
+                                        ).write(ctx.work_dir / "eval" / ANSWERS_FILE)
+    return EvalResult(metrics=flat, samples_path=samples_path, markdown_path=markdown_path, answers_path=answers_path)
 
 
 def evaluate_model(data: PreparedData, source: ModelSource, config: EvaluateConfig, ctx: RunContext, *,
@@ -195,12 +210,13 @@ def evaluate_model(data: PreparedData, source: ModelSource, config: EvaluateConf
         with autocast(precision):
             base_pairs = pair_logps(model, samples)
         model = load_tuned_model(model_dir, weights_dir, trust_remote_code, base=model).to(inference_device()).eval()
-    scores, outputs, reasoning, pairs = _score(model, tokenizer, samples, questions, metrics, config, precision)
-    if pairs:
-        scores |= reward_scores(pairs, base_pairs or pairs, beta)
+    scored = _score(model, tokenizer, samples, questions, metrics, config, precision)
+    scores = scored.scores
+    if scored.pairs:
+        scores |= reward_scores(scored.pairs, base_pairs or scored.pairs, beta)
     rows = _with_reasoning([{"prompt": shown, "reference": reference, "model": output}
-                            for shown, reference, output in zip(questions.shown, questions.references, outputs)],
-                           {"model": reasoning})
+                            for shown, reference, output in zip(questions.shown, questions.references, scored.outputs)],
+                           {"model": scored.reasoning})
     samples_path, markdown_path = _write_samples(ctx.work_dir / "eval", "Held-out evaluation", rows, {"model": scores})
     return EvalResult(metrics=scores, samples_path=samples_path, markdown_path=markdown_path)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import getpass
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
@@ -33,6 +34,7 @@ from tasks.base_model import base_identity, is_adapter
 from tasks.guards import DECIDED_TAG, GuardScore, champion_reference, guard_refusal, guard_tags
 from tasks.labels import Head
 from tasks.model_card import CardFacts, model_card, version_description, write_card
+from tasks.parity import ANSWERS_FILE, EvaluatedAnswers, check_parity
 from tasks.promotion_lock import SharedLock, promotion_lock
 from tasks.tracking import attached_run
 
@@ -52,6 +54,10 @@ EVAL_DATA_TAG = "loraflow.eval_data_hash"  # the held-out rows the version's sco
 METRIC_VERSION_TAG = "loraflow.metric_version"  # the metric modules' code that measured it
 COMPARED_TAG = "loraflow.compared_with"  # which comparison with the champion decided the promotion
 LOCK_TAG = "loraflow.promotion_lock"  # the lock the decision was taken under (tasks/promotion_lock.py)
+PARITY_TAG = "loraflow.parity"  # the served and merged model's answers against the evaluated ones (tasks/parity.py)
+APPROVAL_TAG = "loraflow.approval"  # registry.approval manual: pending, approved, rejected or timed out
+APPROVAL_RUN_TAG = "loraflow.approval_flow_run"  # the Prefect flow run waiting for the decision
+AWAITING = "awaiting approval"
 
 
 class RegistryError(UserError):
@@ -71,6 +77,8 @@ class RegisterResult:
     promoted: bool
     reason: str
     decided: bool = True
+    awaiting_approval: bool = False  # registry.approval manual: the rules hold, a person decides (settle_approval)
+    parity: str = ""  # the served and merged model's answers against the evaluated ones, in words
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,7 @@ class RegisterRequest(BaseModel):
     champion_score: ChampionScore | None = None
     card: CardFacts | None = None  # what the model card tells of the run's training and data
     guards: list[GuardScore] = []  # registry.guards, scored for the base and this candidate
+    evaluated_answers: Path | None = None  # the evaluate stage's answers the registered model must give (chat)
 
 
 def decide_promotion(
@@ -189,6 +198,8 @@ def _judge(client: MlflowClient, name: str, candidate: ModelVersion, rescored: C
                              "not compared")
     decision = decide_promotion(float(tags[PRIMARY_VALUE_TAG]), float(tags[BASE_VALUE_TAG]), champion_value,
                                 rule["direction"], rule["min_improvement"])
+    if decision.promote and (refusal := parity_refusal(tags)) is not None:
+        return Promotion(False, refusal, compared_with)
     return Promotion(decision.promote, decision.reason, compared_with)
 
 
@@ -229,20 +240,26 @@ def register(request: RegisterRequest, across_machines: SharedLock | None = None
     name = config.model_name
     existing = _version_of_run(client, name, run_id)
     card = None
+    evaluated = EvaluatedAnswers.read(request.evaluated_answers) if request.evaluated_answers is not None else None
     if existing is None:
         head = Head.of(weights_dir)
         serving = {"task": head.task, "max_length": 512} if head is not None else {"max_new_tokens": 128}
+        serving |= {"tool_format": evaluated.tool_format} if evaluated is not None else {}
         artifact = "adapter" if is_adapter(weights_dir) else "model"
         card = model_card(base_model=base_model, run_id=run_id, model_name=name, artifact=artifact, metrics=metrics,
                           primary_metric=config.primary_metric, facts=request.card,
                           champion=_champion_for_card(client, name, config.primary_metric, request.champion_score),
                           guards=request.guards)
         write_card(card, weights_dir)
-        with attached_run(run_id):
+        with attached_run(run_id), tempfile.TemporaryDirectory(prefix="loraflow-register-") as scratch:
+            artifacts = {"weights": str(weights_dir)}
+            if evaluated is not None and config.parity_prompts:
+                answers = evaluated.first(config.parity_prompts).write(Path(scratch) / ANSWERS_FILE)
+                artifacts["evaluated_answers"] = str(answers)  # what `loraflow deploy` checks before it switches
             info = mlflow.pyfunc.log_model(
                 name=artifact,
                 python_model=HEAD_MODEL_CODE if head is not None else CHAT_MODEL_CODE,
-                artifacts={"weights": str(weights_dir)},
+                artifacts=artifacts,
                 model_config={"base_model": base_model} | serving | base_identity(base_model),
                 code_paths=[str(PACKAGE_ROOT / "conf"), str(PACKAGE_ROOT / "tasks")],
                 pip_requirements=_requirements(),
@@ -256,6 +273,8 @@ def register(request: RegisterRequest, across_machines: SharedLock | None = None
         } | guard_tags(request.guards)
         existing = _new_version(client, name, info, version_tags)
     number = str(existing.version)
+    if PARITY_TAG not in existing.tags:
+        _record_parity(client, name, number, run_id, evaluated, config.parity_prompts)
     earlier = existing.tags.get(PROMOTION_TAG, "undecided")
     if not earlier.startswith("undecided"):  # judged when first registered: that decision stands
         return RegisterResult(name, number, _holds_champion(client, name, number), earlier)
@@ -272,14 +291,125 @@ def register(request: RegisterRequest, across_machines: SharedLock | None = None
             if card is not None:
                 client.update_model_version(name, number, version_description(card, name, number, f"undecided: {error}"))
             return RegisterResult(name, number, False, f"undecided, kept as challenger: {error}", decided=False)
+        awaiting = decision.promote and config.approval == "manual"
+        reason = f"{AWAITING} ({decision.reason})" if awaiting else decision.reason
         if card is not None:
-            outcome = ("champion: " if decision.promote else "not promoted: ") + decision.reason
+            outcome = reason if awaiting else ("champion: " if decision.promote else "not promoted: ") + reason
             client.update_model_version(name, number, version_description(card, name, number, outcome))
-        client.set_model_version_tag(name, number, PROMOTION_TAG, decision.reason)
+        client.set_model_version_tag(name, number, PROMOTION_TAG, reason)
         client.set_model_version_tag(name, number, COMPARED_TAG, decision.compared_with)
-        if decision.promote:
+        if awaiting:
+            client.set_model_version_tag(name, number, APPROVAL_TAG, "pending")
+        elif decision.promote:
             _make_champion(client, name, number)
-    return RegisterResult(name, number, decision.promote, decision.reason)
+    return RegisterResult(name, number, decision.promote and not awaiting, reason, awaiting_approval=awaiting,
+                          parity=parity_line(_version(client, name, number).tags))
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A person's decision on a version awaiting approval; `approve` None: nobody decided in time."""
+
+    approve: bool | None
+    by: str = ""
+    reason: str = ""
+
+
+APPROVAL_CHAMPION_TAG = "loraflow.approval_champion"  # the champion when the rules were judged ("none")
+
+
+def pending_approval(name: str, version: str) -> str | None:
+    """The Prefect flow run waiting for a person's decision on `version` (None when no flow waits for it: an offline
+    run's version registered by `loraflow sync`); RegistryError when the version is not awaiting approval."""
+    tags = _version(MlflowClient(), name, version).tags
+    if tags.get(APPROVAL_TAG) != "pending":
+        state = tags.get(APPROVAL_TAG)
+        raise RegistryError(f"{name} version {version} is not awaiting approval"
+                            + (f" (its approval: {state}, {tags.get('loraflow.approval_reason', '')})" if state else ""))
+    return tags.get(APPROVAL_RUN_TAG)
+
+
+def mark_waiting(name: str, version: str, flow_run_id: str) -> None:
+    """Record which flow run waits for the decision on `version`, and the champion its rules were judged against."""
+    client = MlflowClient()
+    champion = _champion(client, name)
+    client.set_model_version_tag(name, version, APPROVAL_CHAMPION_TAG,
+                                 str(champion.version) if champion is not None else "none")
+    client.set_model_version_tag(name, version, APPROVAL_RUN_TAG, flow_run_id)
+
+
+def settle_approval(name: str, version: str, approval: Approval, across_machines: SharedLock | None = None
+                    ) -> RegisterResult:
+    """Record a person's decision (who, when, why) on a version awaiting approval. Approved, it becomes champion,
+    unless another version became champion while it waited and the rule it was registered under no longer holds
+    against that one. Rejected or not decided in time, the aliases stay where they are."""
+    client = MlflowClient()
+    with promotion_lock(name, across_machines):
+        candidate = _version(client, name, version)
+        if candidate.tags.get(APPROVAL_TAG) != "pending":
+            raise RegistryError(f"{name} version {version} is not awaiting approval")
+        promote = False
+        if approval.approve is None:
+            status, reason = "timed out", "not promoted: nobody approved it in time"
+        elif not approval.approve:
+            status, reason = "rejected", f"rejected by {approval.by}: {approval.reason or 'no reason given'}"
+        else:
+            status, reason = "approved", f"approved by {approval.by}: {approval.reason or 'no reason given'}"
+            champion = _champion(client, name)
+            now = str(champion.version) if champion is not None else "none"
+            promote = True
+            if now != candidate.tags.get(APPROVAL_CHAMPION_TAG, now):
+                decision = _judge(client, name, candidate)  # a new champion since: the rule is judged again
+                promote = decision.promote
+                reason += f"; {'' if promote else 'not promoted: '}{decision.reason} (champion changed while waiting)"
+        for key, value in {APPROVAL_TAG: status, "loraflow.approval_by": approval.by,
+                           "loraflow.approval_reason": approval.reason,
+                           "loraflow.approval_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), PROMOTION_TAG: reason}.items():
+            client.set_model_version_tag(name, version, key, value)
+        if promote:
+            _make_champion(client, name, version)
+    return RegisterResult(name, version, promote, reason, parity=parity_line(candidate.tags))
+
+
+def _record_parity(client: MlflowClient, name: str, version: str, run_id: str, evaluated: EvaluatedAnswers | None,
+                   prompts: int) -> None:
+    """Train/serve parity of a new version (tasks/parity.py), measured once: `parity/pyfunc` and `parity/merged` on
+    the run, and on the version a tag that `_judge` reads. A model that fails to load or export answers nothing."""
+    if evaluated is None or not prompts or not evaluated.answers:
+        why = "registry.parity_prompts is 0" if not prompts else "no chat answers were evaluated"
+        client.set_model_version_tag(name, version, PARITY_TAG, json.dumps({"checked": False, "why": why}))
+        return
+    evaluated = evaluated.first(prompts)
+    try:
+        parity = check_parity(f"models:/{name}/{version}", evaluated)
+        shares = {kind: result.share for kind, result in parity.items()}
+        why = "; ".join(result.describe(kind) for kind, result in parity.items())
+    except Exception as error:  # a version that does not load or export serves nothing the evaluation saw
+        shares = {"pyfunc": 0.0, "merged": 0.0}
+        why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    for kind, share in shares.items():
+        client.log_metric(run_id, f"parity/{kind}", share)
+    client.set_model_version_tag(name, version, PARITY_TAG, json.dumps(
+        {"checked": True, "prompts": len(evaluated.answers), **shares, "why": why[:4000]}))
+
+
+def parity_line(tags: dict[str, str]) -> str:
+    """A version's train/serve parity in words ("" for a version registered before the check existed)."""
+    parity = json.loads(tags.get(PARITY_TAG, "{}"))
+    if not parity:
+        return ""
+    if not parity["checked"]:
+        return f"not checked: {parity['why']}"
+    return f"pyfunc {parity['pyfunc']:.2f}, merged {parity['merged']:.2f} on {parity['prompts']} prompts"
+
+
+def parity_refusal(tags: dict[str, str]) -> str | None:
+    """Why a version's served or merged answers keep it from promotion, from its parity tag; None when they do not
+    (or parity was not checked: a task head, or a version registered before the check existed)."""
+    parity = json.loads(tags.get(PARITY_TAG, "{}"))
+    if not parity.get("checked") or min(parity["pyfunc"], parity["merged"]) >= 1.0:
+        return None
+    return f"served answers differ from the evaluated ones: {parity['why']}"
 
 
 def _guarded(client: MlflowClient, name: str, version: str, run_id: str, scores: list[GuardScore],

@@ -101,3 +101,4 @@ class EvalResult:
     samples_path: Path
     markdown_path: Path
     confusion_path: Path | None = None  # task heads: the tuned model's confusion matrix
+    answers_path: Path | None = None  # chat: the tuned model's answers, for train/serve parity (tasks/parity.py)

@@ -102,8 +102,8 @@ def wait_for_http(url: str, server, seconds: float = 120) -> None:
 LONGEST_FIRST = ("test_team_stack.py", "test_flow_e2e.py", "test_sweep.py", "test_train.py", "test_tracking_server.py",
                  "test_deepspeed.py", "test_serve.py", "test_unattended.py", "test_heads_e2e.py",
                  "test_pretrain_e2e.py", "test_real_data_e2e.py", "test_guards_e2e.py", "test_guards.py",
-                 "test_registry.py", "test_preference_flow.py", "test_preference_train.py", "test_resume.py",
-                 "test_deploy.py", "test_benches.py")
+                 "test_registry.py", "test_approval.py", "test_parity.py", "test_preference_flow.py",
+                 "test_preference_train.py", "test_resume.py", "test_deploy.py", "test_benches.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conf.schema import flatten, load_config
 from flows.cli import main
+from tasks.parity import ANSWERS_FILE, EvaluatedAnswers
 from tests.conftest import REPO, STATE_DIR, wait_for_http
 
 pytestmark = pytest.mark.slow
@@ -147,6 +148,21 @@ def test_the_version_carries_a_model_card_whose_numbers_are_the_runs(finished_ru
     local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(tmp_path / "model"))
     card = ModelCard.load(next(Path(local).rglob("README.md")))
     assert card.data.library_name == "peft" and card.text.strip() in description
+
+
+def test_the_champion_answers_as_evaluated_when_served_and_merged(finished_run, tmp_path):
+    """Train/serve parity holds for the default recipe; and, read back through MLflow's own pyfunc, the champion's
+    answer to a held-out prompt is the evaluate stage's answer in the run's samples table."""
+    run, printed = finished_run
+    assert run.data.metrics["parity/pyfunc"] == 1.0 and run.data.metrics["parity/merged"] == 1.0
+    assert "train/serve parity: pyfunc 1.00, merged 1.00 on " in printed
+    name = load_config(RECIPE, OVERRIDES).registry.model_name
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path))
+    evaluated = EvaluatedAnswers.read(next(Path(local).rglob(ANSWERS_FILE)))
+    table = MlflowClient().load_table(run.info.experiment_id, "eval/samples_table.json", run_ids=[run.info.run_id])
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    reply = model.predict({"messages": evaluated.prompts[0], "max_tokens": evaluated.max_new_tokens})
+    assert reply["choices"][0]["message"]["content"] == table["tuned"][0]
 
 
 def test_run_holds_config_report_and_eval_artifacts(finished_run, tmp_path):

@@ -296,11 +296,12 @@ def test_evaluation_scores_the_answer_alone_and_counts_the_answers_that_reasoned
     monkeypatch.setattr(evaluate_stage, "heldout_loss", lambda model, samples: 1.0)
     config = EvaluateConfig(metrics=["builtin:exact_match"])
     metrics = evaluate_stage.GenerationMetrics(config, chat=True, identity_name="Ember")
-    scores, answers, reasoning, pairs = evaluate_stage._score(None, tokenizer, [], questions, metrics, config, "fp32")
-    assert answers == ["5", "6"] and reasoning == ["2 + 3 = 5", ""] and pairs == []
-    assert scores["exact_match"] == 0.5 and scores["reasoning_share"] == 0.5
+    scored = evaluate_stage._score(None, tokenizer, [], questions, metrics, config, "fp32")
+    assert scored.outputs == ["5", "6"] and scored.reasoning == ["2 + 3 = 5", ""] and scored.pairs == []
+    assert scored.generated == ["<think>\n2 + 3 = 5\n</think>\n\n5", "6"]  # what train/serve parity compares
+    assert scored.scores["exact_match"] == 0.5 and scored.scores["reasoning_share"] == 0.5
     # The samples table: a reasoning column for each model that reasoned, in every row (MLflow's table needs them).
-    rows = evaluate_stage._with_reasoning([{"prompt": "a"}, {"prompt": "b"}], {"base": ["", ""], "tuned": reasoning})
+    rows = evaluate_stage._with_reasoning([{"prompt": "a"}, {"prompt": "b"}], {"base": ["", ""], "tuned": scored.reasoning})
     assert rows == [{"prompt": "a", "tuned_reasoning": "2 + 3 = 5"}, {"prompt": "b", "tuned_reasoning": ""}]
 
 
