@@ -7,6 +7,7 @@ or with `loraflow approve/reject NAME VERSION`, which answer the paused flow run
 from __future__ import annotations
 
 import getpass
+import os
 from uuid import UUID
 
 from prefect import get_run_logger
@@ -19,6 +20,7 @@ from prefect.utilities.urls import url_for
 
 from conf.schema import RunConfig, UserError
 from flows.notify import post_webhook, webhook_url
+from flows.prefect_server import OWN_SERVER_ENV
 from flows.promotion import shared_lock
 from tasks.register import (
     Approval, RegisterResult, RegistryError, mark_waiting, pending_approval, settle_approval,
@@ -38,9 +40,10 @@ class ApprovalInput(RunInput):
 def check_approval_server(config: RunConfig) -> None:
     """Before any work: a flow that waits for a person must report to a Prefect server the person can reach (an
     embedded one lives and dies with the flow's own process)."""
-    if config.registry.approval == "manual" and not get_current_settings().api.url:
-        raise UserError("registry.approval: manual waits for a person through a Prefect server; set PREFECT_API_URL "
-                        "(the team stack: `make stack`), or use approval: auto")
+    url = get_current_settings().api.url
+    if config.registry.approval == "manual" and (not url or url == os.environ.get(OWN_SERVER_ENV)):
+        raise UserError("registry.approval: manual waits for a person through a Prefect server that outlives this "
+                        "command; set PREFECT_API_URL (`loraflow prefect-ui` starts one), or use approval: auto")
 
 
 def await_approval(registered: RegisterResult, config: RunConfig) -> RegisterResult:

@@ -24,6 +24,9 @@ from collections.abc import Callable
 from tasks.health import wait_until_healthy
 
 
+OWN_SERVER_ENV = "LORAFLOW_COMMAND_PREFECT_URL"  # the server this command started, which stops when it ends
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -79,6 +82,7 @@ def start_in_background() -> Callable[[], float]:
     server = launch_server(port, "--no-services", "--no-ui")
     atexit.register(stop_server, server)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    os.environ[OWN_SERVER_ENV] = os.environ["PREFECT_API_URL"]
 
     def wait() -> float:
         began = time.perf_counter()

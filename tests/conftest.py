@@ -4,10 +4,12 @@ The converted base model stays in the shared loraflow cache, so it is built once
 """
 
 import importlib
+import json
 import logging
 import os
 import shutil
 import tempfile
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,20 @@ def wait_for_http(url: str, server, seconds: float = 120) -> None:
     from tasks.health import wait_until_healthy
 
     assert wait_until_healthy(url, server, seconds), f"{url} did not come up"
+
+
+class Webhook(BaseHTTPRequestHandler):
+    """A Slack-compatible webhook (serve it with http.server.HTTPServer): the JSON messages posted to it."""
+
+    received: list = []
+
+    def do_POST(self):
+        self.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
 
 
 # The longest test files first (from `pytest --durations`, 2026-12-06): `make test` runs a file per process at a time

@@ -1,6 +1,7 @@
 """Manual approval: with `registry.approval: manual` the flow pauses (Prefect's pause, on the test process's Prefect
-server) with a version that passed every rule as challenger, until `loraflow approve` moves the alias, `loraflow
-reject` leaves it, or the timeout leaves it; the registry records who decided, when and why."""
+server; the nightly flow's fine-tuning subflow too) with a version that passed every rule as challenger, until
+`loraflow approve` moves the alias, `loraflow reject` leaves it, or the timeout leaves it; the registry records who
+decided, when and why."""
 
 import asyncio
 import getpass
@@ -8,6 +9,7 @@ import threading
 import time
 import uuid
 from dataclasses import replace
+from http.server import HTTPServer
 from uuid import UUID
 
 import pytest
@@ -16,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from conf.schema import load_config
 from flows.cli import main
 from tasks.register import APPROVAL_RUN_TAG, APPROVAL_TAG, CHALLENGER, CHAMPION, PROMOTION_TAG
+from tests.conftest import Webhook
 
 pytestmark = pytest.mark.slow
 
@@ -74,20 +77,35 @@ def paused(flow_run_id: str) -> bool:
     return any(state.name == "Paused" for state in asyncio.run(states()))
 
 
-def test_the_flow_waits_and_loraflow_approve_makes_the_version_champion(tiny_recipe):
+def test_the_nightly_flow_waits_tells_the_webhook_and_loraflow_approve_makes_the_version_champion(tiny_recipe,
+                                                                                                 monkeypatch):
+    from flows.nightly import nightly
+
+    server = HTTPServer(("127.0.0.1", 0), Webhook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Webhook.received.clear()
+    monkeypatch.setenv("LORAFLOW_WEBHOOK_URL", f"http://127.0.0.1:{server.server_port}/hook")
     name = f"approve-{uuid.uuid4().hex[:8]}"
     thread, seen = decide_when_waiting(name, "approve", "--reason", "read the samples")
-    summary = run_waiting(tiny_recipe, name)
+    try:
+        night = nightly(str(tiny_recipe), [f"registry.model_name={name}", f"experiment={name}",
+                                           "registry.approval=manual"])
+    finally:
+        server.shutdown()
     thread.join(10)
-    version = summary.registered.version
-    assert seen == {"flow_run": seen["flow_run"], "version": version, "exit": 0} and paused(seen["flow_run"])
-    assert summary.registered.promoted and summary.registered.reason.startswith(f"approved by {getpass.getuser()}")
+    version = seen["version"]
+    assert seen["exit"] == 0 and paused(seen["flow_run"])
+    assert night.outcome == "promoted" and night.reason.startswith(f"{name} version {version}: approved by ")
+    [message] = Webhook.received  # the wait, with the flow run's page in the Prefect UI; a promoted night says nothing
+    assert message["outcome"] == "awaiting_approval" and message["link"].endswith(f"/runs/flow-run/{seen['flow_run']}")
+    assert f"loraflow approve {name} {version}" in message["text"]
     client = MlflowClient()
     assert client.get_registered_model(name).aliases == {CHAMPION: int(version), CHALLENGER: int(version)}
     tags = client.get_model_version(name, version).tags
     assert tags[APPROVAL_TAG] == "approved" and tags["loraflow.approval_by"] == getpass.getuser()
     assert tags["loraflow.approval_reason"] == "read the samples" and tags["loraflow.approval_at"]
-    assert client.get_run(summary.run_id).data.tags["promotion"] == tags[PROMOTION_TAG]
+    assert tags[PROMOTION_TAG] == f"approved by {getpass.getuser()}: read the samples"
+    assert client.get_run(night.run_id).data.tags["promotion"] == tags[PROMOTION_TAG]
 
 
 def test_loraflow_reject_leaves_the_champion_and_records_why(tiny_recipe, capsys):
@@ -114,3 +132,15 @@ def test_an_approval_nobody_gives_in_time_leaves_the_champion(tiny_recipe):
     client = MlflowClient()
     assert CHAMPION not in client.get_registered_model(name).aliases
     assert client.get_model_version(name, summary.registered.version).tags[APPROVAL_TAG] == "timed out"
+
+
+def test_manual_approval_without_a_server_that_outlives_the_command_stops_before_any_work(tiny_recipe, monkeypatch,
+                                                                                             capsys):
+    import os
+
+    from flows.prefect_server import OWN_SERVER_ENV
+
+    monkeypatch.setenv(OWN_SERVER_ENV, os.environ["PREFECT_API_URL"])  # as if `loraflow run` had started it
+    assert main(["run", str(tiny_recipe), "-o", "registry.approval=manual"]) == 2
+    assert capsys.readouterr().err.startswith("loraflow: error: registry.approval: manual waits for a person through "
+                                              "a Prefect server that outlives this command")

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import HTTPServer
 
 import mlflow
 import pytest
@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from conf.schema import ConfigError, load_config, load_sweep
 from flows.cli import main
 from flows.runs import CONFIG_HASH_TAG, ResumeRefused, check_resume_data, claimed_cut_off_run, config_hash
-from tests.conftest import REPO
+from tests.conftest import REPO, Webhook
 
 
 def cut_off_run(recipe, data_hash="0" * 64):
@@ -185,24 +185,12 @@ def test_a_trust_flag_stored_in_a_logged_model_is_never_obeyed(tmp_path, monkeyp
     assert asked == [("tokenizer", False), ("model", False), ("tokenizer", True), ("model", True)]
 
 
-class _Webhook(BaseHTTPRequestHandler):
-    received: list = []
-
-    def do_POST(self):
-        self.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 def test_a_failed_night_posts_one_message_to_the_webhook(tiny_recipe, monkeypatch):
     from flows.nightly import nightly
 
-    server = HTTPServer(("127.0.0.1", 0), _Webhook)
+    server = HTTPServer(("127.0.0.1", 0), Webhook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    _Webhook.received.clear()
+    Webhook.received.clear()
     monkeypatch.setenv("LORAFLOW_WEBHOOK_URL", f"http://127.0.0.1:{server.server_port}/hook")
     (tiny_recipe.parent / "train.jsonl").unlink()  # the night's data is gone
     try:
@@ -210,7 +198,7 @@ def test_a_failed_night_posts_one_message_to_the_webhook(tiny_recipe, monkeypatc
             nightly(str(tiny_recipe))
     finally:
         server.shutdown()
-    [message] = _Webhook.received
+    [message] = Webhook.received
     assert message["outcome"] == "failed" and "train.jsonl" in message["reason"]
     assert message["recipe"] == str(tiny_recipe) and message["text"].startswith("loraflow nightly")
 
@@ -235,9 +223,9 @@ def test_the_nightly_flow_resumes_its_cut_off_run_and_tells_the_webhook_what_eac
         cut_off = finetune(config)
     assert isinstance(cut_off, Interrupted) and cut_off.step == 2
 
-    server = HTTPServer(("127.0.0.1", 0), _Webhook)
+    server = HTTPServer(("127.0.0.1", 0), Webhook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    _Webhook.received.clear()
+    Webhook.received.clear()
     monkeypatch.setenv("LORAFLOW_WEBHOOK_URL", f"http://127.0.0.1:{server.server_port}/hook")
     try:
         night = nightly(str(tiny_recipe), overrides)
@@ -250,8 +238,8 @@ def test_the_nightly_flow_resumes_its_cut_off_run_and_tells_the_webhook_what_eac
         server.shutdown()
     assert skipped.outcome == "skipped"
     expected = (["not_promoted"] if night.outcome == "not_promoted" else []) + ["skipped"]
-    assert [message["outcome"] for message in _Webhook.received] == expected
-    assert _Webhook.received[-1]["run_id"] == cut_off.run_id and _Webhook.received[-1]["link"]
+    assert [message["outcome"] for message in Webhook.received] == expected
+    assert Webhook.received[-1]["run_id"] == cut_off.run_id and Webhook.received[-1]["link"]
 
     monkeypatch.setenv("LORAFLOW_WEBHOOK_URL", f"http://127.0.0.1:{server.server_port}/gone")  # nobody listens now
     assert nightly(str(tiny_recipe), overrides).outcome == "skipped"  # the night's own work is unaffected
