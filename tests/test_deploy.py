@@ -15,37 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conf.schema import RegistryConfig
-from tasks.register import EVAL_DATA_TAG, METRIC_VERSION_TAG, RegisterRequest, register
-from tests.conftest import tiny_base_model
+from tests.conftest import register_tiny_version
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_model_dir, tmp_path_factory):
-    """A LoRA adapter on the tiny random Llama, as the train stage saves it (untrained: serving does not care what it
-    learned)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("adapter")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
-    return folder
-
-
-def register_version(name, weights, score):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
-    basis = {EVAL_DATA_TAG: "e" * 64, METRIC_VERSION_TAG: "v"}
-    return register(RegisterRequest(run_id=run_id, weights_dir=weights, base_model=tiny_base_model(),
-                                    metrics={"tuned_identity_share": score, "base_identity_share": 0.0}, tags=basis,
-                                    registry=RegistryConfig(model_name=name)))
 
 
 LOAD_OUTSIDE = """
@@ -62,11 +34,11 @@ print(json.dumps({"answers": model.predict(["Who are you?"]), "tasks": tasks.__f
 """
 
 
-def test_a_version_loads_and_answers_where_loraflow_is_not_installed(adapter, tmp_path):
+def test_a_version_loads_and_answers_where_loraflow_is_not_installed(tiny_adapter, tmp_path):
     from tests.conftest import REPO
 
     name = f"outside-{uuid.uuid4().hex[:8]}"
-    version = register_version(name, adapter, 0.5).version
+    version = register_tiny_version(name, tiny_adapter, 0.5).version
     result = subprocess.run([sys.executable, "-c", LOAD_OUTSIDE, f"models:/{name}/{version}", str(REPO)],
                             capture_output=True, text=True, cwd=tmp_path, env=os.environ | {"PYTHONPATH": ""},
                             timeout=600)
@@ -96,13 +68,13 @@ def chat(content="Who are you?", **options):
     return {"messages": [{"role": "user", "content": content}], "max_tokens": 4} | options
 
 
-def test_deploy_serves_chat_follows_the_alias_and_refuses_what_cannot_load(adapter, tmp_path, caplog):
+def test_deploy_serves_chat_follows_the_alias_and_refuses_what_cannot_load(tiny_adapter, tmp_path, caplog):
     from mlflow.tracking import MlflowClient
 
     from tasks.deploy import AliasFollower, deploy
 
     name = f"deploy-{uuid.uuid4().hex[:8]}"
-    assert register_version(name, adapter, 0.5).promoted
+    assert register_tiny_version(name, tiny_adapter, 0.5).promoted
     served = deploy(AliasFollower(name, "champion", max_tokens_limit=64), "127.0.0.1", 0, poll_seconds=0.5)
     try:
         status, completion, header = post(f"{served.url}/v1/chat/completions", chat())
@@ -141,7 +113,7 @@ def test_deploy_serves_chat_follows_the_alias_and_refuses_what_cannot_load(adapt
         with ThreadPoolExecutor(4) as pool:
             clients = [pool.submit(client) for _ in range(4)]
             time.sleep(1)
-            assert register_version(name, adapter, 0.9).promoted  # what the nightly job does
+            assert register_tiny_version(name, tiny_adapter, 0.9).promoted  # what the nightly job does
             deadline = time.monotonic() + 300
             while get(f"{served.url}/health")["version"] != "2":
                 assert time.monotonic() < deadline, "the server never switched to version 2"
@@ -158,8 +130,8 @@ def test_deploy_serves_chat_follows_the_alias_and_refuses_what_cannot_load(adapt
         # A champion that cannot load: the server keeps serving version 2 and says why.
         broken = tmp_path / "broken"
         broken.mkdir()
-        (broken / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
-        assert register_version(name, broken, 0.95).promoted
+        (broken / "adapter_config.json").write_text((tiny_adapter / "adapter_config.json").read_text())
+        assert register_tiny_version(name, broken, 0.95).promoted
         assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == "3"
         deadline = time.monotonic() + 300
         while "not switched to" not in caplog.text:
@@ -172,23 +144,23 @@ def test_deploy_serves_chat_follows_the_alias_and_refuses_what_cannot_load(adapt
 
 
 def test_requests_that_arrive_together_share_one_generate_call_and_each_gets_its_own_answer():
-    from tasks.deploy import Batcher
+    from tasks.deploy import Batcher, Sampling
 
     class Echo:
         batches = []
 
-        def answer(self, conversations, max_tokens, temperature):
+        def answer(self, conversations, sampling, sinks, give_up):
             self.batches.append(len(conversations))
             time.sleep(0.05)
-            return [f"{conversation[-1]['content']}/{max_tokens}" for conversation in conversations]
+            return [f"{conversation[-1]['content']}/{sampling.max_tokens}" for conversation in conversations]
 
     model = Echo()
     batcher = Batcher(model, max_batch=8, wait_seconds=0.05)
-    requests = [([{"role": "user", "content": f"q{n}"}], 4 if n % 3 else 9, 0.0) for n in range(12)]
+    requests = [([{"role": "user", "content": f"q{n}"}], Sampling(4 if n % 3 else 9, seed=7 if n == 5 else None))
+                for n in range(12)]
     with ThreadPoolExecutor(12) as pool:
         answers = list(pool.map(lambda request: batcher.answer(*request), requests))
     assert answers == [f"q{n}/{4 if n % 3 else 9}" for n in range(12)]  # each its own, whatever the batch
-    assert max(model.batches) > 1 and sum(model.batches) == 12
+    assert max(model.batches) > 1 and sum(model.batches) == 12 and 1 in model.batches  # the seeded one alone
     batcher.close()
-    assert batcher.answer([{"role": "user", "content": "late"}], 4, 0.0) == "late/4"  # after close: alone
-
+    assert batcher.answer([{"role": "user", "content": "late"}], Sampling(4)) == "late/4"  # after close: alone
