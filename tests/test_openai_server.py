@@ -195,6 +195,19 @@ def test_past_its_limits_the_server_answers_429_at_once_and_keeps_serving(tiny_a
         deployment.stop()
 
 
+def test_a_request_past_its_timeout_gets_503_with_retry_after(tiny_adapter):
+    name = f"timeout-{uuid.uuid4().hex[:8]}"
+    assert register_tiny_version(name, tiny_adapter, 0.5).promoted
+    deployment = deploy(AliasFollower(name, "champion", max_tokens_limit=4096), "127.0.0.1", 0, poll_seconds=60,
+                        limits=ServerLimits(timeout_seconds=1, max_tokens_limit=4096))
+    try:
+        status, headers, seconds, body = post(f"{deployment.url}/v1/chat/completions",
+                                              {"messages": QUESTION, "max_tokens": 4000})
+        assert status == 503 and headers["retry-after"] and seconds < 5 and "within 1 s" in body["error"]["message"]
+    finally:
+        deployment.stop()
+
+
 def test_a_model_served_beyond_this_machine_needs_a_key(capsys):
     with pytest.raises(UserError, match="--api-key"):
         check_exposure("0.0.0.0", None, insecure=False)
