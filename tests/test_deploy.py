@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import register_tiny_version
+from tests.conftest import promote_while_busy, register_tiny_version
 
 pytestmark = pytest.mark.slow
 
@@ -102,27 +101,15 @@ def test_deploy_serves_chat_follows_the_alias_and_refuses_what_cannot_load(tiny_
         assert get(f"{served.url}/health")["status"] == "ok"  # still up
 
         # A promotion while requests are in flight: every request answered, by the old version and then the new.
-        answered, stop = [], threading.Event()
+        answered = []
 
-        def client():
+        def client(stop):
             while not stop.is_set():
                 started = time.monotonic()
                 status, completion, header = post(f"{served.url}/v1/chat/completions", chat())
                 answered.append((started, status, header))
 
-        with ThreadPoolExecutor(4) as pool:
-            clients = [pool.submit(client) for _ in range(4)]
-            time.sleep(1)
-            assert register_tiny_version(name, tiny_adapter, 0.9).promoted  # what the nightly job does
-            deadline = time.monotonic() + 300
-            while get(f"{served.url}/health")["version"] != "2":
-                assert time.monotonic() < deadline, "the server never switched to version 2"
-                time.sleep(0.2)
-            switched = time.monotonic()
-            time.sleep(3)
-            stop.set()
-            for future in clients:
-                future.result()
+        switched = promote_while_busy(client, name, tiny_adapter, served.url)
         assert answered and all(status == 200 for _, status, _ in answered)  # none failed across the switch
         assert {version for started, _, version in answered if started < switched} >= {"1"}
         assert {version for started, _, version in answered if started > switched} == {"2"}

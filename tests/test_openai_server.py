@@ -4,7 +4,6 @@ a promotion during four streams leaves each stream on one version; /metrics coun
 the server answers 429 at once and keeps serving; a client that goes away stops its generation."""
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conf.schema import UserError
 from flows.cli import main
 from tasks.deploy import AliasFollower, ServerLimits, check_exposure, deploy
-from tests.conftest import register_tiny_version
+from tests.conftest import promote_while_busy, register_tiny_version
 
 pytestmark = pytest.mark.slow
 KEY = "sk-test-" + uuid.uuid4().hex
@@ -129,25 +128,13 @@ def stream_versions(url: str, name: str) -> set[str]:
 
 def test_a_promotion_during_four_streams_leaves_each_stream_on_one_version(served, tiny_adapter):
     name, deployment = served
-    url, streams, stop = f"{deployment.url}/v1/chat/completions", [], threading.Event()
+    url, streams = f"{deployment.url}/v1/chat/completions", []
 
-    def keep_streaming():
+    def keep_streaming(stop):
         while not stop.is_set():
             streams.append((time.monotonic(), stream_versions(url, name)))
 
-    with ThreadPoolExecutor(4) as pool:
-        clients = [pool.submit(keep_streaming) for _ in range(4)]
-        time.sleep(1)
-        assert register_tiny_version(name, tiny_adapter, 0.9).promoted
-        deadline = time.monotonic() + 300
-        while client(deployment).models.list().data[0].model_extra["version"] != "2":
-            assert time.monotonic() < deadline, "the server never switched to version 2"
-            time.sleep(0.2)
-        switched = time.monotonic()
-        time.sleep(2)
-        stop.set()
-        for future in clients:
-            future.result()  # none failed
+    switched = promote_while_busy(keep_streaming, name, tiny_adapter, deployment.url)
     assert all(len(versions) == 1 for _, versions in streams)  # each stream answered by one version only
     assert {f"{name}/1"} <= set().union(*(v for started, v in streams if started < switched))
     assert set().union(*(v for started, v in streams if started > switched)) == {f"{name}/2"}

@@ -71,8 +71,8 @@ class Batcher:
             queued = not self.closed
             if queued:
                 self.queue.put(pending)
-        if not queued:
-            self._answer([pending])
+        if not queued:  # its version was switched away from: answered alone, never in the caller's thread
+            threading.Thread(target=self._answer, args=([pending],), name="loraflow-deploy-late", daemon=True).start()
         return pending
 
     def answer(self, messages: list[dict], sampling: Sampling) -> Answer:
