@@ -121,7 +121,16 @@ def merged_card(adapter_card: Path) -> ModelCard:
     return ModelCard.from_template(card.data, template_str=TEMPLATE, body=f"{title}\n\n{note}\n{rest}")
 
 
+LOAD_LINE = ". Load it as "
+
+
 def version_description(card: ModelCard, model_name: str, version: str, decision: str) -> str:
     """The card's Markdown (no metadata) for the registry, with the version's own URIs and its promotion decision."""
-    return (f"**{model_name} version {version}**: {decision}. Load it as `models:/{model_name}/{version}` "
+    return (f"**{model_name} version {version}**: {decision}{LOAD_LINE}`models:/{model_name}/{version}` "
             f"(`loraflow chat models:/{model_name}/{version}`).\n\n{card.text.strip()}\n")
+
+
+def redecided(description: str, model_name: str, version: str, decision: str) -> str:
+    """A version's description with its promotion decision replaced (a person decided on it after it was written)."""
+    _, found, rest = description.partition(LOAD_LINE)
+    return f"**{model_name} version {version}**: {decision}{LOAD_LINE}{rest}" if found else description

@@ -33,7 +33,7 @@ from conf.schema import RegistryConfig, UserError
 from tasks.base_model import base_identity, is_adapter
 from tasks.guards import DECIDED_TAG, GuardScore, champion_reference, guard_refusal, guard_tags
 from tasks.labels import Head
-from tasks.model_card import CardFacts, model_card, version_description, write_card
+from tasks.model_card import CardFacts, model_card, redecided, version_description, write_card
 from tasks.parity import ANSWERS_FILE, EvaluatedAnswers, check_parity
 from tasks.promotion_lock import SharedLock, promotion_lock
 from tasks.tracking import attached_run
@@ -366,6 +366,9 @@ def settle_approval(name: str, version: str, approval: Approval, across_machines
                            "loraflow.approval_reason": approval.reason,
                            "loraflow.approval_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), PROMOTION_TAG: reason}.items():
             client.set_model_version_tag(name, version, key, value)
+        if candidate.description:
+            outcome = ("champion: " if promote else "not promoted: ") + reason
+            client.update_model_version(name, version, redecided(candidate.description, name, version, outcome))
         if promote:
             _make_champion(client, name, version)
     return RegisterResult(name, version, promote, reason, parity=parity_line(candidate.tags))

@@ -105,6 +105,8 @@ def test_the_nightly_flow_waits_tells_the_webhook_and_loraflow_approve_makes_the
     assert tags[APPROVAL_TAG] == "approved" and tags["loraflow.approval_by"] == getpass.getuser()
     assert tags["loraflow.approval_reason"] == "read the samples" and tags["loraflow.approval_at"]
     assert tags[PROMOTION_TAG] == f"approved by {getpass.getuser()}: read the samples"
+    assert client.get_model_version(name, version).description.startswith(
+        f"**{name} version {version}**: champion: approved by {getpass.getuser()}: read the samples. Load it as ")
     assert client.get_run(night.run_id).data.tags["promotion"] == tags[PROMOTION_TAG]
 
 
