@@ -65,6 +65,13 @@ def test_the_openai_client_lists_the_model_and_chats_streamed_and_whole(served):
         whole.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # include_usage: the last chunk
 
+    parts = openai_client.chat.completions.create(model=name, max_tokens=12, messages=[
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Who are"}, {"type": "text", "text": "you?"}]}])
+    joined = openai_client.chat.completions.create(model=name, max_tokens=12, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are\nyou?"}])
+    assert parts.choices[0].message.content == joined.choices[0].message.content  # OpenAI's forms, as plain turns
+
     text = whole.choices[0].message.content
     assert len(text) > 6, text  # the tiny random model says something to cut
     cut = openai_client.chat.completions.create(model=name, messages=QUESTION, max_completion_tokens=12,

@@ -22,7 +22,6 @@ from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from mlflow.tracking import MlflowClient
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
@@ -278,9 +277,7 @@ def build_app(follower: AliasFollower, limits: ServerLimits, metrics: ServerMetr
             live = live_version()
         except ServerError as error:
             return error_response(error.status, error.message, error.headers)
-        created = await asyncio.to_thread(lambda: MlflowClient().get_model_version(
-            follower.name, live.version).creation_timestamp // 1000)
-        return JSONResponse(model_list(follower.name, follower.alias, live.version, int(created)))
+        return JSONResponse(model_list(follower.name, follower.alias, live.version, live.created))
 
     @app.get("/health")
     async def health() -> Response:

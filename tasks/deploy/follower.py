@@ -28,6 +28,7 @@ class LiveVersion:
     version: str
     model: ServedModel
     batcher: Batcher
+    created: int = 0  # when the version was registered, in seconds (OpenAI's model list shows it)
 
 
 @dataclass
@@ -53,7 +54,8 @@ class AliasFollower:
     def refresh(self) -> None:
         """Load and switch to the alias's version if it moved; keep the live one if reading or loading fails."""
         try:
-            version = str(MlflowClient().get_model_version_by_alias(self.name, self.alias).version)
+            found = MlflowClient().get_model_version_by_alias(self.name, self.alias)
+            version = str(found.version)
         except MlflowException as error:
             _logger.warning(f"{self.name}@{self.alias}: cannot read the alias ({str(error).splitlines()[0]}); "
                             f"still serving version {self.live.version if self.live else 'none'}")
@@ -68,7 +70,8 @@ class AliasFollower:
         if (differs := self._parity_failure(version, loaded)) is not None:
             return self._refuse(version, "parity", f"it does not answer as it was evaluated: {differs}")
         previous = self.live
-        self.live = LiveVersion(version, loaded, Batcher(loaded, self.max_batch, on_batch=self.events.batch))
+        self.live = LiveVersion(version, loaded, Batcher(loaded, self.max_batch, on_batch=self.events.batch),
+                                (found.creation_timestamp or 0) // 1000)
         self.refused = None  # the switch: one assignment above
         if previous is not None:
             previous.batcher.close()

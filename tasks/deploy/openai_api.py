@@ -56,6 +56,26 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stop)
 
 
+def _messages(messages):
+    """OpenAI's message forms the versions' check does not take, as it takes them: content as a list of text parts
+    (joined by newlines, as vLLM joins them) and the `developer` role (a system turn). Anything else is left for
+    the check to judge."""
+    if not isinstance(messages, list):
+        return messages
+    plain = []
+    for number, message in enumerate(messages):
+        if isinstance(message, dict) and isinstance(message.get("content"), list):
+            parts = message["content"]
+            if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                       for part in parts):
+                raise RequestError(f"messages[{number}].content: only text parts are supported")
+            message = message | {"content": "\n".join(part["text"] for part in parts)}
+        if isinstance(message, dict) and message.get("role") == "developer":
+            message = message | {"role": "system"}
+        plain.append(message)
+    return plain
+
+
 def read_chat(body: dict, model: ServedModel, served: tuple[str, str], max_tokens_limit: int) -> ChatCall:
     """The request checked field by field (RequestError: one line for a 400; UnknownModel: a 404). `served` is the
     model name and the live version: a request may name either `NAME` or `NAME/VERSION`."""
@@ -75,7 +95,7 @@ def read_chat(body: dict, model: ServedModel, served: tuple[str, str], max_token
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise RequestError("seed: a whole number")
     max_tokens = _max_tokens(body, max_tokens_limit)
-    request = {"messages": body.get("messages"), "temperature": body.get("temperature", 0.0)}
+    request = {"messages": _messages(body.get("messages")), "temperature": body.get("temperature", 0.0)}
     checked = model.check(request | ({"max_tokens": max_tokens} if max_tokens is not None else {}))
     sampling = Sampling(checked.max_tokens, checked.temperature, _number(body, "top_p", 0.0, 1.0, 1.0), _stop(body),
                         seed)
