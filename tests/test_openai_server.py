@@ -71,6 +71,9 @@ def test_the_openai_client_lists_the_model_and_chats_streamed_and_whole(served):
     joined = openai_client.chat.completions.create(model=name, max_tokens=12, messages=[
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are\nyou?"}])
     assert parts.choices[0].message.content == joined.choices[0].message.content  # OpenAI's forms, as plain turns
+    nulls = openai_client.chat.completions.create(model=name, messages=QUESTION, max_tokens=12,
+                                                  extra_body={"temperature": None, "stop": None, "seed": None})
+    assert nulls.choices[0].message.content == whole.choices[0].message.content  # null: the default
 
     text = whole.choices[0].message.content
     assert len(text) > 6, text  # the tiny random model says something to cut

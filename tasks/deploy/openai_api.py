@@ -79,6 +79,7 @@ def _messages(messages):
 def read_chat(body: dict, model: ServedModel, served: tuple[str, str], max_tokens_limit: int) -> ChatCall:
     """The request checked field by field (RequestError: one line for a 400; UnknownModel: a 404). `served` is the
     model name and the live version: a request may name either `NAME` or `NAME/VERSION`."""
+    body = {key: value for key, value in body.items() if value is not None}  # null: the default, as OpenAI reads it
     if unknown := sorted(set(body) - set(FIELDS)):
         raise RequestError(f"unsupported field(s) {', '.join(unknown)}; this server takes {', '.join(FIELDS)}")
     name, version = served
