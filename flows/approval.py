@@ -71,15 +71,30 @@ def await_approval(registered: RegisterResult, config: RunConfig) -> RegisterRes
 
 def answer_approval(name: str, version: str, approve: bool, reason: str) -> str:
     """A person's decision on a version awaiting approval: handed to the flow run waiting for it, or recorded here
-    when none waits (a version `loraflow sync` registered). Says what happened, in one line."""
+    when none waits (a version `loraflow sync` registered, or a flow run that ended while waiting: crashed, or
+    cancelled). Says what happened, in one line."""
     waiting = pending_approval(name, version)
     by = getpass.getuser()
-    if waiting is not None:
+    if waiting is not None and _still_running(waiting, name, version):
         try:
             resume_flow_run(UUID(waiting), run_input={"approve": approve, "reason": reason, "decided_by": by})
             return f"{'approved' if approve else 'rejected'}; flow run {waiting} records it and moves the alias if so"
         except NotPausedError:
-            raise RegistryError(f"{name} version {version}: its flow run {waiting} is not waiting (it has not paused "
-                                "yet, or it ended); try again in a moment") from None
+            raise RegistryError(f"{name} version {version}: its flow run {waiting} has not paused yet; try again in "
+                                "a moment") from None
     result = settle_approval(name, version, Approval(approve, by, reason), shared_lock())
     return result.reason
+
+
+def _still_running(flow_run_id: str, name: str, version: str) -> bool:
+    """Whether the flow run that waits for the decision has not ended; RegistryError when Prefect cannot say."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+    except Exception as error:  # the server is down or does not know the run: nobody can tell whether it waits
+        raise RegistryError(f"{name} version {version}: cannot reach the Prefect server its flow run {flow_run_id} "
+                            f"waits on ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                            ) from None
+    return state is None or not state.is_final()

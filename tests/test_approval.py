@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from conf.schema import load_config
 from flows.cli import main
 from tasks.register import APPROVAL_RUN_TAG, APPROVAL_TAG, CHALLENGER, CHAMPION, PROMOTION_TAG
-from tests.conftest import Webhook
+from tests.conftest import Webhook, tiny_base_model
 
 pytestmark = pytest.mark.slow
 
@@ -146,3 +146,30 @@ def test_manual_approval_without_a_server_that_outlives_the_command_stops_before
     assert main(["run", str(tiny_recipe), "-o", "registry.approval=manual"]) == 2
     assert capsys.readouterr().err.startswith("loraflow: error: registry.approval: manual waits for a person through "
                                               "a Prefect server that outlives this command")
+
+
+def test_a_version_whose_waiting_flow_ended_is_decided_by_loraflow_approve_itself(tiny_adapter, capsys):
+    from mlflow.tracking import MlflowClient as Client
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    from conf.schema import RegistryConfig
+    from tasks.register import RegisterRequest, mark_waiting, register
+
+    name = f"ended-{uuid.uuid4().hex[:8]}"
+    client = Client()
+    run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    registered = register(RegisterRequest(
+        run_id=run_id, weights_dir=tiny_adapter, base_model=tiny_base_model(), tags={},
+        metrics={"tuned_rougeL": 1.0, "base_rougeL": 0.0},
+        registry=RegistryConfig(model_name=name, primary_metric="rougeL", approval="manual")))
+    assert registered.awaiting_approval and not registered.promoted
+
+    @flow
+    def ended() -> str:  # a flow run that waited and is over (crashed, cancelled, or finished otherwise)
+        return str(flow_run.id)
+
+    mark_waiting(name, registered.version, ended())
+    assert main(["approve", name, registered.version, "--reason", "the night crashed; reviewed by hand"]) == 0
+    assert client.get_registered_model(name).aliases[CHAMPION] == int(registered.version)
+    assert "approved by" in capsys.readouterr().out
