@@ -161,7 +161,7 @@ def main() -> None:
     args = parser.parse_args()
     adapter = make_adapter(STATE / "adapter")
     first, second = register_version(adapter, 0.5), register_version(adapter, 0.4)  # the second: not promoted
-    served = deploy(AliasFollower(NAME, "champion", max_tokens_limit=512), "127.0.0.1", 0, poll_seconds=0.5)
+    served = deploy(AliasFollower(NAME, "champion"), "127.0.0.1", 0, poll_seconds=0.5)
     post(f"{served.url}/v1/chat/completions", PROMPT)  # warm-up, not counted
     ours = burst(f"{served.url}/v1/chat/completions", PROMPT, args.requests, args.concurrency,
                  halfway=lambda: promote(NAME, second, force=True, reason="bench: move the alias mid-burst"))

@@ -311,7 +311,7 @@ def _deploy(args: argparse.Namespace) -> int:
         raise UserError(f"{args.name}@{args.alias}: a {task.replace('_', ' ')} model; loraflow deploy serves chat "
                         f"models. Serve its pyfunc (labels) with: mlflow models serve -m models:/{args.name}@{args.alias}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    follower = AliasFollower(args.name, args.alias, args.max_tokens_limit, engine=args.engine)
+    follower = AliasFollower(args.name, args.alias, engine=args.engine)
     try:
         deployment = deploy(follower, args.host, args.port, args.poll_seconds, ServerLimits(
             args.max_concurrent, args.max_queue, args.timeout_seconds, args.max_tokens_limit), api_key)

@@ -70,11 +70,12 @@ def chat(content="Who are you?", **options):
 def test_deploy_serves_chat_follows_the_alias_and_refuses_what_cannot_load(tiny_adapter, tmp_path, caplog):
     from mlflow.tracking import MlflowClient
 
-    from tasks.deploy import AliasFollower, deploy
+    from tasks.deploy import AliasFollower, ServerLimits, deploy
 
     name = f"deploy-{uuid.uuid4().hex[:8]}"
     assert register_tiny_version(name, tiny_adapter, 0.5).promoted
-    served = deploy(AliasFollower(name, "champion", max_tokens_limit=64), "127.0.0.1", 0, poll_seconds=0.5)
+    served = deploy(AliasFollower(name, "champion"), "127.0.0.1", 0, poll_seconds=0.5,
+                    limits=ServerLimits(max_tokens_limit=64))
     try:
         status, completion, header = post(f"{served.url}/v1/chat/completions", chat())
         assert status == 200 and header == "1" and completion["model"] == f"{name}/1"

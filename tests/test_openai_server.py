@@ -29,7 +29,7 @@ def served(tiny_adapter):
     """Version 1 of a new model, served with an API key; the name and the running deployment."""
     name = f"openai-{uuid.uuid4().hex[:8]}"
     assert register_tiny_version(name, tiny_adapter, 0.5).promoted
-    deployment = deploy(AliasFollower(name, "champion", max_tokens_limit=64), "127.0.0.1", 0, poll_seconds=0.3,
+    deployment = deploy(AliasFollower(name, "champion"), "127.0.0.1", 0, poll_seconds=0.3,
                         limits=ServerLimits(max_tokens_limit=4096), api_key=KEY)
     yield name, deployment
     deployment.stop()
@@ -165,7 +165,7 @@ def post(url: str, body: dict) -> tuple[int, dict, float, dict]:
 def test_past_its_limits_the_server_answers_429_at_once_and_keeps_serving(tiny_adapter):
     name = f"limits-{uuid.uuid4().hex[:8]}"
     assert register_tiny_version(name, tiny_adapter, 0.5).promoted
-    deployment = deploy(AliasFollower(name, "champion", max_tokens_limit=4096), "127.0.0.1", 0, poll_seconds=60,
+    deployment = deploy(AliasFollower(name, "champion"), "127.0.0.1", 0, poll_seconds=60,
                         limits=ServerLimits(max_concurrent=1, max_queue=1, timeout_seconds=120, max_tokens_limit=4096))
     url = f"{deployment.url}/v1/chat/completions"
     long = {"messages": QUESTION, "max_tokens": 400}
@@ -195,7 +195,7 @@ def test_past_its_limits_the_server_answers_429_at_once_and_keeps_serving(tiny_a
 def test_a_request_past_its_timeout_gets_503_with_retry_after(tiny_adapter):
     name = f"timeout-{uuid.uuid4().hex[:8]}"
     assert register_tiny_version(name, tiny_adapter, 0.5).promoted
-    deployment = deploy(AliasFollower(name, "champion", max_tokens_limit=4096), "127.0.0.1", 0, poll_seconds=60,
+    deployment = deploy(AliasFollower(name, "champion"), "127.0.0.1", 0, poll_seconds=60,
                         limits=ServerLimits(timeout_seconds=1, max_tokens_limit=4096))
     try:
         status, headers, seconds, body = post(f"{deployment.url}/v1/chat/completions",

@@ -74,7 +74,7 @@ def test_a_broken_merge_fails_parity_and_the_version_is_not_promoted(name, train
 
 def test_deploy_does_not_switch_to_a_version_that_answers_otherwise(name, trained, tmp_path, caplog):
     good, _, _ = register_run(name, trained)
-    follower = AliasFollower(name, CHAMPION, max_tokens_limit=64)
+    follower = AliasFollower(name, CHAMPION)
     follower.refresh()
     assert follower.live.version == good.version
 

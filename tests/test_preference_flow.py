@@ -65,11 +65,12 @@ def test_preference_metrics_base_and_tuned_and_a_registered_version(chained):
 
 
 def test_deploy_serves_the_dpo_version_unchanged(chained):
-    from tasks.deploy import AliasFollower, deploy
+    from tasks.deploy import AliasFollower, ServerLimits, deploy
     from tests.test_deploy import chat, post
 
     # challenger: the newest version holds it whether or not its few steps beat the base
-    served = deploy(AliasFollower(MODEL_NAME, "challenger", max_tokens_limit=16), "127.0.0.1", 0, poll_seconds=5)
+    served = deploy(AliasFollower(MODEL_NAME, "challenger"), "127.0.0.1", 0, poll_seconds=5,
+                    limits=ServerLimits(max_tokens_limit=16))
     try:
         status, completion, version = post(f"{served.url}/v1/chat/completions", chat("Question 4?"))
         assert status == 200 and version == "1" and completion["model"] == f"{MODEL_NAME}/1"

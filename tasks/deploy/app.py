@@ -230,14 +230,17 @@ def build_app(follower: AliasFollower, limits: ServerLimits, metrics: ServerMetr
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"X-Model-Version": live.version})
 
+    async def completion(request: Request, live: LiveVersion, call: ChatCall, arrival: float, finish) -> dict:
+        answer = await answer_when_ready(request, live, call, arrival + limits.timeout_seconds)
+        finish(200, answer.tokens)
+        return live.model.completion(call.checked, answer, f"{follower.name}/{live.version}")
+
     async def chat(request: Request, body: dict, arrival: float, finish) -> Response:
         live = live_version()
         call = read_chat(body, live.model, (follower.name, live.version), limits.max_tokens_limit)
         if call.stream:
             return stream(live, call, arrival, finish)
-        answer = await answer_when_ready(request, live, call, arrival + limits.timeout_seconds)
-        finish(200, answer.tokens)
-        return JSONResponse(live.model.completion(call.checked, answer, f"{follower.name}/{live.version}"),
+        return JSONResponse(await completion(request, live, call, arrival, finish),
                             headers={"X-Model-Version": live.version})
 
     @app.post("/v1/chat/completions")
@@ -250,11 +253,12 @@ def build_app(follower: AliasFollower, limits: ServerLimits, metrics: ServerMetr
         {"predictions": [chat.completion]} out."""
 
         async def invoke(body: dict, arrival: float, finish) -> Response:
-            if "messages" in body:
-                response = await chat(request, body | {"stream": False}, arrival, finish)
-                return JSONResponse({"predictions": [json.loads(response.body)]},
-                                    headers={"X-Model-Version": response.headers["X-Model-Version"]})
             live = live_version()
+            if "messages" in body:
+                call = read_chat(body | {"stream": False}, live.model, (follower.name, live.version),
+                                 limits.max_tokens_limit)
+                return JSONResponse({"predictions": [await completion(request, live, call, arrival, finish)]},
+                                    headers={"X-Model-Version": live.version})
             inputs = body.get("inputs")
             if not isinstance(inputs, list) or not inputs or not all(isinstance(item, str) for item in inputs):
                 raise RequestError("inputs: a non-empty list of prompt strings")

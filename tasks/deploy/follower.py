@@ -43,9 +43,9 @@ class FollowerEvents:
 class AliasFollower:
     """The version `name@alias` points at, loaded, and kept current by `refresh`."""
 
-    def __init__(self, name: str, alias: str, max_tokens_limit: int, max_batch: int = 8, engine: str = "transformers",
+    def __init__(self, name: str, alias: str, max_batch: int = 8, engine: str = "transformers",
                  events: FollowerEvents | None = None):
-        self.name, self.alias, self.max_tokens_limit, self.max_batch = name, alias, max_tokens_limit, max_batch
+        self.name, self.alias, self.max_batch = name, alias, max_batch
         self.engine = engine
         self.events = events or FollowerEvents()
         self.live: LiveVersion | None = None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from tasks.deploy.batcher import Sampling
 from tasks.deploy.engine import ServedModel
-from tasks.generation import RequestError
+from tasks.generation import RequestError, cut_at_stop
 
 FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "stream",
           "stream_options", "n")
@@ -122,11 +122,8 @@ class StreamText:
         if self.stopped:
             return []
         self.text += piece
-        visible = self.text
-        found = [place for place in (visible.find(string) for string in self.stop) if place >= 0]
-        if found:
-            visible, self.stopped = visible[: min(found)], True
-        else:  # a stop string may be on its way: hold back its start
+        visible, self.stopped = cut_at_stop(self.text, self.stop)
+        if not self.stopped:  # a stop string may be on its way: hold back its start
             held = max((size for string in self.stop for size in range(len(string), 0, -1)
                         if visible.endswith(string[:size])), default=0)
             visible = visible[: len(visible) - held]

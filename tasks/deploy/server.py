@@ -52,7 +52,7 @@ class Deployment:
 def deploy(follower: AliasFollower, host: str, port: int, poll_seconds: float, limits: ServerLimits | None = None,
            api_key: str | None = None) -> Deployment:
     """Load the alias's version, then serve it and watch the alias in background threads."""
-    limits = limits or ServerLimits(max_tokens_limit=follower.max_tokens_limit)
+    limits = limits or ServerLimits()
     metrics = ServerMetrics(follower.name, follower.alias)
     follower.events = FollowerEvents(switched=metrics.switched, refused=metrics.refused, batch=metrics.batch.observe)
     follower.refresh()
