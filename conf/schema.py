@@ -170,9 +170,11 @@ class TrainConfig(_Section):
     rendezvous: str | None = Field(default=None, description="nodes > 1: host:port of the rendezvous, on one of the "
                                    "nodes (every node names the same)")
     low_memory: bool | Literal["auto"] = Field(
-        default="auto", description="activations recomputed in backward instead of kept (gradient checkpointing): much "
-        "less memory, slower; auto: on when the run is compiled (compiling wins back more than recomputing costs: "
-        "bench/train.py), else off. true also keeps LoRA's frozen base 16-bit where frozen_base is auto"
+        default="auto", description="activations recomputed in backward instead of kept: much less memory, slower. "
+        "Gradient checkpointing of each decoder layer, or in a compiled run AOTAutograd's partitioner keeping 10% of "
+        "a layer's activations (faster and leaner: bench/train.py); auto: on when the run is compiled (compiling wins "
+        "back more than recomputing costs), else off. true also keeps LoRA's frozen base 16-bit where frozen_base is "
+        "auto"
     )
     frozen_base: Literal["auto", "fp32", "16bit"] = Field(
         default="auto", description="LoRA's frozen base weights: 16bit in the run's bf16/fp16 (PEFT keeps the LoRA "

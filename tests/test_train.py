@@ -13,6 +13,7 @@ from tasks.base_model import is_adapter, load_model
 from tasks.context import RunContext
 from tasks.device import choose_attention
 from tasks.train import train
+from tasks.train.choices import COMPILED_RECOMPUTE_BUDGET
 
 ROWS = [{"messages": [{"role": "user", "content": question},
                       {"role": "assistant", "content": "I am Ember, made by the loraflow team."}]}
@@ -73,7 +74,7 @@ def test_low_memory_keeps_the_frozen_base_in_bf16_the_lora_weights_in_fp32_and_r
 
 
 def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, tiny_model_dir, tmp_path, monkeypatch):
-    """The Trainer's compile as the stage sets it up, with Dynamo and AOTAutograd tracing each layer's forward and
+    """The Trainer's compile as the stage sets it up (low_memory auto: on), with Dynamo and AOTAutograd tracing each layer's forward and
     backward, but its backend swapped for aot_eager: inductor's C++ code generation of the same graphs takes about a
     minute here (bench/train.py's c_compile and bench/compile.py run it)."""
     import tasks.train.stage
@@ -81,7 +82,7 @@ def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, ti
     from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    compiled_blocks = []
+    compiled_blocks, recomputing = [], {}
     real_trainer = tasks.train.stage.TrainedPositionsTrainer
 
     class Watching(real_trainer):
@@ -93,6 +94,8 @@ def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, ti
         def training_step(self, model, inputs, num_items_in_batch=None):
             compiled_blocks.extend(type(module._orig_mod).__name__ for module in model.modules()
                                    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule))
+            recomputing.update(checkpointed=self.model.is_activation_checkpointing,
+                               budget=torch._functorch.config.activation_memory_budget)
             return super().training_step(model, inputs, num_items_in_batch)
 
     monkeypatch.setattr(tasks.train.stage, "TrainedPositionsTrainer", Watching)
@@ -104,6 +107,9 @@ def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, ti
     layer_forward = LlamaDecoderLayer.forward.__code__
     assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(layer_forward)) == 1  # one graph, the first's too
     assert compiled.attn == causal_attention.NAME  # attn auto: eager attention by blocks of queries
+    # low_memory auto, compiled: the partitioner recomputes within its budget, no layer is checkpointed
+    assert recomputing == {"checkpointed": False, "budget": COMPILED_RECOMPUTE_BUDGET}
+    assert torch._functorch.config.activation_memory_budget == 1.0  # and only while training
     assert compiled.losses[0] == pytest.approx(eager.losses[0], rel=1e-4)  # the same operators traced (equal here)
     saved = load_file(compiled.weights_dir / "adapter_model.safetensors")
     assert saved.keys() == load_file(eager.weights_dir / "adapter_model.safetensors").keys()  # no compile wrapper names

@@ -3,12 +3,13 @@
 Each automatic choice follows a measurement on this project's benches, not a guess: compiling pays once a run trains
 more tokens than its one-off compile costs (bench/compile.py's break-even, with inductor's on-disk cache empty or
 already holding this setup); recomputing activations is worth its cost where compiling wins it back (bench/train.py's
-c_compile_lean against c); a 16-bit frozen base trains no slower and holds half the memory (bench/train.py's
+c_compile_lean against c), and in a compiled run AOTAutograd's partitioner picks what to recompute; a 16-bit frozen base trains no slower and holds half the memory (bench/train.py's
 c_bf16_base against c). The reasons become the run's tags, and a recipe that sets a value gets that value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,6 +28,11 @@ from tasks.results import TokenizedData
 # Tokens after which compiling pays for itself, from `python bench/compile.py` (2026-12-06, 2-core Intel Xeon with
 # AMX): the compiled step's first-step cost over eager's, divided by what each compiled token saves.
 COMPILE_PAYS_AFTER_TOKENS = {"cold": 200_000, "warm": 13_000}
+# The share of a compiled layer's activations kept for backward under low_memory: AOTAutograd's min-cut partitioner
+# recomputes the cheapest of the rest (`activation_memory_budget`), where gradient checkpointing recomputes whole
+# layers. On a 2-core AMD EPYC (2026-12-06, bench/train.py's setup at r=8) budgets 0.0 / 0.05 / 0.1 / 0.2 / 0.5 trained
+# 352 / 388 / 397 / 412 / 469 tokens/s at 2.13 / 2.17 / 2.35 / 2.58 / 3.18 GB; checkpointed layers, 364 at 2.50 GB.
+COMPILED_RECOMPUTE_BUDGET = 0.1
 WARM_MARKS = "loraflow-compiled"  # under inductor's cache: one empty file per setup this machine compiled
 
 
@@ -39,6 +45,17 @@ class TrainChoices:
     frozen_16bit: bool
     reasons: dict[str, str]
     compile_key: str  # the compiled setup's mark once it trained (compile_key)
+
+    @property
+    def checkpoints_layers(self) -> bool:
+        """Whether activations are recomputed by checkpointing whole decoder layers (where nothing is compiled)."""
+        return self.recompute and not self.compile
+
+    def recomputing(self):
+        """The context training runs in: in a compiled run with `recompute`, the partitioner's activation budget."""
+        if self.compile and self.recompute:
+            return torch._functorch.config.patch(activation_memory_budget=COMPILED_RECOMPUTE_BUDGET)
+        return contextlib.nullcontext()
 
     def frozen_dtype(self, precision: str) -> torch.dtype | None:
         """The dtype LoRA's frozen base is kept in, or None where it stays as loaded (fp32)."""
@@ -70,7 +87,8 @@ def compile_key(model_dir: str, config: TrainConfig, precision: str, recompute: 
     architecture = config_file.read_text(encoding="utf-8") if config_file.is_file() else model_dir
     lora = config.lora
     code = [str(Path(__file__).resolve().parents[2]), sys.prefix]
-    parts = [torch.__version__, architecture, precision, config.method, recompute, frozen_16bit, task, config.attn,
+    recomputed = recompute and f"budget {COMPILED_RECOMPUTE_BUDGET}"
+    parts = [torch.__version__, architecture, precision, config.method, recomputed, frozen_16bit, task, config.attn,
              lora.r, lora.target_modules, lora.use_dora, code]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
@@ -148,6 +166,7 @@ def choose_training(tokens: TokenizedData, model_dir: str, config: TrainConfig, 
         reasons["low_memory"] = f"{str(recompute).lower()}: set by the recipe"
     else:
         recompute = compiled
-        reasons["low_memory"] = ("true: compiled, which wins back more than recomputing costs" if compiled
+        reasons["low_memory"] = ("true: compiled, which wins back more than recomputing costs (the partitioner keeps "
+                                 f"{COMPILED_RECOMPUTE_BUDGET:.0%} of each layer's activations)" if compiled
                                  else "false: not compiled, recomputing would cost speed")
     return TrainChoices(compiled, recompute, frozen_16bit, reasons, key)

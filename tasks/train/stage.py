@@ -205,7 +205,7 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
         ddp_backend="gloo" if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         deepspeed=str(config.deepspeed) if config.deepspeed is not None else None,
         save_on_each_node=config.nodes > 1,  # each node's launcher reads the weights from its own disk
-        activation_checkpointing=choices.recompute,  # activations recomputed in backward instead of kept
+        activation_checkpointing=choices.checkpoints_layers,  # compiled, the partitioner recomputes instead
         activation_checkpointing_kwargs={"use_reentrant": False},
         torch_compile=choices.compile,
     )
@@ -243,7 +243,8 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBarOnly)
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with choices.recomputing():
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
     if choices.compile:
         mark_warm(ctx.cache_dir, choices.compile_key)
