@@ -30,8 +30,7 @@ from tasks.results import TokenizedData
 COMPILE_PAYS_AFTER_TOKENS = {"cold": 200_000, "warm": 13_000}
 # The share of a compiled layer's activations kept for backward under low_memory: AOTAutograd's min-cut partitioner
 # recomputes the cheapest of the rest (`activation_memory_budget`), where gradient checkpointing recomputes whole
-# layers. On a 2-core AMD EPYC (2026-12-06, bench/train.py's setup at r=8) budgets 0.0 / 0.05 / 0.1 / 0.2 / 0.5 trained
-# 352 / 388 / 397 / 412 / 469 tokens/s at 2.13 / 2.17 / 2.35 / 2.58 / 3.18 GB; checkpointed layers, 364 at 2.50 GB.
+# layers. `python bench/recompute.py` (docs/benchmarks.md): faster and leaner than checkpointed layers.
 COMPILED_RECOMPUTE_BUDGET = 0.1
 WARM_MARKS = "loraflow-compiled"  # under inductor's cache: one empty file per setup this machine compiled
 
