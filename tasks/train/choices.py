@@ -31,7 +31,7 @@ COMPILE_PAYS_AFTER_TOKENS = {"cold": 200_000, "warm": 13_000}
 # The share of a compiled layer's activations kept for backward under low_memory: AOTAutograd's min-cut partitioner
 # recomputes the cheapest of the rest (`activation_memory_budget`), where gradient checkpointing recomputes whole
 # layers. `python bench/recompute.py` (docs/benchmarks.md): faster and leaner than checkpointed layers.
-COMPILED_RECOMPUTE_BUDGET = 0.1
+COMPILED_RECOMPUTE_BUDGET = 0.3
 WARM_MARKS = "loraflow-compiled"  # under inductor's cache: one empty file per setup this machine compiled
 
 
