@@ -74,9 +74,9 @@ def test_low_memory_keeps_the_frozen_base_in_bf16_the_lora_weights_in_fp32_and_r
 
 
 def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, tiny_model_dir, tmp_path, monkeypatch):
-    """The Trainer's compile as the stage sets it up (low_memory auto: on), with Dynamo and AOTAutograd tracing each layer's forward and
-    backward, but its backend swapped for aot_eager: inductor's C++ code generation of the same graphs takes about a
-    minute here (bench/train.py's c_compile and bench/compile.py run it)."""
+    """The Trainer's compile as the stage sets it up (low_memory auto: on), with Dynamo and AOTAutograd tracing each
+    layer's forward and backward, but its backend swapped for aot_eager: inductor's C++ code generation of the same
+    graphs takes about a minute here (bench/train.py's c_compile and bench/compile.py run it)."""
     import tasks.train.stage
     from accelerate.utils import DynamoBackend
     from transformers import AutoConfig
