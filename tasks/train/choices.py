@@ -4,7 +4,8 @@ Each automatic choice follows a measurement on this project's benches, not a gue
 more tokens than its one-off compile costs (bench/compile.py's break-even, with inductor's on-disk cache empty or
 already holding this setup); recomputing activations is worth its cost where compiling wins it back (bench/train.py's
 c_compile_lean against c), and in a compiled run AOTAutograd's partitioner picks what (bench/recompute.py); a 16-bit
-frozen base trains no slower and holds half the memory (bench/train.py's c_bf16_base against c). The reasons become the run's tags, and a recipe that sets a value gets that value.
+frozen base trains no slower and holds half the memory (bench/train.py's c_bf16_base against c). The reasons become
+the run's tags, and a recipe that sets a value gets that value.
 """
 
 from __future__ import annotations
