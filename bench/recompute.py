@@ -1,7 +1,8 @@
-"""What `train.low_memory` trades in a compiled run: speed against memory, by how much of each layer's activations
-AOTAutograd's partitioner keeps for backward (tasks/train/choices.py's COMPILED_RECOMPUTE_BUDGET), against
-checkpointing whole decoder layers with the LM head's loss taken 1,024 rows at a time (the stage before; patched back
-in here), and the same budget with those larger chunks of the head (tasks/train/loss.py's CHUNK).
+"""What `train.low_memory` trades in a compiled run: speed against memory, by the share of what AOTAutograd's
+partitioner saves by default that it keeps of each layer's activations for backward (tasks/train/choices.py's
+COMPILED_RECOMPUTE_BUDGET), against checkpointing whole decoder layers with the LM head's loss taken 1,024 rows at a
+time (the stage before; patched back in here), and the same budget with those larger chunks of the head
+(tasks/train/loss.py's CHUNK).
 
 bench/train.py's samples and setup (LoRA r=8 on all linear layers, packed rows, bf16, the frozen base in bf16,
 compile + low_memory), one epoch, each variant in a process of its own (its peak memory is its own) and its own

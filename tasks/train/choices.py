@@ -29,9 +29,10 @@ from tasks.results import TokenizedData
 # Tokens after which compiling pays for itself, from `python bench/compile.py` (2026-12-06, 2-core Intel Xeon with
 # AMX): the compiled step's first-step cost over eager's, divided by what each compiled token saves.
 COMPILE_PAYS_AFTER_TOKENS = {"cold": 200_000, "warm": 13_000}
-# The share of a compiled layer's activations kept for backward under low_memory: AOTAutograd's min-cut partitioner
-# recomputes the cheapest of the rest (`activation_memory_budget`), where gradient checkpointing recomputes whole
-# layers. `python bench/recompute.py` (docs/benchmarks.md): faster and leaner than checkpointed layers.
+# Under low_memory, the share of a compiled layer's saved activations (of what AOTAutograd's min-cut partitioner keeps
+# by default) that it keeps for backward, recomputing the cheapest of the rest (`activation_memory_budget`), where
+# gradient checkpointing recomputes whole layers. `python bench/recompute.py` (docs/benchmarks.md): faster and leaner
+# than checkpointed layers.
 COMPILED_RECOMPUTE_BUDGET = 0.3
 WARM_MARKS = "loraflow-compiled"  # under inductor's cache: one empty file per setup this machine compiled
 
