@@ -26,14 +26,17 @@ from conf.schema import TrainConfig
 from tasks.device import TrainSetupError
 from tasks.results import TokenizedData
 
-# Tokens after which compiling pays for itself, from `python bench/compile.py` (2026-12-06, 2-core Intel Xeon with
-# AMX): the compiled step's first-step cost over eager's, divided by what each compiled token saves.
-COMPILE_PAYS_AFTER_TOKENS = {"cold": 200_000, "warm": 13_000}
+# Tokens after which compiling pays for itself, from `python bench/compile.py` (2026-12-06, 2-core AMD EPYC, Zen 4):
+# the compiled step's first-step cost over eager's, divided by what each compiled token saves.
+COMPILE_PAYS_AFTER_TOKENS = {"cold": 63_000, "warm": 7_000}
 # Under low_memory, the share of a compiled layer's saved activations (of what AOTAutograd's min-cut partitioner keeps
 # by default) that it keeps for backward, recomputing the cheapest of the rest (`activation_memory_budget`), where
 # gradient checkpointing recomputes whole layers. `python bench/recompute.py` (docs/benchmarks.md): faster and leaner
 # than checkpointed layers.
 COMPILED_RECOMPUTE_BUDGET = 0.3
+# Under dynamic shapes Dynamo traces a module's Python floats as symbols; inductor cannot keep them so, and Dynamo then
+# traced each decoder layer a second time with them constant: 11 s of every compile, cold or warm (bench/compile.py).
+SPECIALIZED_FLOATS = True
 WARM_MARKS = "loraflow-compiled"  # under inductor's cache: one empty file per setup this machine compiled
 
 
@@ -52,11 +55,15 @@ class TrainChoices:
         """Whether activations are recomputed by checkpointing whole decoder layers (where nothing is compiled)."""
         return self.recompute and not self.compile
 
-    def recomputing(self):
-        """The context training runs in: in a compiled run with `recompute`, the partitioner's activation budget."""
-        if self.compile and self.recompute:
-            return torch._functorch.config.patch(activation_memory_budget=COMPILED_RECOMPUTE_BUDGET)
-        return contextlib.nullcontext()
+    def compiling(self) -> contextlib.ExitStack:
+        """The context training runs in. Compiled: Python floats (norm epsilons, LoRA scalings, dropout rates) are
+        constants in the graph, as SPECIALIZED_FLOATS says; with `recompute`, the partitioner's activation budget."""
+        context = contextlib.ExitStack()
+        if self.compile:
+            context.enter_context(torch._dynamo.config.patch(specialize_float=SPECIALIZED_FLOATS))
+            if self.recompute:
+                context.enter_context(torch._functorch.config.patch(activation_memory_budget=COMPILED_RECOMPUTE_BUDGET))
+        return context
 
     def frozen_dtype(self, precision: str) -> torch.dtype | None:
         """The dtype LoRA's frozen base is kept in, or None where it stays as loaded (fp32)."""
@@ -90,7 +97,7 @@ def compile_key(model_dir: str, config: TrainConfig, precision: str, recompute: 
     code = [str(Path(__file__).resolve().parents[2]), sys.prefix]
     recomputed = recompute and f"budget {COMPILED_RECOMPUTE_BUDGET}"
     parts = [torch.__version__, architecture, precision, config.method, recomputed, frozen_16bit, task, config.attn,
-             lora.r, lora.target_modules, lora.use_dora, code]
+             lora.r, lora.target_modules, lora.use_dora, code, SPECIALIZED_FLOATS]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 

@@ -243,7 +243,7 @@ def train(tokens: TokenizedData, model_dir: str, config: TrainConfig, ctx: RunCo
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBarOnly)
     started = time.perf_counter()
-    with choices.recomputing():
+    with choices.compiling():
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
     if choices.compile:
