@@ -82,7 +82,7 @@ def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, ti
     from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    compiled_blocks, recomputing = [], {}
+    compiled_blocks, in_step = [], {}
     real_trainer = tasks.train.stage.TrainedPositionsTrainer
 
     class Watching(real_trainer):
@@ -94,9 +94,9 @@ def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, ti
         def training_step(self, model, inputs, num_items_in_batch=None):
             compiled_blocks.extend(type(module._orig_mod).__name__ for module in model.modules()
                                    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule))
-            recomputing.update(checkpointed=self.model.is_activation_checkpointing,
-                               budget=torch._functorch.config.activation_memory_budget,
-                               floats_constant=torch._dynamo.config.specialize_float)
+            in_step.update(checkpointed=self.model.is_activation_checkpointing,
+                           budget=torch._functorch.config.activation_memory_budget,
+                           floats_constant=torch._dynamo.config.specialize_float)
             return super().training_step(model, inputs, num_items_in_batch)
 
     monkeypatch.setattr(tasks.train.stage, "TrainedPositionsTrainer", Watching)
@@ -109,7 +109,7 @@ def test_compile_compiles_each_decoder_layer_and_trains_as_eager_does(tokens, ti
     assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(layer_forward)) == 1  # one graph, the first's too
     assert compiled.attn == causal_attention.NAME  # attn auto: eager attention by blocks of queries
     # low_memory auto, compiled: the partitioner recomputes within its budget, no layer is checkpointed; floats constant
-    assert recomputing == {"checkpointed": False, "budget": COMPILED_RECOMPUTE_BUDGET, "floats_constant": True}
+    assert in_step == {"checkpointed": False, "budget": COMPILED_RECOMPUTE_BUDGET, "floats_constant": True}
     assert torch._functorch.config.activation_memory_budget == 1.0  # and only while training
     assert not torch._dynamo.config.specialize_float
     assert compiled.losses[0] == pytest.approx(eager.losses[0], rel=1e-4)  # the same operators traced (equal here)
