@@ -172,9 +172,9 @@ class TrainConfig(_Section):
     low_memory: bool | Literal["auto"] = Field(
         default="auto", description="activations recomputed in backward instead of kept: much less memory, slower. "
         "Gradient checkpointing of each decoder layer, or in a compiled run AOTAutograd's partitioner keeping 30% of "
-        "the activations it saves by default (faster and leaner: bench/recompute.py); auto: on when the run is compiled (compiling wins "
-        "back more than recomputing costs), else off. true also keeps LoRA's frozen base 16-bit where frozen_base is "
-        "auto"
+        "the activations it saves by default (faster and leaner: bench/recompute.py); auto: on when the run is "
+        "compiled (compiling wins back more than recomputing costs), else off. true also keeps LoRA's frozen base "
+        "16-bit where frozen_base is auto"
     )
     frozen_base: Literal["auto", "fp32", "16bit"] = Field(
         default="auto", description="LoRA's frozen base weights: 16bit in the run's bf16/fp16 (PEFT keeps the LoRA "
