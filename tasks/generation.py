@@ -5,6 +5,7 @@ the held-out prompts they answer. Shared by training (sample answers while it ru
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from conf.schema import EvaluateConfig
 from tasks.chat_templates import call_text, for_template
+from tasks.packed_linears import packed_linears
 from tasks.reasoning import Reasoning
 
 DOCUMENT_SAMPLES, DOCUMENT_PROMPT_CHARS = 8, 200  # pretraining: continue this many held-out openings
@@ -74,11 +76,17 @@ def length_batches(tokenizer, texts: list[str], batch_size: int, **encoding):
                                      padding=True, return_tensors="pt")
 
 
-def decoding_options(model, static_cache: bool) -> dict:
+def decoding_options(model, fast: bool) -> dict:
     """A static KV cache on a GPU, where transformers' generate then compiles the decoding step itself (it compiles
     on accelerators only); on a CPU the cache grows as it goes: a static one measured no faster (bench/generate.py).
     Not for the few sample prompts answered during training, for which compiling would not pay."""
-    return {"cache_implementation": "static"} if static_cache and model.device.type == "cuda" else {}
+    return {"cache_implementation": "static"} if fast and model.device.type == "cuda" else {}
+
+
+def decoding(model, fast: bool):
+    """Where a generate call runs: on a CPU, the linear layers on weights packed once (tasks/packed_linears.py);
+    not while training, whose weights change between the sample prompts."""
+    return packed_linears(model) if fast else nullcontext()
 
 
 def sampling_options(tokenizer, temperature: float, top_p: float = 1.0, stop: tuple[str, ...] = ()) -> dict:
@@ -136,7 +144,7 @@ class _WhenTrue(StoppingCriteria):
 @torch.no_grad()
 def generate_chat(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
                   tools: list[list[dict] | None] | None = None, tool_format: str = "auto",
-                  temperature: float = 0.0, static_cache: bool = True, top_p: float = 1.0,
+                  temperature: float = 0.0, fast: bool = True, top_p: float = 1.0,
                   stop: tuple[str, ...] = (), sinks: list | None = None, give_up=None) -> list[Answer]:
     """Answers to each prompt conversation (greedy, or sampled at `temperature` within `top_p`; ended by a stop token
     or any `stop` string, which is left out), rendered with the tokenizer's chat template (with the tools each prompt
@@ -152,9 +160,10 @@ def generate_chat(model, tokenizer, prompts: list[list[dict]], max_new_tokens: i
         streaming = {"streamer": _RowStreamer(tokenizer, [sinks[i] for i in indices], stop_ids)} if any(
             sinks[i] for i in indices) else {}
         stopping = {"stopping_criteria": StoppingCriteriaList([_WhenTrue(give_up)])} if give_up else {}
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                **sampling_options(tokenizer, temperature, top_p, stop),
-                                **decoding_options(model, static_cache), **streaming, **stopping)
+        with decoding(model, fast):
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    **sampling_options(tokenizer, temperature, top_p, stop),
+                                    **decoding_options(model, fast), **streaming, **stopping)
         for index, generated in zip(indices, output[:, batch["input_ids"].shape[1] :].tolist()):
             end = next((place for place, token in enumerate(generated) if token in stop_ids), None)
             generated = generated if end is None else generated[: end + 1]
@@ -165,14 +174,15 @@ def generate_chat(model, tokenizer, prompts: list[list[dict]], max_new_tokens: i
 
 @torch.no_grad()
 def continue_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                   static_cache: bool = True) -> list[str]:
+                   fast: bool = True) -> list[str]:
     """Greedy continuations of plain-text prompts (pretraining: no chat template), in the prompts' order."""
     tokenizer.padding_side = "left"
     continuations = [""] * len(prompts)
     for indices, batch in length_batches(tokenizer, prompts, batch_size, split_special_tokens=True):
         batch = batch.to(model.device)
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id, **decoding_options(model, static_cache))
+        with decoding(model, fast):
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, **decoding_options(model, fast))
         texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         for index, text in zip(indices, texts):
             continuations[index] = text.strip()
@@ -191,12 +201,12 @@ class HeldOut:
     tools: list | None = None  # chat: the tools each prompt may call
     tool_format: str = "auto"
 
-    def outputs(self, model, tokenizer, max_new_tokens: int, batch_size: int, static_cache: bool = True) -> list[str]:
+    def outputs(self, model, tokenizer, max_new_tokens: int, batch_size: int, fast: bool = True) -> list[str]:
         if self.chat:
             answers = generate_chat(model, tokenizer, self.prompts, max_new_tokens, batch_size, self.tools,
-                                    self.tool_format, static_cache=static_cache)
+                                    self.tool_format, fast=fast)
             return [answer.text for answer in answers]
-        return continue_texts(model, tokenizer, self.prompts, max_new_tokens, batch_size, static_cache)
+        return continue_texts(model, tokenizer, self.prompts, max_new_tokens, batch_size, fast)
 
 
 def _reference(message: dict) -> str:
@@ -242,7 +252,7 @@ class SamplePrompts:
 
     def answer(self, model, tokenizer) -> list[str]:
         questions = HeldOut(self.prompts, self.shown, [], self.chat, self.tools, self.tool_format)
-        return questions.outputs(model, tokenizer, self.max_new_tokens, batch_size=len(self.prompts), static_cache=False)
+        return questions.outputs(model, tokenizer, self.max_new_tokens, batch_size=len(self.prompts), fast=False)
 
 
 def sample_prompts(config: EvaluateConfig, eval_path: Path, tool_format: str = "auto") -> SamplePrompts | None:
