@@ -37,8 +37,8 @@ run: $(VENV)/.installed
 # The browser tests drive Debian's Chromium (headless) and the team-stack test Debian's PostgreSQL; each is
 # installed here when missing (needs root, as CI has).
 # One test process per core (pytest-xdist), a test file per process at a time; most tests wait on servers and
-# subprocesses: on 2 cores `make test` took 10:40 on a fresh clone (8:58 of it the suite) on an Intel Xeon, and
-# 11:55 to 12:49 (10:05 to 10:33 of it the suite) on an AMD EPYC in three runs (2026-12-06).
+# subprocesses: on a 2-core AMD EPYC `make test` took 11:19 and 11:31 on fresh clones (the install 1:06 and 1:22,
+# the suite 10:12 and 10:07; 2026-12-06).
 test: $(VENV)/.test-installed
 	command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
 		|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)

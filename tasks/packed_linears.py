@@ -45,7 +45,7 @@ def packed_linears(model: nn.Module):
         yield
     finally:
         for linear in linears:
-            del linear.forward  # the class's forward again
+            linear.__dict__.pop("forward", None)  # the class's forward again (a call alongside may have put it back)
 
 
 def _linears(model: nn.Module) -> list[nn.Linear]:
