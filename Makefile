@@ -37,8 +37,8 @@ run: $(VENV)/.installed
 # The browser tests drive Debian's Chromium (headless) and the team-stack test Debian's PostgreSQL; each is
 # installed here when missing (needs root, as CI has).
 # One test process per core (pytest-xdist), a test file per process at a time; most tests wait on servers and
-# subprocesses: on a 2-core AMD EPYC `make test` took 11:19 and 11:31 on fresh clones (the install 1:06 and 1:22,
-# the suite 10:12 and 10:07; 2026-12-06).
+# subprocesses: on a 2-core AMD EPYC `make test` took 11:19 to 11:31 on three fresh clones (the install 1:06 to
+# 1:22, the suite 10:07 to 10:12; 2026-12-06).
 test: $(VENV)/.test-installed
 	command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
 		|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
