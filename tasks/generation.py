@@ -149,7 +149,8 @@ def generate_chat(model, tokenizer, prompts: list[list[dict]], max_new_tokens: i
     """Answers to each prompt conversation (greedy, or sampled at `temperature` within `top_p`; ended by a stop token
     or any `stop` string, which is left out), rendered with the tokenizer's chat template (with the tools each prompt
     may call, as training rendered them), in the prompts' order. A prompt's sink (`sinks`, None for none) is handed
-    its text piece by piece as it is generated; generation stops early once `give_up()` says so."""
+    its text piece by piece as it is generated; generation stops early once `give_up()` says so. `fast` (off for the
+    sample prompts answered while training) packs a CPU's weights and uses a GPU's static cache."""
     tokenizer.padding_side = "left"
     texts = chat_prompts(tokenizer, prompts, tools, tool_format)
     stop_ids = _stop_ids(model, tokenizer)
