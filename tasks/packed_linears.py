@@ -25,20 +25,16 @@ from torch import nn
 def packing_helps(model: nn.Module) -> bool:
     """On a CPU with oneDNN, for fp32 weights whose packed copies, where not packed yet, fit in the memory left over
     with as much again to spare."""
-    linears = _linears(model)
-    if not linears or not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    if any(linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32 for linear in linears):
-        return False
-    unpacked = sum(linear.weight.nbytes for linear in linears if _current_packing(linear) is None)
-    return 2 * unpacked < psutil.virtual_memory().available
+    return _worth_packing(_linears(model))
 
 
 @contextmanager
 def packed_linears(model: nn.Module):
     """Within it, each plain nn.Linear of `model` multiplies by its packed weight when `packing_helps` (a PEFT
     layer's base layer and adapter matrices included; quantised layers are other classes and stay as they are)."""
-    linears = _linears(model) if packing_helps(model) else []
+    linears = _linears(model)
+    if not _worth_packing(linears):
+        linears = []
     for linear in linears:
         linear.forward = partial(_packed_forward, linear)
     try:
@@ -50,6 +46,15 @@ def packed_linears(model: nn.Module):
 
 def _linears(model: nn.Module) -> list[nn.Linear]:
     return [module for module in model.modules() if type(module) is nn.Linear]
+
+
+def _worth_packing(linears: list[nn.Linear]) -> bool:
+    if not linears or not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if any(linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32 for linear in linears):
+        return False
+    unpacked = sum(linear.weight.nbytes for linear in linears if _current_packing(linear) is None)
+    return 2 * unpacked < psutil.virtual_memory().available
 
 
 def _current_packing(linear: nn.Linear) -> torch.Tensor | None:
