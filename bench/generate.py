@@ -1,6 +1,7 @@
 """The evaluate stage's generation (tasks/generation.py: batches of like prompt length; on a CPU the linear layers on
-weights packed once for oneDNN, tasks/packed_linears.py; on a GPU a static KV cache with transformers' compiled
-decoding) against plain `model.generate` on the same prompts and settings.
+weights packed once for oneDNN, tasks/packed_linears.py, and the prompts' cache computed before generate, their
+shared opening once and the rest in groups of like length, tasks/prompt_cache.py; on a GPU a static KV cache with
+transformers' compiled decoding) against plain `model.generate` on the same prompts and settings.
 
 48 chat prompts of mixed length (the benches' conversations without their last answer: one to three turns), greedy,
 48 new tokens, batches of 16 (the evaluate section's defaults), SmolLM2-135M-Instruct loaded as evaluation loads it.

@@ -15,6 +15,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from conf.schema import EvaluateConfig
 from tasks.chat_templates import call_text, for_template
+from tasks import prompt_cache
 from tasks.packed_linears import packed_linears
 from tasks.reasoning import Reasoning
 
@@ -66,20 +67,29 @@ def _stop_ids(model, tokenizer) -> set[int]:
 
 
 def length_batches(tokenizer, texts: list[str], batch_size: int, **encoding):
-    """(indices, left-padded batch) of `texts` tokenized once, in batches of like token length, longest first: a batch
-    pads to its longest prompt, so mixing lengths pays for padding in every step (bench/generate.py)."""
-    encoded = tokenizer(texts, **encoding)
-    order = sorted(range(len(texts)), key=lambda index: -len(encoded["input_ids"][index]))
+    """(indices, token rows) of `texts` tokenized once, in batches of like token length, longest first: a batch pads
+    to its longest prompt, so mixing lengths pays for padding in every step (bench/generate.py)."""
+    rows = tokenizer(texts, **encoding)["input_ids"]
+    order = sorted(range(len(texts)), key=lambda index: -len(rows[index]))
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        yield indices, tokenizer.pad({key: [values[index] for index in indices] for key, values in encoded.items()},
-                                     padding=True, return_tensors="pt")
+        yield indices, [rows[index] for index in indices]
+
+
+def generate_inputs(model, tokenizer, rows: list[list[int]], fast: bool, max_new_tokens: int) -> dict:
+    """`generate`'s prompt arguments for a batch of token rows: with `fast` on a CPU, the prompts' cache computed
+    before, their shared opening once (tasks/prompt_cache.py); otherwise the rows padded on the left."""
+    if fast and all(rows) and prompt_cache.applies(model):
+        return prompt_cache.prefilled(model, rows, tokenizer.pad_token_id, max_new_tokens)
+    tokenizer.padding_side = "left"
+    padded = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt").to(model.device)
+    return dict(padded) | decoding_options(model, fast)
 
 
 def decoding_options(model, fast: bool) -> dict:
     """A static KV cache on a GPU, where transformers' generate then compiles the decoding step itself (it compiles
-    on accelerators only); on a CPU the cache grows as it goes: a static one measured no faster (bench/generate.py).
-    Not for the few sample prompts answered during training, for which compiling would not pay."""
+    on accelerators only; on a CPU a static cache measured no faster, bench/generate.py). Not for the few sample
+    prompts answered during training, for which compiling would not pay."""
     return {"cache_implementation": "static"} if fast and model.device.type == "cuda" else {}
 
 
@@ -150,22 +160,21 @@ def generate_chat(model, tokenizer, prompts: list[list[dict]], max_new_tokens: i
     or any `stop` string, which is left out), rendered with the tokenizer's chat template (with the tools each prompt
     may call, as training rendered them), in the prompts' order. A prompt's sink (`sinks`, None for none) is handed
     its text piece by piece as it is generated; generation stops early once `give_up()` says so. `fast` (off for the
-    sample prompts answered while training) packs a CPU's weights and uses a GPU's static cache."""
-    tokenizer.padding_side = "left"
+    sample prompts answered while training) packs a CPU's weights and computes its prompts' cache apart
+    (tasks/prompt_cache.py), and uses a GPU's static cache."""
     texts = chat_prompts(tokenizer, prompts, tools, tool_format)
     stop_ids = _stop_ids(model, tokenizer)
     sinks = sinks or [None] * len(texts)
     answers: list[Answer | None] = [None] * len(texts)
-    for indices, batch in length_batches(tokenizer, texts, batch_size, add_special_tokens=False):
-        batch = batch.to(model.device)
+    for indices, rows in length_batches(tokenizer, texts, batch_size, add_special_tokens=False):
         streaming = {"streamer": _RowStreamer(tokenizer, [sinks[i] for i in indices], stop_ids)} if any(
             sinks[i] for i in indices) else {}
         stopping = {"stopping_criteria": StoppingCriteriaList([_WhenTrue(give_up)])} if give_up else {}
         with decoding(model, fast):
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                    **sampling_options(tokenizer, temperature, top_p, stop),
-                                    **decoding_options(model, fast), **streaming, **stopping)
-        for index, generated in zip(indices, output[:, batch["input_ids"].shape[1] :].tolist()):
+            prompts_in = generate_inputs(model, tokenizer, rows, fast, max_new_tokens)
+            output = model.generate(**prompts_in, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    **sampling_options(tokenizer, temperature, top_p, stop), **streaming, **stopping)
+        for index, generated in zip(indices, output[:, prompts_in["input_ids"].shape[1] :].tolist()):
             end = next((place for place, token in enumerate(generated) if token in stop_ids), None)
             generated = generated if end is None else generated[: end + 1]
             text, stopped = cut_at_stop(tokenizer.decode(generated, skip_special_tokens=True), stop)
@@ -177,14 +186,13 @@ def generate_chat(model, tokenizer, prompts: list[list[dict]], max_new_tokens: i
 def continue_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
                    fast: bool = True) -> list[str]:
     """Greedy continuations of plain-text prompts (pretraining: no chat template), in the prompts' order."""
-    tokenizer.padding_side = "left"
     continuations = [""] * len(prompts)
-    for indices, batch in length_batches(tokenizer, prompts, batch_size, split_special_tokens=True):
-        batch = batch.to(model.device)
+    for indices, rows in length_batches(tokenizer, prompts, batch_size, split_special_tokens=True):
         with decoding(model, fast):
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id, **decoding_options(model, fast))
-        texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            prompts_in = generate_inputs(model, tokenizer, rows, fast, max_new_tokens)
+            output = model.generate(**prompts_in, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(output[:, prompts_in["input_ids"].shape[1] :], skip_special_tokens=True)
         for index, text in zip(indices, texts):
             continuations[index] = text.strip()
     return continuations
