@@ -1,11 +1,10 @@
 """A frozen model's linear layers on a CPU, run as oneDNN's GEMM on weights reordered once into its blocked layout.
 
 Decoding multiplies a few rows by every weight matrix each step. PyTorch's default CPU GEMM (MKL) packs the weight
-into blocks inside every call, which at a few rows costs more than the product; on weights packed once, generation
-ran 1.7x faster with the same greedy answers (bench/generate.py). Inductor packs weights this way only inside a
-frozen compiled graph, and compiling does not pay for one evaluation's prompts; Intel's extension for PyTorch packs
-eagerly but is built for its own PyTorch releases. So this hand-writes the swap with the two oneDNN ops Inductor
-calls.
+into blocks inside every call, which at a few rows costs more than the product; packed once, the weights serve every
+step with the same greedy answers (bench/generate.py). Inductor packs weights this way only inside a frozen compiled
+graph, and compiling does not pay for one evaluation's prompts; Intel's extension for PyTorch packs eagerly but is
+built for its own PyTorch releases. So this hand-writes the swap with the two oneDNN ops Inductor calls.
 
 A packed copy lives beside each weight (the model's linear weights once more in memory) and is packed again when
 the weight changes. Anything else (autograd, autocast, another dtype or device) takes the ordinary path.
