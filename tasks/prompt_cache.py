@@ -18,6 +18,8 @@ While decoding, `DynamicLayer` copies each layer's whole cache into a new tensor
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
@@ -80,11 +82,13 @@ class GrowingCache(DynamicCache):
 
 def applies(model) -> bool:
     """On a CPU, for a model whose every layer keeps an ordinary growing cache (no sliding window, no linear
-    attention, no layer sharing another's)."""
+    attention, no layer sharing another's) and whose decoder takes a cache and positions (remote code may not)."""
     if model.device.type != "cpu":
         return False
     layers = DynamicCache(config=model.config).layers
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+    taken = inspect.signature(model.get_decoder().forward).parameters
+    return (bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+            and {"cache", "position_ids", "attention_mask"} <= taken.keys())
 
 
 def shared_opening(rows: list[list[int]]) -> int:
