@@ -14,8 +14,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from conf.schema import EvaluateConfig
-from tasks.chat_templates import call_text, for_template
 from tasks import prompt_cache
+from tasks.chat_templates import call_text, for_template
 from tasks.packed_linears import packed_linears
 from tasks.reasoning import Reasoning
 
