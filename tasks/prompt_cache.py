@@ -134,9 +134,9 @@ def prefilled(model, rows: list[list[int]], pad_token_id: int, max_new_tokens: i
     shared = DynamicCache()
     if opening:
         decoder(input_ids=input_ids[:1, :opening], cache=shared, use_cache=True)
-        for layer, (keys, values) in zip(layers, ((layer.keys, layer.values) for layer in shared.layers)):
-            layer.reserve(count, keys, values, width)
-            layer.write(keys.expand(count, -1, -1, -1), values.expand(count, -1, -1, -1), 0)
+        for layer, computed in zip(layers, shared.layers):
+            layer.reserve(count, computed.keys, computed.values, width)
+            layer.write(computed.keys.expand(count, -1, -1, -1), computed.values.expand(count, -1, -1, -1), 0)
     for group in like_length_groups([len(rest) for rest in rests]):
         longest = len(rests[group[0]])
         if not longest:
