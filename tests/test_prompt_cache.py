@@ -83,7 +83,7 @@ def test_a_growing_layer_holds_what_a_dynamic_layer_holds_through_crops_and_reor
             growing.reorder_cache(order), dynamic.reorder_cache(order)
 
 
-def test_only_cpu_models_with_ordinary_full_attention_caches_take_it(tiny_model):
+def test_a_model_with_a_sliding_window_cache_keeps_the_padded_batch(tiny_model):
     from transformers import MistralConfig, MistralForCausalLM
 
     assert prompt_cache.applies(tiny_model)
