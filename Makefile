@@ -37,8 +37,8 @@ run: $(VENV)/.installed
 # The browser tests drive Debian's Chromium (headless) and the team-stack test Debian's PostgreSQL; each is
 # installed here when missing (needs root, as CI has).
 # One test process per core (pytest-xdist), a test file per process at a time; most tests wait on servers and
-# subprocesses: on a 2-core AMD EPYC `make test` took 10:57 and 12:03 on two fresh clones (the install 1:05 to
-# 1:25; the suite alone 9:31 to 11:20 in four runs of the same code, as the machine's speed moved; 2026-12-06).
+# subprocesses: on a 2-core AMD EPYC `make test` took 10:57 to 12:03 on three fresh clones (the install 1:05 to
+# 1:25; the suite alone 9:31 to 11:20 in five runs of the same code, as the machine's speed moved; 2026-12-06).
 test: $(VENV)/.test-installed
 	command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
 		|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
